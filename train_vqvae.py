@@ -1,0 +1,687 @@
+"""Per-frame VQ-VAE: the frozen first stage of RIVER.
+
+Each frame (64x64) is encoded to an 8x8 grid of `--latent-channels` numbers; every grid cell
+is snapped to the nearest of `--codebook-size` codes (straight-through gradient, commitment
+loss, EMA codebook with dead-code restarts) and decoded back. RIVER flow-matches the
+*pre-quantisation* latents z_e and decodes its samples by quantise-then-decode.
+
+Papers: van den Oord et al., "Neural Discrete Representation Learning" (2017);
+Davtyan, Sameni, Favaro, "Efficient Video Prediction via Sparsely Conditioned Flow
+Matching" (RIVER, ICCV 2023). Deviations from RIVER's autoencoder: smaller width, strided-conv
+downsampling, EMA codes with restarts instead of a codebook loss, no LPIPS, an optional patch-GAN
+term (off by default; adaptive weight measured at the decoder output) and a linear output clamped
+to [0, 1] instead of tanh.
+
+    python train_vqvae.py                                    # CPU: ~5-8 min on 2 cores, smoke data
+    python train_vqvae.py --data moving_mnist --steps 3000   # any toy_data kind (1-channel: model takes 1 channel)
+    python train_vqvae.py --width 64 --batch-size 128 --steps 20000 --gan-weight 0.1   # GPU
+    torchrun --standalone --nproc_per_node=2 train_vqvae.py  # DDP (nccl on CUDA, gloo on CPU)
+    python train_vqvae.py --eval-only                        # re-evaluate runs/train_vqvae/ckpt.pt
+    OMP_NUM_THREADS=1 python train_vqvae.py                  # CPU shared with other jobs: far faster than 2 threads
+
+Outputs in --out-dir: ckpt.pt, args.json, metrics.json, samples/ (original | reconstruction grids,
+latent PCA picture), plots/, TensorBoard events (train/{loss,rec,commit,lr}, eval/{psnr,ssim,
+codebook_usage,perplexity,latent_std_global,...}, perf/{steps_per_s,samples_per_s,mfu}, samples/ GIFs)
+and the exported first stage, which loads without this file (torch.export programs, fp32, dynamic batch):
+
+    encode = torch.export.load("runs/train_vqvae/first_stage_encode.pt2").module()  # x (B,C,H,W) in [0,1] -> z_e (B,4,H/8,W/8)
+    decode = torch.export.load("runs/train_vqvae/first_stage_decode.pt2").module()  # z -> nearest code -> x in [0,1]
+    meta = json.load(open("runs/train_vqvae/first_stage.json"))  # latent mean/std per channel, data, shapes, codebook
+"""
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.tensorboard import SummaryWriter
+
+import metrics
+import toy_data
+import viz
+
+
+@dataclass
+class Args:
+    # run
+    steps: int = 2000
+    """training steps (one batch per process each)"""
+    seed: int = 0
+    """random seed: model init, data sets and batch order"""
+    out_dir: str = "runs/train_vqvae"
+    """folder for ckpt.pt, metrics.json, TensorBoard events, samples/, plots/ and the exported first stage"""
+    resume: bool = True
+    """continue from --ckpt (or out_dir/ckpt.pt) when it exists"""
+    eval_only: bool = False
+    """evaluate the checkpoint, write metrics.json, samples and the exported first stage, then exit"""
+    ckpt: str | None = None
+    """checkpoint to resume or evaluate; None: out_dir/ckpt.pt"""
+    log_every: int = 50
+    """print and log training losses every N steps"""
+    eval_every: int = 500
+    """held-out evaluation every N steps (and always at the end)"""
+    sample_every: int = 500
+    """write reconstruction GIFs every N steps"""
+    ckpt_every: int = 500
+    """write ckpt.pt every N steps (and at the end and on Ctrl-C)"""
+    # system
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """auto: CUDA if present, else CPU"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """autocast dtype; auto: bf16 on CUDA and bf16-capable CPUs, fp16 + GradScaler on older GPUs, else fp32"""
+    compile: tyro.conf.DisallowNone[bool | None] = None
+    """torch.compile the model; None (unset): on for CUDA, off otherwise"""
+    # data
+    data: str = "smoke"
+    """data kind: smoke, shapes, bouncing_balls, pendulum, falling, projectile, moving_mnist, folder or npz (the last two need --data-dir)"""
+    data_dir: str | None = None
+    """folder of videos (--data folder), .npz file (--data npz) or MNIST files (--data moving_mnist)"""
+    resolution: int = 64
+    """frame size in pixels (divisible by 8: the latent grid is resolution/8)"""
+    frames: int = 16
+    """frames per clip; training frames are drawn at random from all clips"""
+    train_clips: int = 256
+    """clips generated once into memory as the training pool (split 'train')"""
+    eval_clips: int = 16
+    """held-out clips (split 'val') for evaluation"""
+    # model
+    width: int = 32
+    """channels of the first stage; doubled twice on the way down to 8x8"""
+    latent_channels: int = 4
+    """channels of the latent grid (4 as in RIVER's own VQ-VAE)"""
+    codebook_size: int = 512
+    """number of codes"""
+    attention: bool = True
+    """one-head self-attention at the 8x8 level of encoder and decoder"""
+    # optim
+    batch_size: int = 16
+    """frames per batch per process"""
+    lr: float = 1e-3
+    """peak learning rate (Adam), after linear warm-up, cosine-decayed to lr/10"""
+    warmup_steps: int = 100
+    """linear learning-rate warm-up steps"""
+    grad_clip: float = 1.0
+    """clip the gradient norm to this (0: off)"""
+    # method
+    recon_loss: Literal["l1", "mse"] = "l1"
+    """reconstruction loss on [0, 1] pixels"""
+    beta: float = 0.25
+    """commitment weight: beta * ||z_e - sg[e]||^2"""
+    ema_decay: float = 0.99
+    """decay of the EMA codebook statistics"""
+    ema_eps: float = 1e-5
+    """Laplace smoothing of the EMA code counts"""
+    dead_code_frac: float = 0.03
+    """restart a code when its EMA usage falls below this fraction of the mean usage (0: never)"""
+    gan_weight: float = 0.0
+    """weight of the VQGAN patch-discriminator hinge loss (0: off; scaled by the adaptive weight)"""
+    gan_start: int = 1000
+    """step at which the discriminator joins (reconstructions should be decent first)"""
+    export: bool = True
+    """write the frozen first stage for train_river.py (first_stage_*.pt2 + first_stage.json) at the end"""
+
+
+# ----------------------------------------------------------------------------- model
+def norm(c):
+    return nn.GroupNorm(math.gcd(8, c), c)
+
+
+class ResBlock(nn.Module):
+    """Pre-norm residual block; resample 'down' halves, 'up' doubles (nearest) the resolution."""
+
+    def __init__(self, cin, cout, resample=None):
+        super().__init__()
+        self.resample = resample
+        self.n1, self.c1 = norm(cin), nn.Conv2d(cin, cout, 3, stride=2 if resample == "down" else 1, padding=1)
+        self.n2, self.c2 = norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.c1(F.silu(self.n1(x)))  # strided on the way down: cheaper than conv + pool at full size
+        if self.resample == "down":
+            x = F.avg_pool2d(x, 2)
+        elif self.resample == "up":  # first conv at low resolution, the second after upsampling
+            x, h = F.interpolate(x, scale_factor=2.0), F.interpolate(h, scale_factor=2.0)
+        return self.skip(x) + self.c2(F.silu(self.n2(h)))
+
+
+class SelfAttention(nn.Module):
+    """One-head self-attention over the latent grid, so every cell sees the whole frame."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm, self.qkv, self.proj = norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=-1)
+        h = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))
+
+
+def nearest_code(z, codebook):
+    """Index of the nearest code (L2) for every cell of z (B, D, h, w) -> (B, h, w).
+    Plain broadcasting, not a matmul: autocast leaves it in fp32, so ties and near-ties resolve
+    the same under every --dtype."""
+    flat = z.detach().float().permute(0, 2, 3, 1).unsqueeze(-2)  # (B, h, w, 1, D)
+    return (flat - codebook).pow(2).sum(-1).argmin(-1)
+
+
+class VQVAE(nn.Module):
+    def __init__(self, channels=3, width=32, latent_channels=4, codebook_size=512, attention=True):
+        super().__init__()
+        c1, c2, c3 = width, 2 * width, 4 * width
+        attn = (lambda: SelfAttention(c3)) if attention else nn.Identity
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, c1, 3, padding=1),
+            ResBlock(c1, c1, "down"), ResBlock(c1, c2, "down"), ResBlock(c2, c3, "down"),
+            ResBlock(c3, c3), attn(), norm(c3), nn.SiLU(), nn.Conv2d(c3, latent_channels, 3, padding=1))
+        self.decoder = nn.Sequential(
+            nn.Conv2d(latent_channels, c3, 3, padding=1), ResBlock(c3, c3), attn(),
+            ResBlock(c3, c2, "up"), ResBlock(c2, c1, "up"), ResBlock(c1, c1, "up"),
+            norm(c1), nn.SiLU(), nn.Conv2d(c1, channels, 3, padding=1))
+        # the codebook is a buffer: it moves by EMA (update_codebook), not by gradients
+        self.register_buffer("codebook", torch.zeros(codebook_size, latent_channels))
+        self.register_buffer("ema_count", torch.zeros(codebook_size))
+        self.register_buffer("ema_sum", torch.zeros(codebook_size, latent_channels))
+
+    def encode(self, x):
+        """x (B, C, H, W) in [0, 1] -> pre-quantisation latents z_e (B, D, H/8, W/8)."""
+        return self.encoder(x * 2 - 1)
+
+    def quantize(self, z):
+        """-> nearest codes z_q (B, D, h, w) and their indices (B, h, w)."""
+        idx = nearest_code(z, self.codebook)
+        return self.codebook[idx].permute(0, 3, 1, 2), idx
+
+    def decode_latents(self, zq):
+        """codes (B, D, h, w) -> frames, ~[0, 1] but unclamped (the training loss sees the raw output)."""
+        return (self.decoder(zq) + 1) / 2
+
+    def decode(self, z):
+        """RIVER's decode: any latent (e.g. a flow-matching sample) -> nearest codes -> x in [0, 1]."""
+        return self.decode_latents(self.quantize(z)[0]).clamp(0, 1)
+
+    def forward(self, x):
+        """-> reconstruction (unclamped), z_e, z_q (no grad) and code indices."""
+        z = self.encode(x)
+        zq, idx = self.quantize(z)
+        x_rec = self.decode_latents(z + (zq - z).detach())  # straight-through: decoder grads reach the encoder
+        return x_rec, z, zq, idx
+
+
+def patch_discriminator(channels=3, width=32):
+    """VQGAN/pix2pix PatchGAN: one real-vs-fake logit per overlapping patch."""
+    return nn.Sequential(
+        nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2),
+        nn.Conv2d(width, 2 * width, 4, 2, 1), norm(2 * width), nn.LeakyReLU(0.2),
+        nn.Conv2d(2 * width, 4 * width, 4, 1, 1), norm(4 * width), nn.LeakyReLU(0.2),
+        nn.Conv2d(4 * width, 1, 4, 1, 1))
+
+
+# ----------------------------------------------------------------------------- method
+def vq_losses(x, x_rec, z, zq, beta, kind="l1"):
+    """Reconstruction + beta * commitment ||z_e - sg[e]||^2, reduced in fp32. There is no codebook
+    term: with EMA updates the codes follow the encoder instead of being pulled by a gradient."""
+    rec = (F.l1_loss if kind == "l1" else F.mse_loss)(x_rec.float(), x)
+    return rec, beta * F.mse_loss(z.float(), zq.float())
+
+
+def ema_update(ema_count, ema_sum, counts, sums, decay=0.99, eps=1e-5):
+    """One EMA codebook step (van den Oord et al. 2017, App. A.1): N <- g N + (1-g) n,
+    m <- g m + (1-g) sum(z), e = m / N with Laplace-smoothed N, so rarely used codes do not
+    divide by ~0. counts (K,), sums (K, D): this batch's assignments. -> (N, m, codebook)."""
+    ema_count = decay * ema_count + (1 - decay) * counts
+    ema_sum = decay * ema_sum + (1 - decay) * sums
+    n = ema_count.sum()
+    smoothed = (ema_count + eps) / (n + len(ema_count) * eps) * n
+    return ema_count, ema_sum, ema_sum / smoothed[:, None]
+
+
+def encoder_samples(z, k, ddp=False):
+    """z (B, D, h, w) -> its latent vectors (N, D) and k of them drawn at random; under DDP rank 0's
+    draw is used everywhere, so all replicas make the same codebook changes."""
+    flat = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    cand = flat[torch.randint(len(flat), (k,), device=flat.device)]
+    if ddp:
+        dist.broadcast(cand, 0)
+    return flat, cand
+
+
+@torch.no_grad()
+def init_codebook(vq, z, ddp=False):
+    """Codes start at encoder outputs of the first batch, not at random points far from the data."""
+    cand = encoder_samples(z, len(vq.codebook), ddp)[1]
+    vq.codebook.copy_(cand)
+    vq.ema_sum.copy_(cand)
+    vq.ema_count.fill_(1.0)
+
+
+@torch.no_grad()
+def update_codebook(vq, z, idx, decay, eps, dead_frac, ddp=False):
+    """EMA step and restarts from the batch's z_e (B, D, h, w) and code indices. Under DDP the
+    statistics are summed over ranks, so every replica keeps the same codebook. -> codes restarted."""
+    K = len(vq.codebook)
+    flat, cand = encoder_samples(z, K, ddp)
+    onehot = F.one_hot(idx.flatten(), K).float()
+    counts, sums = onehot.sum(0), onehot.t() @ flat
+    if ddp:
+        dist.all_reduce(counts)
+        dist.all_reduce(sums)
+    count, total, book = ema_update(vq.ema_count, vq.ema_sum, counts, sums, decay, eps)
+    # Jukebox-style restarts: a code whose EMA usage fell below dead_frac * mean usage jumps to a random
+    # encoder output with a mean-sized count: about log(dead_frac)/log(decay) steps to win data again
+    dead, fresh = count < dead_frac * count.mean(), count.mean()
+    book, total = torch.where(dead[:, None], cand, book), torch.where(dead[:, None], cand * fresh, total)
+    count = torch.where(dead, fresh, count)
+    vq.codebook.copy_(book)
+    vq.ema_count.copy_(count)
+    vq.ema_sum.copy_(total)
+    return dead.sum().float()
+
+
+def adaptive_gan_weight(rec_loss, g_loss, x_rec):
+    """VQGAN's balance: scale the GAN gradient to the size of the reconstruction gradient, so one
+    --gan-weight works across data and training stages. VQGAN measures both at the decoder's last
+    weight; we measure them at the decoder's output, which never re-enters the (compiled, DDP) model."""
+    g_rec = torch.autograd.grad(rec_loss, x_rec, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(g_loss, x_rec, retain_graph=True)[0]
+    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+
+def lr_at(step, args):
+    warm = min(1.0, (step + 1) / max(1, args.warmup_steps))
+    progress = min(1.0, step / max(1, args.steps))
+    return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Exported(nn.Module):
+    """One method of a module as `forward`, so torch.export can trace it."""
+
+    def __init__(self, module, method):
+        super().__init__()
+        self.module, self.method = module, method
+
+    def forward(self, x):
+        return getattr(self.module, self.method)(x)
+
+
+def export_first_stage(model, out_dir, meta):
+    """Write first_stage_{encode,decode}.pt2 (fp32, CPU, dynamic batch) and first_stage.json."""
+    vq = copy.deepcopy(model).float().cpu().eval()
+    x = torch.rand(2, meta["channels"], meta["resolution"], meta["resolution"])
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    for name, inp in [("encode", x), ("decode", vq.encode(x))]:
+        program = torch.export.export(Exported(vq, name), (inp,), dynamic_shapes=({0: batch},))
+        torch.export.save(program, os.path.join(out_dir, f"first_stage_{name}.pt2"))
+    with open(os.path.join(out_dir, "first_stage.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+# ----------------------------------------------------------------------------- data
+def load_clips(args, n_clips, split, rank=0, world=1):
+    """Generate clips once into a uint8 (N, T, C, H, W) tensor; rank r keeps clips r, r+world, ..."""
+    try:
+        ds = toy_data.make_dataset(args.data, n_clips, args.resolution, args.frames, args.seed, split, args.data_dir)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per-frame simulation ops are tiny: extra threads only contend (5x slower on a busy CPU)
+    try:
+        clips = [ds[i]["video"] for i in range(rank, min(n_clips, len(ds)), world)]
+    finally:
+        torch.set_num_threads(threads)
+    if not clips:
+        raise SystemExit(f"error: --data {args.data} gave no {split} clips; check --data-dir or raise --train-clips/--eval-clips")
+    return (torch.stack(clips).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model, clips, args, device, amp, batch=64):
+    """Reconstruct held-out clips frame by frame -> (scores, reconstructions, z_e of clip 0).
+    PSNR/SSIM on clamped [0, 1] frames; codebook usage = fraction of codes used at least once;
+    perplexity = exp(entropy of the code histogram); z_e mean/std per channel."""
+    model.eval()
+    frames = clips.flatten(0, 1)
+    recs, zs, idxs, rec_loss, t0 = [], [], [], 0.0, time.perf_counter()
+    for i in range(0, len(frames), batch):
+        x = frames[i:i + batch].to(device).float() / 255
+        with amp:
+            x_rec, z, zq, idx = model(x)
+        rec, commit = vq_losses(x, x_rec, z, zq, args.beta, args.recon_loss)
+        rec_loss += float(rec + commit) * len(x)
+        recs.append(x_rec.float().clamp(0, 1).cpu()), zs.append(z.float().cpu()), idxs.append(idx.cpu())
+    fps = len(frames) / (time.perf_counter() - t0)
+    model.train()
+    rec, z, idx = torch.cat(recs).view(clips.shape), torch.cat(zs), torch.cat(idxs)
+    target = clips.float() / 255
+    p = torch.bincount(idx.flatten(), minlength=model.codebook.shape[0]).double()
+    p /= p.sum()
+    scores = {
+        "psnr": metrics.psnr(rec, target), "ssim": metrics.ssim(rec, target), "mse": metrics.mse(rec, target),
+        "loss": rec_loss / len(frames), "codebook_usage": float((p > 0).double().mean()),
+        "perplexity": float(torch.exp(-(p * p.clamp_min(1e-30).log()).sum())),
+        "latent_mean": z.mean((0, 2, 3)).tolist(), "latent_std": z.std((0, 2, 3)).tolist(),
+        "latent_std_global": float(z.std()), "recon_frames_per_s": fps}
+    return scores, rec, z[:clips.shape[1]]
+
+
+def save_samples(clips, rec, z0, out_dir, step, writer):
+    """original | reconstruction side by side, as GIF + PNG strip, in samples/ and TensorBoard."""
+    pairs = torch.cat([clips[:4].float() / 255, rec[:4]], dim=-1)  # (n, T, C, H, 2W)
+    captions = ["original | recon"] * len(pairs)
+    viz.save_video_grid(pairs, os.path.join(out_dir, "samples", f"recon_{step:06d}.gif"), captions, fps=4)
+    viz.save_video_grid(pairs[:, :8], os.path.join(out_dir, "samples", "recon_latest.png"), captions)
+    viz.save_latent_picture(z0[:8], os.path.join(out_dir, "samples", "latent_latest.png"))
+    viz.log_video(writer, "samples/original_vs_reconstruction", pairs, step, fps=4)
+    viz.log_video(writer, "samples/latent_pca", F.interpolate(viz.latent_to_rgb(z0), scale_factor=8.0), step, fps=4)
+
+
+# ----------------------------------------------------------------------------- boilerplate
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+              "A10": 125e12, "V100": 125e12, "T4": 65e12}  # dense bf16/fp16 tensor-core peaks
+
+
+def cpu_has_bf16():
+    try:  # Linux only; elsewhere fp32 is the safe default
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def rng_state(data):
+    """Every RNG state as tensors and lists, so the checkpoint loads with weights_only=True."""
+    py, npr = random.getstate(), np.random.get_state()
+    return {"python": [py[0], list(py[1]), py[2]], "numpy": [npr[0], torch.from_numpy(npr[1].astype(np.int64)), *npr[2:]],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "data": data}
+
+
+def set_rng_state(s, rank):
+    """Restore rng_state(); -> this rank's data-generator state (None if the world size changed)."""
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    return s["data"][rank] if rank < len(s["data"]) else None
+
+
+def load_checkpoint(path, arch):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); pass a valid --ckpt or use a new --out-dir")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != "train_vqvae.py":
+        got = ckpt.get("script", "an unknown script") if isinstance(ckpt, dict) else "an unknown script"
+        raise SystemExit(f"error: {path} was written by {got}, not train_vqvae.py; pass a train_vqvae.py checkpoint with --ckpt or use another --out-dir")
+    diff = [f"{k}={ckpt.get('arch', {}).get(k)} (now {v})" for k, v in arch.items() if ckpt.get("arch", {}).get(k) != v]
+    if diff:
+        raise SystemExit(f"error: {path} has another architecture: {', '.join(diff)}; pass the same model flags/data, or use another --out-dir")
+    return ckpt
+
+
+def main(args: Args):
+    # ---- distributed, device, precision
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    ddp, master = world > 1, rank == 0
+    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if dev == "cuda" else dev)
+    if dev == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if ddp and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev == "cuda" else "gloo")
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if dev == "cuda" else (
+            "bfloat16" if dev == "cpu" and cpu_has_bf16() else "float32")
+    ptdtype = getattr(torch, dtype)
+    amp = torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+    use_compile = args.compile if args.compile is not None else dev == "cuda"
+    random.seed(args.seed + rank), np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
+
+    # ---- inputs: validate everything before anything is written
+    if args.resolution % 8 or args.resolution < 8:
+        raise SystemExit(f"error: --resolution {args.resolution} is not a positive multiple of 8 (the encoder halves it 3 times); use e.g. 64")
+    ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
+    if args.ckpt and not os.path.isfile(args.ckpt):
+        raise SystemExit(f"error: --ckpt {args.ckpt} does not exist; pass the path of a train_vqvae.py ckpt.pt")
+    if args.eval_only and not os.path.isfile(ckpt_path):
+        raise SystemExit(f"error: --eval-only needs a checkpoint but {ckpt_path} does not exist; train first or pass --ckpt")
+    eval_clips = load_clips(args, args.eval_clips, "val")
+    channels = eval_clips.shape[2]
+    arch = dict(channels=channels, width=args.width, latent_channels=args.latent_channels,
+                codebook_size=args.codebook_size, attention=args.attention)
+    ckpt = load_checkpoint(ckpt_path, arch) if (args.resume or args.eval_only) and os.path.isfile(ckpt_path) else None
+    raw = VQVAE(**arch).to(device)
+    if ckpt:
+        try:
+            raw.load_state_dict(ckpt["model"])
+        except (RuntimeError, KeyError) as e:
+            raise SystemExit(f"error: {ckpt_path} does not match this model ({str(e).splitlines()[0][:120]}); use another --out-dir")
+    step = ckpt["step"] if ckpt else 0
+    n_params = sum(p.numel() for p in raw.parameters())
+    meta = {"script": "train_vqvae.py", "data": args.data, "resolution": args.resolution, "channels": channels,
+            "latent_shape": [args.latent_channels, args.resolution // 8, args.resolution // 8],
+            "codebook_size": args.codebook_size, "input_range": [0, 1], "encode": "first_stage_encode.pt2",
+            "decode": "first_stage_decode.pt2"}
+
+    writer = None  # TensorBoard, rank 0 of a training run only
+
+    def run_eval():
+        scores, rec_clips, z0 = evaluate(raw, eval_clips, args, device, amp)
+        for k, v in scores.items():
+            if writer and isinstance(v, float):
+                writer.add_scalar(("perf/" if k.endswith("_per_s") else "eval/") + k, v, step)
+        print(f"eval step {step}: PSNR {scores['psnr']:.2f} dB  SSIM {scores['ssim']:.4f}  usage {scores['codebook_usage']:.0%}"
+              f"  perplexity {scores['perplexity']:.0f}  z_e std {scores['latent_std_global']:.2f}", flush=True)
+        return scores, rec_clips, z0
+
+    def finish(scores, rec, z0, perf, t_start):
+        """Final samples, metrics.json and the exported first stage (rank 0)."""
+        save_samples(eval_clips, rec, z0, args.out_dir, step, writer)
+        perf["recon_frames_per_s"] = scores.pop("recon_frames_per_s")
+        report = {"script": "train_vqvae.py", "step": step, "wall_s": round(time.time() - t_start, 1), "eval": scores, "perf": perf,
+                  "data": {"kind": args.data, "resolution": args.resolution, "n_eval": eval_clips.shape[0] * eval_clips.shape[1]}}
+        with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        if args.export:
+            export_first_stage(raw, args.out_dir, {**meta, "step": step, "latent_mean": scores["latent_mean"],
+                                                   "latent_std": scores["latent_std"], "eval": scores})
+        print(f"outputs in {args.out_dir} (metrics.json, samples/" + (", first_stage_*.pt2" if args.export else "")
+              + f"); tensorboard --logdir {args.out_dir}")
+
+    if args.eval_only:
+        if master:
+            os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+            finish(*run_eval(), {"train_samples_per_s": None, "mfu": None, "params": n_params}, time.time())
+        if ddp:
+            dist.destroy_process_group()
+        return
+
+    # ---- training state
+    pool = load_clips(args, args.train_clips, "train", rank, world).flatten(0, 1)  # (frames, C, H, W) uint8
+    gen = torch.Generator().manual_seed(args.seed + 1000 * rank)
+    opt = torch.optim.Adam(raw.parameters(), lr=args.lr, betas=(0.9, 0.99), fused=dev == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
+    gan = args.gan_weight > 0
+    disc = patch_discriminator(channels, args.width).to(device) if gan else None
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9)) if gan else None
+    if ckpt:
+        opt.load_state_dict(ckpt["optimizer"]), scaler.load_state_dict(ckpt["scaler"])
+        if gan and "disc" in ckpt:
+            disc.load_state_dict(ckpt["disc"]), opt_d.load_state_dict(ckpt["opt_d"])
+        data_state = set_rng_state(ckpt["rng"], rank)
+        if data_state is not None:
+            gen.set_state(data_state)
+
+    def batch():
+        return pool[torch.randint(len(pool), (args.batch_size,), generator=gen)].to(device).float() / 255
+
+    if raw.ema_count.sum() == 0:
+        with torch.no_grad(), amp:
+            init_codebook(raw, raw.encode(batch()), ddp)
+    flops = None  # one forward + backward, counted once, for MFU
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) if dev == "cuda" else None
+    if peak:
+        from torch.utils.flop_counter import FlopCounterMode
+        x = torch.zeros(args.batch_size, channels, args.resolution, args.resolution, device=device)
+        with FlopCounterMode(display=False) as fc:
+            with amp:
+                out = raw(x)
+            sum(vq_losses(x, *out[:3], args.beta)).backward()
+        flops = fc.get_total_flops()
+        raw.zero_grad(set_to_none=True)
+    # update_codebook keeps the codebook buffers equal on all ranks; DDP's buffer broadcast is a cheap extra
+    wrap = (lambda m: DDP(m, device_ids=[device.index] if dev == "cuda" else None)) if ddp else (lambda m: m)
+    model, disc_ddp = wrap(torch.compile(raw) if use_compile else raw), wrap(disc) if gan else None
+
+    def save_checkpoint(step):
+        """All ranks call this (the data-generator states are gathered); rank 0 writes atomically."""
+        gens = [gen.get_state()]
+        if ddp:
+            gens = [None] * world
+            dist.all_gather_object(gens, gen.get_state())
+        if not master:
+            return
+        ck = {"script": "train_vqvae.py", "step": step, "args": asdict(args), "arch": arch, "model": raw.state_dict(),
+              "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(gens)}
+        if gan:
+            ck["disc"], ck["opt_d"] = disc.state_dict(), opt_d.state_dict()
+        path = os.path.join(args.out_dir, "ckpt.pt")
+        torch.save(ck, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    if master:
+        for sub in ("samples", "plots"):
+            os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
+        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=1)
+        writer = SummaryWriter(args.out_dir)
+        if step == 0:
+            writer.add_text("args", "| flag | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in asdict(args).items()), 0)
+        print(f"train_vqvae: {n_params / 1e6:.2f}M params, {dev} {dtype}, compile {use_compile}, world {world}, "
+              f"{len(pool)} training frames/rank of {args.data}, from step {step} to {args.steps}; outputs in {args.out_dir}", flush=True)
+
+    # ---- loop
+    WARMUP = 3  # first steps (compile, allocator warm-up) stay out of the speed figures
+    start, t_start, t_last = step, time.time(), time.perf_counter()
+    train_time, train_steps, win_time, win_steps = 0.0, 0, 0.0, 0
+    acc, n_acc, names = torch.zeros(6, device=device), 0, ["loss", "rec", "commit", "gan_g", "gan_d", "restarts"]
+
+    def reduced_means():
+        """Mean of the accumulated loss terms over steps and ranks; stops on a non-finite loss or weight."""
+        v = acc.clone()
+        if ddp:
+            dist.all_reduce(v)
+        v = (v / max(1, n_acc * world)).tolist()
+        if not all(math.isfinite(x) for x in v) or not all(p.isfinite().all() for p in raw.parameters()):
+            raise SystemExit(f"error: non-finite loss ({dict(zip(names[:5], v))}) before step {step}; lower --lr (now {args.lr}) "
+                             f"or use --dtype float32; the last good checkpoint was kept")
+        return dict(zip(names, v))
+
+    try:
+        while step < args.steps:
+            lr = lr_at(step, args)
+            for group in opt.param_groups + (opt_d.param_groups if gan else []):
+                group["lr"] = lr
+            x = batch()
+            with amp:
+                x_rec, z, zq, idx = model(x)
+            rec, commit = vq_losses(x, x_rec, z, zq, args.beta, args.recon_loss)
+            loss, g_loss, d_loss = rec + commit, torch.zeros((), device=device), torch.zeros((), device=device)
+            gan_on = gan and step >= args.gan_start
+            if gan_on:  # generator side: the frozen, unwrapped disc, so DDP's hooks on it stay quiet
+                disc.requires_grad_(False)
+                with amp:
+                    g_loss = -disc(x_rec).float().mean()
+                disc.requires_grad_(True)
+                loss = loss + args.gan_weight * adaptive_gan_weight(rec, g_loss, x_rec) * g_loss
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if args.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
+            scaler.step(opt)
+            if gan_on:
+                opt_d.zero_grad(set_to_none=True)
+                with amp:
+                    real, fake = disc_ddp(torch.cat([x, x_rec.detach()])).float().chunk(2)
+                d_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+                scaler.scale(d_loss).backward()
+                scaler.step(opt_d)
+            scaler.update()
+            restarts = update_codebook(raw, z, idx, args.ema_decay, args.ema_eps, args.dead_code_frac, ddp)
+            acc += torch.stack([loss.detach(), rec.detach(), commit.detach(), g_loss.detach(), d_loss.detach(), restarts])
+            n_acc, step = n_acc + 1, step + 1
+
+            if step > start + WARMUP:
+                win_time, win_steps = win_time + time.perf_counter() - t_last, win_steps + 1
+            if step % args.log_every == 0 or step == args.steps:
+                m = reduced_means()
+                ms = 1000 * win_time / max(1, win_steps)
+                mfu = flops * 1000 / ms / peak if flops and win_steps else None
+                if master:
+                    speed = (f"{ms:.0f} ms/step | {args.batch_size * world * 1000 / ms:.0f} samples/s | MFU "
+                             f"{f'{mfu:.1%}' if mfu else 'n/a'} | ETA {(args.steps - step) * ms / 60000:.1f} min") if win_steps else "warm-up"
+                    print(f"step {step}/{args.steps} | loss {m['loss']:.4f} rec {m['rec']:.4f} commit {m['commit']:.4f}"
+                          + (f" g {m['gan_g']:.3f} d {m['gan_d']:.3f}" if gan_on else "") + f" | lr {lr:.2e} | {speed}", flush=True)
+                    for k, v in m.items():
+                        if gan or not k.startswith("gan"):
+                            writer.add_scalar(f"train/{k}", v, step)
+                    writer.add_scalar("train/lr", lr, step)
+                    if win_steps:
+                        writer.add_scalar("perf/steps_per_s", 1000 / ms, step)
+                        writer.add_scalar("perf/samples_per_s", args.batch_size * world * 1000 / ms, step)
+                    if mfu:
+                        writer.add_scalar("perf/mfu", mfu, step)
+                acc.zero_()
+                n_acc, train_time, train_steps, win_time, win_steps = 0, train_time + win_time, train_steps + win_steps, 0.0, 0
+            if master and step < args.steps and step % args.eval_every == 0:  # the final one follows the loop
+                run_eval()
+            if master and step < args.steps and step % args.sample_every == 0:
+                _, rec_clips, z0 = evaluate(raw, eval_clips[:4], args, device, amp)
+                save_samples(eval_clips, rec_clips, z0, args.out_dir, step, writer)
+            if step % args.ckpt_every == 0 or step == args.steps:
+                reduced_means()  # never save weights that have gone non-finite since the last log
+                save_checkpoint(step)
+            t_last = time.perf_counter()  # evaluation and checkpoint time stay out of the speed figures
+    except KeyboardInterrupt:
+        reduced_means()
+        save_checkpoint(step)
+        raise SystemExit(f"interrupted at step {step}; checkpoint saved in {args.out_dir}, run the same command to resume")
+
+    if master:
+        scores, rec_clips, z0 = run_eval()
+        perf = {"train_samples_per_s": args.batch_size * world * train_steps / train_time if train_time else None,
+                "train_ms_per_step": 1000 * train_time / train_steps if train_steps else None,
+                "mfu": flops * train_steps / train_time / peak if flops and train_time else None, "params": n_params,
+                "device": torch.cuda.get_device_name(device) if dev == "cuda" else dev, "dtype": dtype}
+        finish(scores, rec_clips, z0, perf, t_start)
+        writer.close()
+        viz.plot_training_curves(args.out_dir, os.path.join(args.out_dir, "plots", "training_curves.png"))
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
