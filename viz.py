@@ -391,8 +391,9 @@ def plot_training_curves(run_dir_or_dict, path, smoothing=0.6, ncols=3) -> dict:
     fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows))
     for i, (name, (steps, vals)) in enumerate(curves.items()):
         ax = fig.add_subplot(nrows, ncols, i + 1)
-        line = ax.plot(steps, vals, alpha=0.3 if smoothing else 1.0, lw=1)[0]
-        if smoothing and len(vals) > 1:
+        smooth = smoothing and len(vals) >= 20  # a few eval points are plotted as they are, not lagged
+        line = ax.plot(steps, vals, alpha=0.3 if smooth else 1.0, lw=1, marker=None if smooth else ".")[0]
+        if smooth:
             ax.plot(steps, _smooth(vals, smoothing), color=line.get_color(), lw=1.6)
         if vals.min() > 0 and vals.max() / vals.min() > 100:  # losses spanning decades
             ax.set_yscale("log")
