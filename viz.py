@@ -450,6 +450,8 @@ def plot_metric_vs_horizon(curves, path, metric="PSNR", context=None, train_hori
             ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     if train_horizon is not None:
         ax.axvline(train_horizon, color="grey", ls="--", lw=1, label=f"training horizon ({train_horizon})")
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # frames are whole numbers
     ax.set_xlabel("predicted frame" + (f" (after {context} context frames)" if context else ""))
     ax.set_ylabel(metric)
     ax.set_title(title or f"{metric} vs prediction horizon")
