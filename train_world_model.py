@@ -229,19 +229,23 @@ class ConvLSTM(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block whose attention reads a frame's own cells and the cached cells of earlier frames."""
 
-    def __init__(self, d, heads):
+    def __init__(self, d, heads, grid):
         super().__init__()
         self.heads = heads
+        sq = torch.arange(1 - grid, grid) ** 2
+        near = (sq[:, None] + sq[None]).flatten().float()  # squared offset (dy, dx) between a query and a key cell
+        self.space = nn.Parameter(-near.repeat(heads, 1))  # a learned bias per offset; starts local, as a conv would
         self.n1, self.qkv, self.proj = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.n2, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
-    def forward(self, x, cache, slopes, window):
+    def forward(self, x, cache, slopes, window, offset):
         B, N, D = x.shape
         q, k, v = self.qkv(self.n1(x)).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         cache = (cache + [(k, v)])[-window:]  # a new list: states stay immutable, so a rollout can be branched
         keys, values = torch.cat([c[0] for c in cache], 2), torch.cat([c[1] for c in cache], 2)
         age = torch.arange(len(cache) - 1, -1, -1, device=x.device).repeat_interleave(N)  # frames back, per key
         bias = -slopes.view(-1, 1, 1) * age.to(slopes.dtype)  # ALiBi: depends on distance only, so any length works
+        bias = bias + self.space[:, offset].repeat(1, 1, len(cache))  # where a cell looks: "one cell to the left"
         h = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias.to(q.dtype))
         x = x + self.proj(h.transpose(1, 2).reshape(B, N, D))
         return x + self.mlp(self.n2(x)), cache
@@ -250,25 +254,29 @@ class Block(nn.Module):
 class CausalTransformer(nn.Module):
     """Causal transformer over latent cells: each step takes one frame's h*w cells as tokens; they attend to each
     other and to the keys/values cached for the last `window` frames. With ALiBi on frame distance and a learned
-    position per grid cell (space, not time), the same weights serve step 1 and step 1000."""
+    position per grid cell (space, not time), the same weights serve step 1 and step 1000. A learned bias per
+    spatial offset (as in Swin) and 3x3 convolutions in and out make "move one cell" easy to express."""
 
     def __init__(self, zc, d, layers, heads, grid, window):
         super().__init__()
         self.window = window
-        self.inp, self.pos = nn.Linear(zc, d), nn.Parameter(0.02 * torch.randn(1, grid * grid, d))
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
-        self.norm, self.out = nn.LayerNorm(d), zero_init(nn.Linear(d, zc))
+        self.inp, self.pos = nn.Conv2d(zc, d, 3, padding=1), nn.Parameter(0.02 * torch.randn(1, grid * grid, d))
+        self.blocks = nn.ModuleList(Block(d, heads, grid) for _ in range(layers))
+        self.norm, self.out = nn.LayerNorm(d), zero_init(nn.Conv2d(d, zc, 3, padding=1))
         self.register_buffer("slopes", 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads), persistent=False)
+        y, x = torch.arange(grid).repeat_interleave(grid), torch.arange(grid).repeat(grid)
+        offset = (y[:, None] - y[None] + grid - 1) * (2 * grid - 1) + (x[:, None] - x[None] + grid - 1)
+        self.register_buffer("offset", offset, persistent=False)  # (query cell, key cell) -> index of (dy, dx)
 
     def forward(self, z, caches=None):
         B, C, H, W = z.shape
-        x = self.inp(z.flatten(2).transpose(1, 2)) + self.pos
+        x = self.inp(z).flatten(2).transpose(1, 2) + self.pos
         caches = caches or [[] for _ in self.blocks]
         new = []
         for block, cache in zip(self.blocks, caches):
-            x, cache = block(x, cache, self.slopes, self.window)
+            x, cache = block(x, cache, self.slopes, self.window, self.offset)
             new.append(cache)
-        return z + self.out(self.norm(x)).transpose(1, 2).reshape(B, C, H, W), new
+        return z + self.out(self.norm(x).transpose(1, 2).reshape(B, -1, H, W)), new
 
 
 DYNAMICS = ("gru", "lstm", "transformer")
