@@ -538,7 +538,8 @@ def load_probe(path: str | None = None) -> VideoProbe:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             assert isinstance(ckpt, dict) and ckpt.get("format") == PROBE_FORMAT
-            probe = VideoProbe(ckpt["labels"], ckpt["widths"])
+            with torch.random.fork_rng(devices=[]):  # a metric must not move the caller's (training) random stream
+                probe = VideoProbe(ckpt["labels"], ckpt["widths"])
             probe.load_state_dict(ckpt["state_dict"])
         except Exception as e:
             raise MetricUnavailable(f"{path} is not a readable probe checkpoint ({type(e).__name__}); "

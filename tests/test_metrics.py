@@ -222,7 +222,9 @@ def test_probe_save_load_round_trip(tmp_path, monkeypatch):
     ck = torch.load(path, weights_only=True)
     assert ck["steps"] == 3 and ck["labels"]["color"] == ["red", "blue"]
     monkeypatch.setenv("NANOWORLD_PROBE", path)
+    rng = torch.get_rng_state()
     loaded = M.load_probe()
+    assert torch.equal(torch.get_rng_state(), rng)  # loading leaves a training run's random stream alone
     assert loaded.accuracy == {"kind": 0.5}
     grey = torch.rand(3, 20, 1, 48, 40)  # any size, length and channel count fits the probe
     f1, f2 = M.probe_features(grey, probe), M.probe_features(grey)
