@@ -189,7 +189,9 @@ class DiT(nn.Module):
         super().__init__()
         self.patch, self.chunk, self.window, self.tokens = patch, chunk, window, (resolution // patch) ** 2
         self.inp = nn.Linear(channels * patch * patch, width)
-        self.space = nn.Parameter(0.02 * torch.randn(self.tokens, width))  # where in the frame; time comes from RoPE
+        r, f = torch.arange(self.tokens), 100.0 ** -(torch.arange(width // 4) / (width // 4))  # fixed, as loud as a noisy patch:
+        y, x = (r // (resolution // patch))[:, None] * f, (r % (resolution // patch))[:, None] * f  # learned 0.02-scale ones drown
+        self.register_buffer("space", torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], 1), persistent=False)  # where: 2D sin-cos (DiT)
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.word, self.word_pos = nn.Embedding(vocab, 32), nn.Parameter(0.02 * torch.randn(words, 32))
         self.text = nn.Sequential(nn.Linear(words * 32, width), nn.SiLU(), nn.Linear(width, width))  # word order matters
@@ -403,8 +405,7 @@ def evaluate(model, stage, ev, args, device, amp, speed=True):
     v1 = generate_videos(model.eval(), teacher, ev["words"], args.frames, args, device, amp, gen)
     row = {**score(v1, ev), **score(generate_videos(model, teacher, ev["words"], 2 * args.frames, args, device, amp, gen), ev, "_2x")}
     for frames, tag in ((args.frames, ""), (4 * args.frames, "_4x")) if speed else ():
-        for cache in (True, False)[:1 if teacher else 2]:
-            key = tag + ("" if cache else "_nocache")
+        for cache, key in ((True, tag), (False, tag + "_nocache"))[:1 if teacher else 2]:
             row[f"gen_frames_per_s{key}"], row[f"first_chunk_latency_s{key}"] = measure_speed(model, teacher, ev["words"][:1], frames, args,
                                                                                               device, amp, cache)
         if not teacher:
@@ -646,8 +647,7 @@ def main(args: Args):
             o.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             for p in module.parameters() if ddp else ():  # DDP by hand: the rollout calls the model many times per backward
-                dist.all_reduce(p.grad)
-                p.grad /= world
+                dist.all_reduce(p.grad.div_(world))
             scaler.unscale_(o)
             torch.nn.utils.clip_grad_norm_(module.parameters(), GRAD_CLIP)
             scaler.step(o)
