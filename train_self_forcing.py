@@ -14,7 +14,7 @@ Paper: Huang, Li, He, Zhou, Shechtman, "Self Forcing: Bridging the Train-Test Ga
 not umT5; a dense mask, not FlexAttention; no attention sinks; the network predicts x0, not the velocity; TF/DF through
 the KV cache (the same attention and gradients as a parallel mask). `--explain` prints how the pieces fit.
 
-    python train_self_forcing.py                                     # CPU: every stage, ~25 min on one core
+    python train_self_forcing.py                                     # CPU: every stage, ~25-30 min on one core
     python train_self_forcing.py --generate "A red circle moving from left to right" --frames 48
     python train_self_forcing.py --width 256 --depth 8 --batch-size 64 --teacher-steps 20000 --steps 1000  # GPU
     torchrun --standalone --nproc_per_node=2 train_self_forcing.py   # DDP (nccl on CUDA, gloo on CPU)
