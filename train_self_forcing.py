@@ -10,11 +10,12 @@ one random exit step with gradient, detached cache, frozen teacher with CFG as r
 generator update); tf, df (the TF+DMD and DF+DMD ablation: one step per chunk from a noised real chunk, real context).
 
 Paper: Huang, Li, He, Zhou, Shechtman, "Self Forcing: Bridging the Train-Test Gap in Autoregressive Video Diffusion"
-(2025); DMD: Yin et al. (2024); CausVid: Yin et al. (2025). Simplified: pixels, not VAE latents; a word-embedding MLP,
-not umT5; a dense mask, not FlexAttention; no attention sinks; the network predicts x0, not the velocity; TF/DF through
-the KV cache (the same attention and gradients as a parallel mask). `--explain` prints how the pieces fit.
+(2025); DMD: Yin et al. (2024); CausVid: Yin et al. (2025). Simplified: pixels, not VAE latents (a token per 8x8 patch
+reads and writes the 16x16 window around it, so objects do not break at patch edges); a word-embedding MLP, not umT5; a
+dense mask, not FlexAttention; no attention sinks; the network predicts x0, not the velocity; TF/DF through the KV
+cache (the same attention and gradients as a parallel mask). `--explain` prints how the pieces fit.
 
-    python train_self_forcing.py                                     # CPU: every stage, ~25-30 min on one core
+    python train_self_forcing.py                                     # CPU: every stage, ~25 min on 2 cores
     python train_self_forcing.py --generate "A red circle moving from left to right" --frames 48
     python train_self_forcing.py --width 256 --depth 8 --batch-size 64 --teacher-steps 20000 --steps 1000  # GPU
     torchrun --standalone --nproc_per_node=2 train_self_forcing.py   # DDP (nccl on CUDA, gloo on CPU)
@@ -53,7 +54,7 @@ class Args:
     """stage to run: all (teacher, ode, self_forcing, tf, df in order) or one of them"""
     steps: int = 120
     """generator updates of the self_forcing stage, and of tf and df (the ablation gives each the same number)"""
-    teacher_steps: int = 2000
+    teacher_steps: int = 3000
     """flow-matching steps of the teacher"""
     ode_steps: int = 400
     """ODE-regression steps of the causal student"""
@@ -73,9 +74,9 @@ class Args:
     """print how the pieces of the method fit together, then exit"""
     log_every: int = 50
     """print and log training losses every N steps"""
-    eval_every: int = 1000
+    eval_every: int = 2000
     """held-out evaluation every N steps of a stage (and always at its end)"""
-    sample_every: int = 500
+    sample_every: int = 1000
     """write sample GIFs every N steps of a stage"""
     ckpt_every: int = 250
     """write the stage checkpoint every N steps (and at the end and on Ctrl-C)"""
@@ -92,7 +93,7 @@ class Args:
     data_dir: str | None = None
     """unused by shapes; kept so every script takes the same flags"""
     resolution: int = 32
-    """frame size in pixels (divisible by 8: 8x8 patches are the tokens)"""
+    """frame size in pixels (divisible by 8: a token per 8x8 patch, reading and writing the 16x16 window around it)"""
     frames: int = 12
     """frames per video (a multiple of --chunk): the training length"""
     train_clips: int = 4096
@@ -157,7 +158,8 @@ def frame_mask(frames, chunk, window=0, device=None):
 
 class Block(nn.Module):
     """adaLN-Zero transformer block with per-frame modulation; attention over its own frames plus optional cached
-    keys/values of earlier frames. RoPE on the first half of the head dims carries the absolute frame index."""
+    keys/values of earlier frames. 3D RoPE (Wan's): half of each head's dims turn with the frame index, a quarter each with
+    the patch row and column, so attention sees where and when a key is relative to its query."""
 
     def __init__(self, d, heads):
         super().__init__()
@@ -171,11 +173,10 @@ class Block(nn.Module):
         B, T, N, D = x.shape
         sh1, sc1, g1, sh2, sc2, g2 = self.mod(c).unsqueeze(2).chunk(6, -1)  # (B, T, 1, D): one set per frame
         q, k, v = self.qkv(self.n1(x) * (1 + sc1) + sh1).view(B, T * N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        r = cos.shape[-1]  # RoPE on dims [0, 2r): keys are rotated to their absolute frame before they are cached
+        r = cos.shape[-1]  # RoPE on dims [0, 2r): keys are rotated to their absolute place before they are cached
         q, k = (torch.cat([u[..., :r] * cos - u[..., r:2 * r] * sin, u[..., :r] * sin + u[..., r:2 * r] * cos, u[..., 2 * r:]], -1).to(v.dtype) for u in (q, k))
-        new = (k, v)
-        if kv is not None:
-            k, v = torch.cat([kv[0], k], 2), torch.cat([kv[1], v], 2)
+        new = (k, v)  # this call's keys/values, for the caller's cache
+        k, v = (k, v) if kv is None else (torch.cat([kv[0], k], 2), torch.cat([kv[1], v], 2))
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + g1 * self.proj(h.transpose(1, 2).reshape(B, T, N, D))
         return x + g2 * self.mlp(self.n2(x) * (1 + sc2) + sh2), new
@@ -188,38 +189,40 @@ class DiT(nn.Module):
     def __init__(self, channels=3, resolution=32, patch=8, width=128, depth=4, chunk=3, window=9, vocab=len(VOCAB), words=MAX_WORDS):
         super().__init__()
         self.patch, self.chunk, self.window, self.tokens = patch, chunk, window, (resolution // patch) ** 2
-        self.inp = nn.Linear(channels * patch * patch, width)
-        r, f = torch.arange(self.tokens), 100.0 ** -(torch.arange(width // 4) / (width // 4))  # fixed, as loud as a noisy patch:
-        y, x = (r // (resolution // patch))[:, None] * f, (r % (resolution // patch))[:, None] * f  # learned 0.02-scale ones drown
-        self.register_buffer("space", torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], 1), persistent=False)  # where: 2D sin-cos (DiT)
+        self.inp = nn.Linear(channels * 4 * patch * patch, width)  # overlapping patches: 2p x 2p windows at stride p
+        rc = torch.stack([torch.arange(self.tokens) // (resolution // patch), torch.arange(self.tokens) % (resolution // patch)], 1)
+        a = rc[:, :, None] * 100.0 ** -(torch.arange(width // 4) / (width // 4))  # fixed 2D sin-cos (DiT), as loud as a noisy patch
+        self.register_buffer("space", torch.cat([a.sin(), a.cos()], -1).flatten(1), persistent=False)  # (learned 0.02 ones drown)
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.word, self.word_pos = nn.Embedding(vocab, 32), nn.Parameter(0.02 * torch.randn(words, 32))
         self.text = nn.Sequential(nn.Linear(words * 32, width), nn.SiLU(), nn.Linear(width, width))  # word order matters
         self.blocks = nn.ModuleList(Block(width, width // 32) for _ in range(depth))
         self.norm, self.final_mod = nn.LayerNorm(width, elementwise_affine=False), nn.Linear(width, 2 * width)
-        self.out = nn.Linear(width, channels * patch * patch)
+        self.out = nn.Linear(width, channels * 4 * patch * patch)  # 2p x 2p windows again, summed where they overlap
         for layer in (self.final_mod, self.out):
             nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
-        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(8) / 8), persistent=False)  # 16 of 32 head dims
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(8) / 8), persistent=False)  # frame: 16 of 32 head dims
+        self.register_buffer("space_ang", (rc[:, :, None] * 10.0 ** -(torch.arange(4) / 4)).flatten(1), persistent=False)  # row, column
 
     def forward(self, x, sigma, words, pos=0, mask=None, kv=None):
         """x (B, T, C, H, W), sigma (B, T), words (B, MAX_WORDS); pos: absolute index of the first frame; mask: (T, K)
         frame mask or None; kv: per block (K, V) of earlier frames or None. -> x0, per block (K, V) of x."""
         B, T, C, H, W = x.shape
         p, half = self.patch, self.time[0].in_features // 2
-        h = self.inp(x.reshape(B, T, C, H // p, p, W // p, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, T, self.tokens, -1)) + self.space
+        h = self.inp(F.unfold(x.reshape(B * T, C, H, W), 2 * p, padding=p // 2, stride=p).transpose(1, 2)).view(B, T, self.tokens, -1) + self.space
         text = self.text((self.word(words) + self.word_pos).flatten(1))
         t = 1000 * sigma.float()[..., None] * torch.exp(-math.log(10000) * torch.arange(half, device=x.device) / half)
         c = F.silu(self.time(torch.cat([t.cos(), t.sin()], -1)) + text[:, None])  # (B, T, D): per-frame noise level
-        ang = ((pos + torch.arange(T, device=x.device)).float()[:, None] * self.inv_freq).repeat_interleave(self.tokens, 0)
+        ang = torch.cat([((pos + torch.arange(T, device=x.device)).float()[:, None] * self.inv_freq).repeat_interleave(self.tokens, 0),
+                         self.space_ang.repeat(T, 1)], 1)  # (T * tokens, 16): when, row, column
         mask = None if mask is None else mask.repeat_interleave(self.tokens, 0).repeat_interleave(self.tokens, 1)  # frames -> tokens
         new = []
         for i, block in enumerate(self.blocks):
             h, kv_i = block(h, c, ang.cos(), ang.sin(), mask, kv[i] if kv else None)
             new.append(kv_i)
         sh, sc = self.final_mod(c).unsqueeze(2).chunk(2, -1)
-        out = self.out(self.norm(h) * (1 + sc) + sh)
-        return out.view(B, T, H // p, W // p, C, p, p).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, T, C, H, W), new
+        out = self.out(self.norm(h) * (1 + sc) + sh).view(B * T, self.tokens, -1).transpose(1, 2).float()
+        return F.fold(out, (H, W), 2 * p, padding=p // 2, stride=p).view(B, T, C, H, W), new  # no seams at patch edges
 
 
 # ----------------------------------------------------------------------------- method: schedule and losses
@@ -274,19 +277,17 @@ def dmd_loss(x, teacher, critic, words, sigma, noise, guidance):
 def sample_exit_step(gen, n, device, ddp=False):
     """The one denoising step (0..n-1) at which every chunk of this rollout exits with gradient; rank 0's draw."""
     s = torch.randint(n, (1,), generator=gen, device=device)
-    if ddp:
-        dist.broadcast(s, 0)
+    dist.broadcast(s, 0) if ddp else None
     return int(s)
 
 
 # ----------------------------------------------------------------------------- method: sampling
 def rollout(model, noise, words, sigmas, gen, exit_step=None, real=None, cache=True, on_step=None):
-    """THE few-step AR sampler, for inference (exit_step None, under no_grad) and training. Per chunk: predict x0, re-noise
-    it with fresh noise (RNG gen) to the next sigma, repeat; then run the clean x0 once at t = 0 and append its keys and
-    values, detached, to the cache of the last window - chunk frames. cache=False recomputes the prefix at every step
-    (block-causal mask): the same output at quadratic cost. Self Forcing: exit_step s; only step s has gradient, its
-    x0 is the chunk. real = (video, tf): TF/DF, one step from the real chunk noised to a random few-step sigma, the real
-    chunk clean (TF) or noised (DF) cached with gradient, as in parallel training. on_step(chunk, step, x0)."""
+    """THE few-step AR sampler, for inference (exit_step None, under no_grad) and training. Per chunk: predict x0, re-noise it
+    to the next sigma with fresh noise (gen), repeat; then run the clean x0 once at t = 0 and cache its keys and values,
+    detached, keeping the last window - chunk frames. cache=False recomputes the prefix at every step: the same output at
+    quadratic cost. Self Forcing: only step exit_step has gradient; its x0 is the chunk. real = (video, tf): TF/DF, one step
+    from the real chunk noised to a random few-step sigma, the real chunk cached clean (TF) or noised (DF) with gradient. on_step(b, j, x0)"""
     c, B, T = model.chunk, noise.shape[0], noise.shape[1]
     keep = (model.window - c) * model.tokens if model.window else math.inf  # cached tokens: window - chunk frames
     kv, outs, grad = [], [], torch.is_grad_enabled()
@@ -420,10 +421,9 @@ def save_pictures(model, videos, prompts, stage, args, device, amp, step, writer
     viz.save_video_grid(videos[:16], out("samples", f"{stage}_{step:06d}.gif"), prompts[:16], fps=4)
     viz.save_video_grid(videos[:6], out("samples", f"{stage}_latest.png"), prompts[:6])
     viz.log_video(writer, f"samples/{stage}", videos[:16], step, fps=4)
-    masks = torch.stack([torch.ones(args.frames, args.frames, dtype=torch.bool), frame_mask(args.frames, args.chunk, args.window)])
-    viz.save_video_grid(masks.float().repeat_interleave(256 // args.frames, 1).repeat_interleave(256 // args.frames, 2)[:, None, None].expand(
-        -1, -1, 3, -1, -1), out("plots", "attention_masks.png"), ["teacher, critic: every frame sees every frame (rows: query frame, "
-                                                                  f"columns: key frame)", f"student: chunks of {args.chunk}, window {args.window or 'all'}"])
+    k, m = 256 // args.frames, torch.stack([torch.ones(args.frames, args.frames), frame_mask(args.frames, args.chunk, args.window).float()])
+    viz.save_video_grid(torch.kron(m, torch.ones(k, k))[:, None, None].expand(-1, -1, 3, -1, -1), out("plots", "attention_masks.png"), [
+        "teacher, critic: every frame sees every frame (rows: query frame, columns: key frame)", f"student: chunks of {args.chunk}, window {args.window or 'all'}"])
     if model is not None and stage != "teacher":
         rows, gen = [[] for _ in range(args.denoise_steps)], torch.Generator(device).manual_seed(args.seed)
         generate_videos(model, False, torch.tensor([encode_prompt(HOLDOUT[0])]), args.frames, args, device, amp, gen,
