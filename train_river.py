@@ -655,6 +655,7 @@ def main(args: Args):
             if args.eval_only:
                 finish(*run_eval(), {"train_samples_per_s": None, "mfu": None, "params": n_params}, time.time())
         if ddp:
+            dist.barrier()  # rank 0 may still be evaluating: leave the group together
             dist.destroy_process_group()
         return
 
@@ -791,6 +792,7 @@ def main(args: Args):
         writer.close()
         viz.plot_training_curves(args.out_dir, os.path.join(args.out_dir, "plots", "training_curves.png"))
     if ddp:
+        dist.barrier()  # rank 0 may still be evaluating: leave the group together
         dist.destroy_process_group()
 
 

@@ -10,10 +10,9 @@ one random exit step with gradient, detached cache, frozen teacher with CFG as r
 generator update); tf, df (the TF+DMD and DF+DMD ablation: one step per chunk from a noised real chunk, real context).
 
 Paper: Huang, Li, He, Zhou, Shechtman, "Self Forcing: Bridging the Train-Test Gap in Autoregressive Video Diffusion"
-(2025); DMD: Yin et al. (2024); CausVid: Yin et al. (2025). Simplified: pixels, not VAE latents (a token per 8x8 patch
-reads and writes the 16x16 window around it, so objects do not break at patch edges); a word-embedding MLP, not umT5; a
-dense mask, not FlexAttention; no attention sinks; the network predicts x0, not the velocity; TF/DF through the KV
-cache (the same attention and gradients as a parallel mask). `--explain` prints how the pieces fit.
+(2025); DMD: Yin et al. (2024); CausVid: Yin et al. (2025). Simplified: pixels, not VAE latents (tokens read and write
+16x16 windows at stride 8: no seams); a word-embedding MLP, not umT5; a dense mask, not FlexAttention; no attention sinks;
+x0 prediction, not velocity; TF/DF through the KV cache (same attention and gradients as a parallel mask). See --explain.
 
     python train_self_forcing.py                                     # CPU: every stage, ~25 min on 2 cores
     python train_self_forcing.py --generate "A red circle moving from left to right" --frames 48
@@ -157,9 +156,8 @@ def frame_mask(frames, chunk, window=0, device=None):
 
 
 class Block(nn.Module):
-    """adaLN-Zero transformer block with per-frame modulation; attention over its own frames plus optional cached
-    keys/values of earlier frames. 3D RoPE (Wan's): half of each head's dims turn with the frame index, a quarter each with
-    the patch row and column, so attention sees where and when a key is relative to its query."""
+    """adaLN-Zero block, per-frame modulation; attention over its frames plus cached keys/values of earlier frames. 3D RoPE
+    (Wan's): half of each head's dims turn with the frame index, a quarter each with the patch row and column."""
 
     def __init__(self, d, heads):
         super().__init__()
@@ -590,6 +588,7 @@ def main(args: Args):
             model, ck = load_model(path)
             finish(ck["stage"], model, ck["step"], None)
         if ddp:
+            dist.barrier()  # rank 0 may still be evaluating: leave the group together
             dist.destroy_process_group()
         return
 
@@ -793,6 +792,7 @@ def main(args: Args):
         viz.plot_training_curves(args.out_dir, os.path.join(args.out_dir, "plots", "training_curves.png"))
         print(f"all done in {(time.time() - t_run) / 60:.1f} min; outputs in {args.out_dir}; tensorboard --logdir {args.out_dir}")
     if ddp:
+        dist.barrier()  # rank 0 may still be evaluating: leave the group together
         dist.destroy_process_group()
 
 
