@@ -182,7 +182,8 @@ class Block(nn.Module):
 
 class DiT(nn.Module):
     """One transformer for every role: teacher, critic (no mask: bidirectional), causal student in parallel (frame mask)
-    or chunk by chunk (kv: the cache of earlier chunks). Noisy frames, a noise level per frame, word ids -> x0."""
+    or chunk by chunk (kv: the cache of earlier chunks). Noisy frames, a noise level per frame, word ids -> x0. Each frame is
+    modulated by its noise level, the prompt and its absolute index (sin-cos; the RoPE of attention is only relative)."""
 
     def __init__(self, channels=3, resolution=32, patch=8, width=128, depth=4, chunk=3, window=9, vocab=len(VOCAB), words=MAX_WORDS):
         super().__init__()
@@ -192,6 +193,7 @@ class DiT(nn.Module):
         a = rc[:, :, None] * 100.0 ** -(torch.arange(width // 4) / (width // 4))  # fixed 2D sin-cos (DiT), as loud as a noisy patch
         self.register_buffer("space", torch.cat([a.sin(), a.cos()], -1).flatten(1), persistent=False)  # (learned 0.02 ones drown)
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.frame = nn.Linear(width, width)  # absolute frame index: where a "left to right" object should be now
         self.word, self.word_pos = nn.Embedding(vocab, 32), nn.Parameter(0.02 * torch.randn(words, 32))
         self.text = nn.Sequential(nn.Linear(words * 32, width), nn.SiLU(), nn.Linear(width, width))  # word order matters
         self.blocks = nn.ModuleList(Block(width, width // 32) for _ in range(depth))
@@ -210,7 +212,8 @@ class DiT(nn.Module):
         h = self.inp(F.unfold(x.reshape(B * T, C, H, W), 2 * p, padding=p // 2, stride=p).transpose(1, 2)).view(B, T, self.tokens, -1) + self.space
         text = self.text((self.word(words) + self.word_pos).flatten(1))
         t = 1000 * sigma.float()[..., None] * torch.exp(-math.log(10000) * torch.arange(half, device=x.device) / half)
-        c = F.silu(self.time(torch.cat([t.cos(), t.sin()], -1)) + text[:, None])  # (B, T, D): per-frame noise level
+        f = (pos + torch.arange(T, device=x.device)).float()[:, None] * torch.exp(-math.log(1000) * torch.arange(half, device=x.device) / half)
+        c = F.silu(self.time(torch.cat([t.cos(), t.sin()], -1)) + text[:, None] + self.frame(torch.cat([f.cos(), f.sin()], -1)))  # (B, T, D)
         ang = torch.cat([((pos + torch.arange(T, device=x.device)).float()[:, None] * self.inv_freq).repeat_interleave(self.tokens, 0),
                          self.space_ang.repeat(T, 1)], 1)  # (T * tokens, 16): when, row, column
         mask = None if mask is None else mask.repeat_interleave(self.tokens, 0).repeat_interleave(self.tokens, 1)  # frames -> tokens
@@ -506,8 +509,7 @@ def main(args: Args):
         dist.init_process_group("nccl" if dev == "cuda" else "gloo")
     dtype = args.dtype
     if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if dev == "cuda" else (
-            "bfloat16" if dev == "cpu" and cpu_has_bf16() else "float32")
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if dev == "cuda" else "bfloat16" if dev == "cpu" and cpu_has_bf16() else "float32"
     ptdtype = getattr(torch, dtype)
     amp = torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
     use_compile = args.compile if args.compile is not None else dev == "cuda"
@@ -584,8 +586,7 @@ def main(args: Args):
     for sub in ("samples", "plots") if master else ():
         os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
     if args.eval_only:
-        for path in to_eval if master else ():
-            model, ck = load_model(path)
+        for model, ck in map(load_model, to_eval if master else ()):
             finish(ck["stage"], model, ck["step"], None)
         if ddp:
             dist.barrier()  # rank 0 may still be evaluating: leave the group together
@@ -634,8 +635,7 @@ def main(args: Args):
             if data_state is not None:
                 gen.set_state(data_state[0]), ngen.set_state(data_state[1])
         if stage == "ode":  # regenerated on resume: a fixed seed makes them the same pairs
-            n = min(ODE_PAIRS, len(pool))
-            pairs = (*make_ode_pairs(teacher, pool_words[:n], args, device, amp, args.seed + 100 + rank), pool_words[:n])
+            pairs = (*make_ode_pairs(teacher, pool_words[:ODE_PAIRS], args, device, amp, args.seed + 100 + rank), pool_words[:ODE_PAIRS])
         model = torch.compile(raw) if use_compile else raw
 
         def batch(n):

@@ -102,6 +102,17 @@ def test_cached_forward_equals_block_causal_forward():
                 assert (cached - full).abs().max() < 1e-5, (b, sigma)
 
 
+def test_model_sees_absolute_frame_index():
+    """RoPE alone is relative (the same frames at another start give the same x0); the frame embedding makes it absolute."""
+    model, (x, words) = random_model(), inputs(T=4)
+    with torch.no_grad():
+        moved = (sf.predict_x0(model, x, 0.5, words, pos)[0] for pos in (0, 5))
+        assert (next(moved) - next(moved)).abs().max() > 1e-3
+        torch.nn.init.zeros_(model.frame.weight), torch.nn.init.zeros_(model.frame.bias)
+        moved = (sf.predict_x0(model, x, 0.5, words, pos)[0] for pos in (0, 5))
+        assert (next(moved) - next(moved)).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("window", [0, 4])  # 4 < 8 frames: the cache rolls and the mask is a local window
 def test_cached_generation_equals_recomputed_prefix(window):
     model, (noise, words) = random_model(window), inputs()
