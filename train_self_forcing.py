@@ -98,7 +98,7 @@ class Args:
     train_clips: int = 4096
     """prompted clips generated once into memory as the training pool (split 'train', HOLDOUT prompts removed)"""
     eval_clips: int = 128
-    """held-out clips (split 'val') whose prompts and videos the evaluation uses"""
+    """evaluation clips: the HOLDOUT prompts (never trained on) in turn, each with a random layout, generated for and compared to"""
     # model
     width: int = 128
     """transformer width (heads of 32 dims)"""
@@ -195,7 +195,7 @@ class DiT(nn.Module):
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.frame = nn.Linear(width, width)  # absolute frame index: where a "left to right" object should be now
         self.word, self.word_pos = nn.Embedding(vocab, 32), nn.Parameter(0.02 * torch.randn(words, 32))
-        self.text = nn.Sequential(nn.Linear(words * 32, width), nn.SiLU(), nn.Linear(width, width))  # word order matters
+        self.text = nn.Linear(words * 32, width)  # linear in the words (by slot): an unseen prompt is a sum of seen parts
         self.blocks = nn.ModuleList(Block(width, width // 32) for _ in range(depth))
         self.norm, self.final_mod = nn.LayerNorm(width, elementwise_affine=False), nn.Linear(width, 2 * width)
         self.out = nn.Linear(width, channels * 4 * patch * patch)  # 2p x 2p windows again, summed where they overlap
@@ -307,8 +307,7 @@ def rollout(model, noise, words, sigmas, gen, exit_step=None, real=None, cache=T
                     sig = torch.cat([torch.zeros(B, b * c), torch.full((B, c), sigma)], 1).to(x.device)
                     x0 = predict_x0(model, torch.cat([o.detach() for o in outs] + [x], 1), sig, words,
                                     mask=frame_mask((b + 1) * c, c, model.window, x.device))[0][:, -c:]
-            if on_step:
-                on_step(b, j, x0)
+            on_step(b, j, x0) if on_step else None
             if j == len(sigmas) - 1 or j == exit_step:
                 context, context_sigma = x0.detach(), 0.0
                 break
@@ -338,8 +337,7 @@ def sample_teacher(model, noise, words, steps, shift, guidance, keep=()):
 def ode_regression_loss(model, states, target, words, sigmas, gen):
     """ODE init: states (B, K, T, ...) is a teacher trajectory at the K few-step sigmas, target its end. Each chunk picks
     its own state (noisy or mixed contexts, as in diffusion forcing); one forward under the block-causal mask."""
-    B, K, T = states.shape[:3]
-    c, dev = model.chunk, states.device
+    (B, K, T), c, dev = states.shape[:3], model.chunk, states.device
     idx = torch.randint(K, (B, T // c), generator=gen, device=dev).repeat_interleave(c, 1)
     x = states[torch.arange(B, device=dev)[:, None], idx, torch.arange(T, device=dev)]
     x0 = predict_x0(model, x, sigmas.to(dev)[idx], words, mask=frame_mask(T, c, model.window, dev))[0]
@@ -356,19 +354,23 @@ def make_ode_pairs(teacher, words, args, device, amp, seed):
 
 
 # ----------------------------------------------------------------------------- data
-def load_clips(args, n_clips, split, rank=0, world=1, holdout=()):
-    """Prompted clips, generated once: uint8 (N, T, C, H, W), word ids, prompts; rank r keeps r, r+world, ...; no holdout prompt."""
-    try:
-        ds = toy_data.make_dataset(args.data, n_clips + (n_clips // 8 + 16 if holdout else 0), args.resolution,
-                                   args.frames, args.seed, split, args.data_dir)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise SystemExit(f"error: {e}")
-    keep = [i for i in range(len(ds)) if toy_data.make_prompt(toy_data.sample_attrs(ds.rng(i))) not in holdout][:n_clips]
-    items = [ds[i] for i in keep[rank::world]]  # toy_data renders with one thread: tiny ops only contend
+def load_clips(args, n_clips, split, rank=0, world=1, holdout=(), only=()):
+    """Prompted clips, generated once: uint8 (N, T, C, H, W), word ids, prompts; rank r keeps r, r+world, ...; no holdout prompt.
+    only: n_clips of these prompts in turn, each with its own random layout (the evaluation's held-out prompts)."""
+    if only:
+        items = [{"prompt": p, "video": toy_data.render_attrs(np.random.default_rng([args.seed, 10 + toy_data.SPLITS.index(split), i]),
+                  toy_data.parse_prompt(p), args.resolution, args.resolution, args.frames)} for i, p in enumerate((only * n_clips)[:n_clips])]
+    else:
+        try:
+            ds = toy_data.make_dataset(args.data, n_clips + (n_clips // 8 + 16 if holdout else 0), args.resolution,
+                                       args.frames, args.seed, split, args.data_dir)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            raise SystemExit(f"error: {e}")
+        keep = [i for i in range(len(ds)) if toy_data.make_prompt(toy_data.sample_attrs(ds.rng(i))) not in holdout][:n_clips]
+        items = [ds[i] for i in keep[rank::world]]  # toy_data renders with one thread: tiny ops only contend
     if not items:
         raise SystemExit(f"error: --data {args.data} gave no {split} clips; raise --train-clips/--eval-clips")
-    videos = (torch.stack([it["video"] for it in items]).clamp(0, 1) * 255).round().to(torch.uint8)
-    prompts = [it["prompt"] for it in items]
+    videos, prompts = (torch.stack([it["video"] for it in items]).clamp(0, 1) * 255).round().to(torch.uint8), [it["prompt"] for it in items]
     return videos, torch.tensor([encode_prompt(p) for p in prompts]), prompts
 
 
@@ -420,7 +422,7 @@ def save_pictures(model, videos, prompts, stage, args, device, amp, step, writer
     """Samples, the attention masks by frame (white: visible) and, for a student, each chunk's x0 after each step."""
     out = lambda *p: os.path.join(args.out_dir, *p)
     viz.save_video_grid(videos[:16], out("samples", f"{stage}_{step:06d}.gif"), prompts[:16], fps=4)
-    viz.save_video_grid(videos[:6], out("samples", f"{stage}_latest.png"), prompts[:6])
+    viz.save_video_grid(videos[:7], out("samples", f"{stage}_latest.png"), prompts[:7])
     viz.log_video(writer, f"samples/{stage}", videos[:16], step, fps=4)
     k, m = 256 // args.frames, torch.stack([torch.ones(args.frames, args.frames), frame_mask(args.frames, args.chunk, args.window).float()])
     viz.save_video_grid(torch.kron(m, torch.ones(k, k))[:, None, None].expand(-1, -1, 3, -1, -1), out("plots", "attention_masks.png"), [
@@ -507,9 +509,8 @@ def main(args: Args):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if ddp and not dist.is_initialized():
         dist.init_process_group("nccl" if dev == "cuda" else "gloo")
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if dev == "cuda" else "bfloat16" if dev == "cpu" and cpu_has_bf16() else "float32"
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if dev == "cuda" else (
+        "bfloat16" if dev == "cpu" and cpu_has_bf16() else "float32")
     ptdtype = getattr(torch, dtype)
     amp = torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
     use_compile = args.compile if args.compile is not None else dev == "cuda"
@@ -555,9 +556,9 @@ def main(args: Args):
                      f"first chunk after {1000 * first:.1f} ms; wrote {out} and .png")
 
     # ---- evaluation (rank 0): held-out clips, the row of real videos; each stage's row is merged into metrics.json
-    ev, writer = dict(zip(("videos", "words", "prompts"), load_clips(args, args.eval_clips, "val"))) if master else None, None  # writer: TensorBoard
-    if master:  # real clips of another split: the reference of fd_probe and drift
-        ev["videos"], ev["test"] = ev["videos"].float() / 255, load_clips(args, args.eval_clips, "test")[0].float() / 255
+    ev, writer = dict(zip(("videos", "words", "prompts"), load_clips(args, args.eval_clips, "val", only=HOLDOUT))) if master else None, None
+    if master:  # real clips of the same prompts, other layouts: the reference of fd_probe and drift
+        ev["videos"], ev["test"] = ev["videos"].float() / 255, load_clips(args, args.eval_clips, "test", only=HOLDOUT)[0].float() / 255
     real = score(ev["videos"], ev) if master else None
 
     def finish(stage, model, step, perf):
@@ -599,9 +600,8 @@ def main(args: Args):
             json.dump(asdict(args), f, indent=1)
         writer = SummaryWriter(args.out_dir)
         writer.add_text("args", "| flag | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in asdict(args).items()), 0)
-        print(f"train_self_forcing: {sum(p.numel() for p in DiT(**arch).parameters()) / 1e6:.2f}M params per model, {dev} {dtype}, "
-              f"compile {use_compile}, world {world}, {len(pool)} training clips/rank of {args.data}, stages {', '.join(stages)}; "
-              f"outputs in {args.out_dir}", flush=True)
+        print(f"train_self_forcing: {sum(p.numel() for p in DiT(**arch).parameters()) / 1e6:.2f}M params per model, {dev} {dtype}, compile {use_compile}, "
+              f"world {world}, {len(pool)} training clips/rank of {args.data}, stages {', '.join(stages)}; outputs in {args.out_dir}", flush=True)
 
     def train_stage(stage):
         si, dmd = STAGES.index(stage), stage in ("self_forcing", "tf", "df")
