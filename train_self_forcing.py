@@ -555,7 +555,7 @@ def main(args: Args):
         return print(f"{ck['stage']} model of {to_eval[0]} (step {ck['step']}), {dev} {dtype}, {args.frames} frames per video: {fps:.0f} frames/s, "
                      f"first chunk after {1000 * first:.1f} ms; wrote {out} and .png")
 
-    # ---- evaluation (rank 0): held-out clips, the row of real videos; each stage's row is merged into metrics.json
+    # ---- evaluation (rank 0): clips of the held-out prompts, the row of real videos; each stage's row is merged into metrics.json
     ev, writer = dict(zip(("videos", "words", "prompts"), load_clips(args, args.eval_clips, "val", only=HOLDOUT))) if master else None, None
     if master:  # real clips of the same prompts, other layouts: the reference of fd_probe and drift
         ev["videos"], ev["test"] = ev["videos"].float() / 255, load_clips(args, args.eval_clips, "test", only=HOLDOUT)[0].float() / 255
