@@ -211,15 +211,14 @@ class DiT(nn.Module):
         p, half = self.patch, self.time[0].in_features // 2
         h = self.inp(F.unfold(x.reshape(B * T, C, H, W), 2 * p, padding=p // 2, stride=p).transpose(1, 2)).view(B, T, self.tokens, -1) + self.space
         text = self.text((self.word(words) + self.word_pos).flatten(1))
-        t = 1000 * sigma.float()[..., None] * torch.exp(-math.log(10000) * torch.arange(half, device=x.device) / half)
-        f = (pos + torch.arange(T, device=x.device)).float()[:, None] * torch.exp(-math.log(1000) * torch.arange(half, device=x.device) / half)
+        k, when = torch.arange(half, device=x.device) / half, (pos + torch.arange(T, device=x.device)).float()[:, None]  # absolute frames
+        t, f = 1000 * sigma.float()[..., None] * torch.exp(-math.log(10000) * k), when * torch.exp(-math.log(1000) * k)
         c = F.silu(self.time(torch.cat([t.cos(), t.sin()], -1)) + text[:, None] + self.frame(torch.cat([f.cos(), f.sin()], -1)))  # (B, T, D)
-        ang = torch.cat([((pos + torch.arange(T, device=x.device)).float()[:, None] * self.inv_freq).repeat_interleave(self.tokens, 0),
-                         self.space_ang.repeat(T, 1)], 1)  # (T * tokens, 16): when, row, column
+        ang = torch.cat([(when * self.inv_freq).repeat_interleave(self.tokens, 0), self.space_ang.repeat(T, 1)], 1)  # (T * tokens, 16): when, row, column
         mask = None if mask is None else mask.repeat_interleave(self.tokens, 0).repeat_interleave(self.tokens, 1)  # frames -> tokens
-        new = []
+        cos, sin, new = ang.cos(), ang.sin(), []  # once, not per block
         for i, block in enumerate(self.blocks):
-            h, kv_i = block(h, c, ang.cos(), ang.sin(), mask, kv[i] if kv else None)
+            h, kv_i = block(h, c, cos, sin, mask, kv[i] if kv else None)
             new.append(kv_i)
         sh, sc = self.final_mod(c).unsqueeze(2).chunk(2, -1)
         out = self.out(self.norm(h) * (1 + sc) + sh).view(B * T, self.tokens, -1).transpose(1, 2).float()
