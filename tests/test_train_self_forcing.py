@@ -143,7 +143,8 @@ def test_training_rollout_at_last_exit_step_equals_inference():
     with torch.no_grad():
         infer = sf.rollout(model, noise, words, sigmas, torch.Generator().manual_seed(5))
     train = sf.rollout(model, noise, words, sigmas, torch.Generator().manual_seed(5), exit_step=len(sigmas) - 1)
-    assert train.requires_grad and torch.equal(train.detach(), infer)
+    assert train.requires_grad  # same noise, sigmas and steps; attention with and without gradient differ only by fp32 rounding
+    torch.testing.assert_close(train.detach(), infer, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("exit_step", [0, 2])
