@@ -156,8 +156,7 @@ def frame_mask(frames, chunk, window=0, device=None):
 
 
 def attention(q, k, v, mask):
-    """Softmax attention; mask: True where a query may look. With gradient it is written out, as CPU SDPA's backward is
-    slow at our few tokens (a training step 1.3x faster); without, SDPA is the faster one (inference, rollouts)."""
+    """Softmax attention, mask True where a query may look; written out with gradient (CPU SDPA's backward is slow here: a training step ~1.3x faster), SDPA without."""
     if not torch.is_grad_enabled():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     a = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
@@ -171,9 +170,8 @@ class Block(nn.Module):
     def __init__(self, d, heads):
         super().__init__()
         self.heads, self.n1, self.qkv, self.proj = heads, nn.LayerNorm(d, elementwise_affine=False), nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.n2 = nn.LayerNorm(d, elementwise_affine=False)
+        self.n2, self.mod = nn.LayerNorm(d, elementwise_affine=False), nn.Linear(d, 6 * d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
-        self.mod = nn.Linear(d, 6 * d)
         nn.init.zeros_(self.mod.weight), nn.init.zeros_(self.mod.bias)  # every block starts as the identity
 
     def forward(self, x, c, cos, sin, mask, kv):
@@ -451,10 +449,9 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L
 def cpu_has_bf16():
     try:  # Linux only; elsewhere fp32 is the safe default
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            return "avx512_bf16" in (flags := f.read()) or "amx_bf16" in flags
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def rng_state(data):
@@ -470,8 +467,7 @@ def set_rng_state(s, rank):
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
     np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
     torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_initialized():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    torch.cuda.set_rng_state_all(s["cuda"]) if s["cuda"] and torch.cuda.is_initialized() else None
     return s["data"][rank] if rank < len(s["data"]) else None
 
 
@@ -491,13 +487,11 @@ def load_checkpoint(path, arch):
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)  # as torch.optim.swa_utils does
 
 
 def lr_at(step, total, peak, warmup, decay=True):
-    warm = min(1.0, (step + 1) / max(1, warmup))
-    progress = min(1.0, step / max(1, total))
+    warm, progress = min(1.0, (step + 1) / max(1, warmup)), min(1.0, step / max(1, total))
     return peak * warm * ((0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))) if decay else 1.0)
 
 
@@ -598,8 +592,7 @@ def main(args: Args):
         for model, ck in map(load_model, to_eval if master else ()):
             finish(ck["stage"], model, ck["step"], None)
         if ddp:
-            dist.barrier()  # rank 0 may still be evaluating: leave the group together
-            dist.destroy_process_group()
+            dist.barrier(), dist.destroy_process_group()  # rank 0 may still be evaluating: leave the group together
         return
 
     pool, pool_words, _ = load_clips(args, args.train_clips, "train", rank, world, HOLDOUT)  # (clips, T, C, H, W) uint8
@@ -800,8 +793,7 @@ def main(args: Args):
         viz.plot_training_curves(args.out_dir, os.path.join(args.out_dir, "plots", "training_curves.png"))
         print(f"all done in {(time.time() - t_run) / 60:.1f} min; outputs in {args.out_dir}; tensorboard --logdir {args.out_dir}")
     if ddp:
-        dist.barrier()  # rank 0 may still be evaluating: leave the group together
-        dist.destroy_process_group()
+        dist.barrier(), dist.destroy_process_group()  # rank 0 may still be evaluating: leave the group together
 
 
 if __name__ == "__main__":
