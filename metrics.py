@@ -258,6 +258,25 @@ def temporal_flicker(videos) -> float:
     return float((255 - (q[:, 1:] - q[:, :-1]).abs().mean()) / 255)
 
 
+def rotation_rate(videos, folds: int) -> torch.Tensor:
+    """How fast one bright shape on a dark ground turns: radians per frame, clockwise on screen > 0; (B,).
+
+    The k-fold moment sum I (z - centroid)^k, z = x + iy, has angle k times the orientation of a
+    shape with k-fold symmetry (4: square, 3: triangle); its frame-to-frame change, wrapped to
+    +-pi/k, is averaged. It reads the rotation direction of toy shapes, where the probe is
+    weakest; a disc or a still shape reads ~0.
+    """
+    v = _to_rgb(_videos(videos)).double().mean(2)  # brightness weights, (B, T, H, W)
+    if v.shape[1] < 2 or folds < 2:
+        raise ValueError(f"rotation_rate needs >= 2 frames and folds >= 2, got shape {tuple(v.shape)}, folds {folds}")
+    ys, xs = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in v.shape[-2:]), indexing="ij")
+    mass = v.sum((-1, -2), keepdim=True).clamp_min(1e-12)
+    z = torch.complex(xs - (v * xs).sum((-1, -2), keepdim=True) / mass, ys - (v * ys).sum((-1, -2), keepdim=True) / mass)
+    angle = torch.angle((v * z ** folds).sum((-1, -2))) / folds
+    half = math.pi / folds
+    return (torch.remainder(angle.diff(dim=1) + half, 2 * half) - half).mean(1)
+
+
 def measure_fps(fn, *args, num_frames: int, warmup: int = 1, repeats: int = 3, **kwargs) -> dict:
     """Time fn(*args, **kwargs) that produces num_frames frames per call.
 

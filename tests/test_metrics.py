@@ -154,6 +154,22 @@ def test_temporal_flicker_and_frame_consistency():
         M.temporal_flicker(torch.rand(1, 3, 8, 8))
 
 
+@pytest.mark.parametrize("shape,folds", [("square", 4), ("triangle", 3)])
+def test_rotation_rate_reads_speed_and_direction(shape, folds):
+    import toy_data
+    for step in (0.1, -0.17):  # toy_data's clockwise is a growing angle: positive
+        mask = toy_data._shape_masks(shape, np.full(10, 15.3), np.full(10, 16.6), 8.0, 0.4 + step * np.arange(10), 32, 32)
+        yellow = torch.from_numpy(mask)[:, None] * torch.tensor([1.0, 1.0, 0.0])[:, None, None]
+        assert M.rotation_rate(yellow, folds).item() == pytest.approx(step, abs=0.01)
+    gen = toy_data.ToyVideoGenerator(32, 32, 12, seed=0)
+    turns = [M.rotation_rate(gen.generate_rotating_shape(shape, "red", d)[0], folds).item() for d in ("clockwise", "counter-clockwise")]
+    assert 0.07 < turns[0] < 0.21 and -0.21 < turns[1] < -0.07  # the toy's 0.08-0.2 rad per frame
+    still = toy_data.ToyVideoGenerator(32, 32, 12, seed=0).generate_moving_shape(shape, "blue", "top_to_bottom")[0]
+    assert abs(M.rotation_rate(still, folds).item()) < 0.01
+    with pytest.raises(ValueError, match=">= 2 frames"):
+        M.rotation_rate(torch.rand(1, 3, 8, 8), folds)
+
+
 def test_measure_fps_counts_calls():
     calls = []
 
