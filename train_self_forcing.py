@@ -223,10 +223,9 @@ class DiT(nn.Module):
         c = F.silu(self.time(torch.cat([t.cos(), t.sin()], -1)) + text[:, None] + self.frame(torch.cat([f.cos(), f.sin()], -1)))  # (B, T, D)
         ang = torch.cat([(when * self.inv_freq).repeat_interleave(self.tokens, 0), self.space_ang.repeat(T, 1)], 1)  # (T * tokens, 16): when, row, column
         mask = None if mask is None else mask.repeat_interleave(self.tokens, 0).repeat_interleave(self.tokens, 1)  # frames -> tokens
-        cos, sin, new = ang.cos(), ang.sin(), []  # once, not per block
+        cos, sin, new = ang.cos(), ang.sin(), [None] * len(self.blocks)  # once, not per block
         for i, block in enumerate(self.blocks):
-            h, kv_i = block(h, c, cos, sin, mask, kv[i] if kv else None)
-            new.append(kv_i)
+            h, new[i] = block(h, c, cos, sin, mask, kv[i] if kv else None)
         sh, sc = self.final_mod(c).unsqueeze(2).chunk(2, -1)
         out = self.out(self.norm(h) * (1 + sc) + sh).view(B * T, self.tokens, -1).transpose(1, 2).float()
         return F.fold(out, (H, W), 2 * p, padding=p // 2, stride=p).view(B, T, C, H, W), new  # no seams at patch edges
@@ -331,8 +330,7 @@ def rollout(model, noise, words, sigmas, gen, exit_step=None, real=None, cache=T
 @torch.no_grad()
 def sample_teacher(model, noise, words, steps, shift, guidance, keep=()):
     """Euler on the probability-flow ODE over the shifted grid with CFG, all frames at once. -> x0, states at steps in keep."""
-    sig = shift_sigma(torch.linspace(1, 0, steps + 1), shift).tolist()
-    x, states = noise, []
+    sig, x, states = shift_sigma(torch.linspace(1, 0, steps + 1), shift).tolist(), noise, []
     for i in range(steps):
         states += [x] if i in keep else []
         x0 = cfg_x0(model, x, sig[i], words, guidance)
@@ -382,10 +380,12 @@ def load_clips(args, n_clips, split, rank=0, world=1, holdout=(), only=()):
 
 # ----------------------------------------------------------------------------- evaluation
 def score(videos, ev, tag=""):
-    """prompt_alignment, fd_probe of the last training-length window, drift: per frame the MSE to the nearest real frame."""
+    """prompt_alignment, fd_probe of the last training-length window; drift: per frame the MSE to the nearest real frame; rotation."""
     row = metrics.evaluate_videos(videos[:, -ev["test"].shape[1]:], ev["prompts"], ("prompt_alignment", "fd_probe"), ev["test"])
     a, b = videos.flatten(2).double(), ev["test"].flatten(0, 1).flatten(1).double()
     d = ((a * a).sum(-1, keepdim=True) + (b * b).sum(-1) - 2 * a @ b.T).amin(-1).clamp_min(0).mean(0).float() / b.shape[1]
+    turn = [float(metrics.rotation_rate(v, 4 if "square" in p else 3)) * (-1 if "counter" in p else 1) for v, p in zip(videos, ev["prompts"]) if "rotating" in p]
+    row["rotation"] = float(np.mean(turn)) if turn else None  # rad per frame the prompted way (the probe mostly misses the direction)
     return {**{k + tag: v for k, v in row.items()}, f"drift{tag}": float(d.mean()), f"drift_per_frame{tag}": d.tolist()}
 
 
@@ -584,7 +584,7 @@ def main(args: Args):
         viz.plot_metric_vs_horizon({k: r["drift_per_frame_2x"] for k, r in rows.items() if r and "drift_per_frame_2x" in r}, os.path.join(
             args.out_dir, "plots", "drift.png"), metric="MSE to nearest real frame", train_horizon=args.frames, title="drift at 2x the training length")
         print(f"eval {stage} step {step}: " + "  ".join(f"{k} {row[k]:.4g}" for k in ("prompt_alignment", "prompt_alignment_2x", "fd_probe", "fd_probe_2x",
-              "drift", "drift_2x", "gen_frames_per_s", "first_chunk_latency_s", "kv_speedup_1x", "kv_speedup_4x") if row.get(k) is not None), flush=True)
+              "drift", "drift_2x", "rotation", "gen_frames_per_s", "first_chunk_latency_s", "kv_speedup_1x", "kv_speedup_4x") if row.get(k) is not None), flush=True)
 
     for sub in ("samples", "plots") if master else ():
         os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)

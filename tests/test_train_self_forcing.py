@@ -236,8 +236,9 @@ def test_tiny_run_writes_outputs(tiny, capsys):
     m = json.loads((tiny / "metrics.json").read_text())
     assert m["script"] == "train_self_forcing.py" and m["step"] == 2
     assert set(m["baselines"]) == {"teacher", "ode", "tf", "df", "real"}
+    assert m["baselines"]["real"]["rotation"] > 0.05  # the real "yellow square rotating clockwise" turns the prompted way
     for row in [m["eval"], *(m["baselines"][k] for k in ("ode", "tf", "df"))]:
-        assert {"drift", "drift_2x", "gen_frames_per_s_4x_nocache", "kv_speedup_4x", "first_chunk_latency_s"} <= row.keys()
+        assert {"drift", "drift_2x", "rotation", "rotation_2x", "gen_frames_per_s_4x_nocache", "kv_speedup_4x", "first_chunk_latency_s"} <= row.keys()
         assert len(row["drift_per_frame"]) == 6 and len(row["drift_per_frame_2x"]) == 12 and row["gen_frames_per_s"] > 0
     assert "gen_frames_per_s" in m["baselines"]["teacher"] and "kv_speedup_1x" not in m["baselines"]["teacher"]
     assert set(m["perf"]["stages"]) == set(sf.STAGES) and m["perf"]["kv_speedup_4x"] > 0
@@ -283,7 +284,7 @@ def test_eval_only_reproduces_eval(tiny, tmp_path):
     run(tmp_path, "--eval-only", "--ckpt", str(tiny / "ckpt_self_forcing.pt"))
     a = json.loads((tiny / "metrics.json").read_text())["eval"]
     b = json.loads((tmp_path / "metrics.json").read_text())["eval"]
-    for k in ("drift", "drift_2x", "drift_per_frame_2x", "prompt_alignment", "fd_probe"):
+    for k in ("drift", "drift_2x", "drift_per_frame_2x", "prompt_alignment", "fd_probe", "rotation"):
         assert b[k] == a[k], k
     assert digest(tiny / "ckpt_self_forcing.pt") == before and not list(tmp_path.glob("ckpt_*.pt"))
     assert (tmp_path / "samples" / "denoising_self_forcing.png").exists()
