@@ -14,7 +14,7 @@ Paper: Huang, Li, He, Zhou, Shechtman, "Self Forcing: Bridging the Train-Test Ga
 16x16 windows at stride 8: no seams); word embeddings mapped linearly, not umT5; a dense mask, not FlexAttention; no attention sinks;
 x0 prediction, not velocity; TF/DF through the KV cache (same attention and gradients as a parallel mask). See --explain.
 
-    python train_self_forcing.py                                     # CPU: every stage, ~28 min on 2 cores
+    python train_self_forcing.py                                     # CPU: every stage, 24-29 min on 2 cores
     python train_self_forcing.py --generate "A red circle moving from left to right" --frames 48
     python train_self_forcing.py --width 256 --depth 8 --batch-size 64 --teacher-steps 20000 --steps 1000  # GPU
     torchrun --standalone --nproc_per_node=2 train_self_forcing.py   # DDP (nccl on CUDA, gloo on CPU)
