@@ -120,8 +120,8 @@ class Args:
     """timestep shift k of the sigma grid: sigma = k s / (1 + (k - 1) s)"""
     denoise_steps: int = 4
     """few-step schedule: uniform timesteps [1000, 750, 500, 250] warped through the shifted grid"""
-    guidance: float = 3.0
-    """classifier-free guidance of the teacher in x0 space: x0 = c + guidance (c - u) (real score, ODE pairs)"""
+    guidance: float = 1.0
+    """classifier-free guidance of the teacher in x0 space: x0 = c + guidance (c - u) (real score, ODE pairs); the paper's 3 gives this small teacher holes and colour fringes"""
     critic_updates: int = 5
     """critic updates per generator update (dfake_gen_update_ratio)"""
 
