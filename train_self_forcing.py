@@ -384,8 +384,8 @@ def score(videos, ev, tag=""):
     row = metrics.evaluate_videos(videos[:, -ev["test"].shape[1]:], ev["prompts"], ("prompt_alignment", "fd_probe"), ev["test"])
     a, b = videos.flatten(2).double(), ev["test"].flatten(0, 1).flatten(1).double()
     d = ((a * a).sum(-1, keepdim=True) + (b * b).sum(-1) - 2 * a @ b.T).amin(-1).clamp_min(0).mean(0).float() / b.shape[1]
-    turn = [float(metrics.rotation_rate(v, 4 if "square" in p else 3)) * (-1 if "counter" in p else 1) for v, p in zip(videos, ev["prompts"]) if "rotating" in p]
-    row["rotation"] = float(np.mean(turn)) if turn else None  # rad per frame the prompted way (the probe mostly misses the direction)
+    rot = [(v, a) for v, a in zip(videos, map(toy_data.parse_prompt, ev["prompts"])) if a["type"] == "rotating"]  # rad/frame the prompted way (probe: weak)
+    row["rotation"] = float(np.mean([metrics.rotation_rate(v, 4 if a["shape"] == "square" else 3).item() * (1 if a["motion"] == "clockwise" else -1) for v, a in rot])) if rot else None
     return {**{k + tag: v for k, v in row.items()}, f"drift{tag}": float(d.mean()), f"drift_per_frame{tag}": d.tolist()}
 
 
