@@ -147,11 +147,12 @@ def encode_prompt(prompt):
 
 
 # ----------------------------------------------------------------------------- model
-def frame_mask(frames, chunk, window=0, device=None):
+def frame_mask(frames, chunk, window=0, device=None, cached=0):
     """Block-causal attention by frame: a query in chunk b sees the keys of frames [end - window, end), end = the
-    end of chunk b (window 0: from frame 0). Bidirectional inside a chunk, causal across chunks."""
-    f = torch.arange(frames, device=device)
-    end = (f // chunk + 1) * chunk
+    end of chunk b (window 0: from frame 0). Bidirectional inside a chunk, causal across chunks. cached: that many
+    earlier frames (a KV cache) come first among the keys. -> (frames, cached + frames), True where visible."""
+    end = cached + (torch.arange(frames, device=device) // chunk + 1) * chunk
+    f = torch.arange(cached + frames, device=device)
     return (f[None] < end[:, None]) & (f[None] >= (end[:, None] - window if window else 0))
 
 
@@ -296,7 +297,7 @@ def rollout(model, noise, words, sigmas, gen, exit_step=None, real=None, cache=T
     from the real chunk noised to a random few-step sigma, the real chunk cached clean (TF) or noised (DF) with gradient. on_step(b, j, x0)"""
     c, B, T = model.chunk, noise.shape[0], noise.shape[1]
     keep = (model.window - c) * model.tokens if model.window else math.inf  # cached tokens: window - chunk frames
-    kv, outs, grad = [], [], torch.is_grad_enabled()
+    kv, outs, grad, ahead = [], [], torch.is_grad_enabled(), None
     for b in range(T // c):
         x, frames = noise[:, b * c:(b + 1) * c], slice(b * c, (b + 1) * c)
         if real is not None:
@@ -306,8 +307,8 @@ def rollout(model, noise, words, sigmas, gen, exit_step=None, real=None, cache=T
             context, context_sigma = (real[0][:, frames], 0.0) if real[1] else (x, sig)
         for j, sigma in enumerate(sigmas.tolist() if real is None else ()):  # the few-step sampler
             with torch.set_grad_enabled(grad and j == exit_step):  # the one forward with gradient
-                if cache:
-                    x0 = predict_x0(model, x, sigma, words, b * c, kv=kv)[0]
+                if cache:  # ahead: this chunk's first step, made along with the last chunk's context pass
+                    x0 = ahead if j == 0 and ahead is not None else predict_x0(model, x, sigma, words, b * c, kv=kv)[0]
                 else:
                     sig = torch.cat([torch.zeros(B, b * c), torch.full((B, c), sigma)], 1).to(x.device)
                     x0 = predict_x0(model, torch.cat([o.detach() for o in outs] + [x], 1), sig, words,
@@ -320,8 +321,13 @@ def rollout(model, noise, words, sigmas, gen, exit_step=None, real=None, cache=T
             x = (1 - nxt) * x0 + nxt * torch.randn(x0.shape, generator=gen, device=x0.device)
         outs.append(x0)
         if cache and b < T // c - 1:  # the context pass: later chunks see clean context, never noisy-step keys
+            fuse = not grad and real is None  # inference: the next chunk's first step rides along (one call fewer, same x0)
+            inp = torch.cat([context, noise[:, (b + 1) * c:(b + 2) * c]], 1) if fuse else context
+            sig = torch.tensor([0.0] * c + [float(sigmas[0])] * c, device=x.device).expand(B, -1) if fuse else context_sigma
+            mask = frame_mask(2 * c, c, model.window, x.device, kv[0][0].shape[2] // model.tokens if kv else 0) if fuse else None
             with torch.set_grad_enabled(grad and real is not None):
-                new = predict_x0(model, context, context_sigma, words, b * c, kv=kv)[1]
+                out, new = predict_x0(model, inp, sig, words, b * c, mask, kv)
+            ahead, new = out[:, c:] if fuse else None, [tuple(t[:, :, :c * model.tokens] for t in kn) for kn in new]  # keep the context's
             kv = [tuple(torch.cat([o, n], 2) for o, n in zip(old, kn)) for old, kn in zip(kv, new)] if kv else new
             kv = [tuple(t[:, :, max(0, t.shape[2] - keep):] for t in kn) for kn in kv]  # the rolling cache
     return torch.cat(outs, 1)
@@ -700,8 +706,7 @@ def main(args: Args):
             ck = {"script": "train_self_forcing.py", "stage": stage, "step": step, "args": asdict(args), "arch": arch,
                   "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                   "scaler": scaler.state_dict(), "rng": rng_state(gens)}
-            if dmd:
-                ck["critic"], ck["opt_critic"] = critic.state_dict(), opt_c.state_dict()
+            ck.update({"critic": critic.state_dict(), "opt_critic": opt_c.state_dict()} if dmd else {})
             torch.save(ck, stage_path(stage) + ".tmp")
             os.replace(stage_path(stage) + ".tmp", stage_path(stage))
 
@@ -752,14 +757,9 @@ def main(args: Args):
                         speed = (f"{ms:.0f} ms/step | {B * world * 1000 / ms:.0f} samples/s | MFU "
                                  f"{f'{mfu:.1%}' if mfu else 'n/a'} | ETA {(total - step) * ms / 60000:.1f} min") if win_steps else "warm-up"
                         print(f"{stage} step {step}/{total} | " + " ".join(f"{k} {v:.4g}" for k, v in m.items()) + f" | lr {lr:.2e} | {speed}", flush=True)
-                        for k, v in m.items():
-                            writer.add_scalar(f"train/{stage}/{k}", v, step)
-                        writer.add_scalar(f"train/{stage}/lr", lr, step)
-                        if win_steps:
-                            writer.add_scalar(f"perf/{stage}/steps_per_s", 1000 / ms, step)
-                            writer.add_scalar(f"perf/{stage}/samples_per_s", B * world * 1000 / ms, step)
-                        if mfu:
-                            writer.add_scalar(f"perf/{stage}/mfu", mfu, step)
+                        perf = {"steps_per_s": 1000 / ms, "samples_per_s": B * world * 1000 / ms, "mfu": mfu} if win_steps else {}
+                        for group, k, v in [*(("train", k, v) for k, v in {**m, "lr": lr}.items()), *(("perf", k, v) for k, v in perf.items() if v)]:
+                            writer.add_scalar(f"{group}/{stage}/{k}", v, step)
                     acc.zero_()
                     n_acc, train_time, train_steps, win_time, win_steps = 0, train_time + win_time, train_steps + win_steps, 0.0, 0
                 if master and step < total and step % args.eval_every == 0:  # the final one follows the loop

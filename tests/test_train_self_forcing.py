@@ -113,7 +113,14 @@ def test_model_sees_absolute_frame_index():
         assert (next(moved) - next(moved)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("window", [0, 4])  # 4 < 8 frames: the cache rolls and the mask is a local window
+def test_frame_mask_after_a_cache_is_the_tail_of_the_full_mask():
+    """The mask of the fused context pass: queries after `cached` frames of keys are rows of the whole video's mask."""
+    assert torch.equal(sf.frame_mask(6, 3, 0, cached=6), sf.frame_mask(12, 3)[6:])
+    assert torch.equal(sf.frame_mask(6, 3, 6, cached=3), sf.frame_mask(12, 3, 6)[6:, 3:])  # a rolled cache: 3 of 6 frames kept
+    assert not sf.frame_mask(6, 3, 6, cached=3)[:3, -3:].any()  # the context chunk never sees the next chunk
+
+
+@pytest.mark.parametrize("window", [0, 4, 5])  # < 8 frames: the cache rolls, the mask is a local window (5: not whole chunks)
 def test_cached_generation_equals_recomputed_prefix(window):
     model, (noise, words) = random_model(window), inputs()
     sigmas = sf.few_step_sigmas()
