@@ -148,9 +148,8 @@ def encode_prompt(prompt):
 
 # ----------------------------------------------------------------------------- model
 def frame_mask(frames, chunk, window=0, device=None, cached=0):
-    """Block-causal attention by frame: a query in chunk b sees the keys of frames [end - window, end), end = the
-    end of chunk b (window 0: from frame 0). Bidirectional inside a chunk, causal across chunks. cached: that many
-    earlier frames (a KV cache) come first among the keys. -> (frames, cached + frames), True where visible."""
+    """Block-causal attention by frame, True where visible: a query in chunk b sees the keys of frames [end - window, end), end =
+    the end of chunk b (window 0: from frame 0); the keys start with `cached` earlier frames (a KV cache). -> (frames, cached + frames)"""
     end = cached + (torch.arange(frames, device=device) // chunk + 1) * chunk
     f = torch.arange(cached + frames, device=device)
     return (f[None] < end[:, None]) & (f[None] >= (end[:, None] - window if window else 0))
@@ -422,8 +421,7 @@ def evaluate(model, stage, ev, args, device, amp, speed=True):
     row = {**score(v1, ev), **score(generate_videos(model, teacher, ev["words"], 2 * args.frames, args, device, amp, gen), ev, "_2x")}
     for frames, tag in ((args.frames, ""), (4 * args.frames, "_4x")) if speed else ():
         for cache, key in ((True, tag), (False, tag + "_nocache"))[:1 if teacher else 2]:
-            row[f"gen_frames_per_s{key}"], row[f"first_chunk_latency_s{key}"] = measure_speed(model, teacher, ev["words"][:1], frames, args,
-                                                                                              device, amp, cache)
+            row[f"gen_frames_per_s{key}"], row[f"first_chunk_latency_s{key}"] = measure_speed(model, teacher, ev["words"][:1], frames, args, device, amp, cache)
         if not teacher:
             row[f"kv_speedup{tag or '_1x'}"] = row[f"gen_frames_per_s{tag}"] / row[f"gen_frames_per_s{tag}_nocache"]
     return row, v1
@@ -568,6 +566,8 @@ def main(args: Args):
     if master:  # real clips of the same prompts, other layouts: the reference of fd_probe and drift
         ev["videos"], ev["test"] = ev["videos"].float() / 255, load_clips(args, args.eval_clips, "test", only=HOLDOUT)[0].float() / 255
     real = score(ev["videos"], ev) if master else None
+    if master and real.get("prompt_alignment_unavailable"):  # say so now, not after 25 minutes of training
+        print(f"warning: {real['prompt_alignment_unavailable']}; until then there is no prompt_alignment or fd_probe", flush=True)
 
     def finish(stage, model, step, perf):
         t0, path = time.time(), os.path.join(args.out_dir, "metrics.json")

@@ -297,6 +297,15 @@ def test_eval_only_reproduces_eval(tiny, tmp_path):
     assert (tmp_path / "samples" / "denoising_self_forcing.png").exists()
 
 
+def test_missing_probe_is_said_before_training(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOWORLD_PROBE", str(tmp_path / "no_probe.pt"))
+    run(tmp_path, "--eval-only", "--ckpt", str(tiny / "ckpt_self_forcing.pt"))
+    out = capsys.readouterr().out
+    assert out.index("warning: no probe at") < out.index("eval self_forcing") and "metrics.py train-probe" in out
+    row = json.loads((tmp_path / "metrics.json").read_text())["eval"]
+    assert row["prompt_alignment"] is None and "train-probe" in row["prompt_alignment_unavailable"]
+
+
 def test_generate_writes_gif_and_reports_speed(tiny, tmp_path, capsys):
     shutil.copy(tiny / "ckpt_self_forcing.pt", tmp_path)
     run(tmp_path, "--generate", "A red circle moving from left to right", "A white ball bouncing", "--frames", "12")
