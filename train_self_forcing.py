@@ -408,8 +408,8 @@ def measure_speed(model, teacher, words, frames, args, device, amp, cache=True):
     """One video at a time, best of 5 calls (as timeit advises: other work on the machine only slows a call down): frames/s and
     the first chunk's latency (a one-chunk video; teacher: the whole video), with the KV cache or recomputing the prefix (cache=False)."""
     t = [metrics.measure_fps(generate_videos, model, teacher, words, n, args, device, amp, torch.Generator(device).manual_seed(0), num_frames=n,
-                             repeats=5, **({} if teacher else {"cache": cache}))["s_per_call_min"] for n in (frames, frames if teacher else args.chunk)]
-    return frames / t[0], t[1]
+                             repeats=5, **({} if teacher else {"cache": cache}))["s_per_call_min"] for n in ((frames,) if teacher else (frames, args.chunk))]
+    return frames / t[0], t[-1]  # the teacher's first frames come with its whole video: one measurement
 
 
 @torch.no_grad()
