@@ -399,8 +399,8 @@ def score(pred, target, context):
         out[name], out[f"{name}_per_frame"] = float(per.mean()), per.mean(0).tolist()
     try:
         out["fd_probe"] = metrics.fd_probe(torch.cat([context, target], 1), torch.cat([context, pred], 1))
-    except metrics.MetricUnavailable:
-        out["fd_probe"] = None
+    except metrics.MetricUnavailable as e:  # metrics.json says why, as metrics.compute_all_metrics does
+        out["fd_probe"], out["fd_probe_unavailable"] = None, str(e)
     return out, raw
 
 
@@ -588,6 +588,8 @@ def main(args: Args):
         video = video.float().mean(2, keepdim=True).round().byte() if channels == 1 else video
         if video.shape[1] < args.context:
             raise SystemExit(f"error: {args.video} has {video.shape[1]} frames, fewer than --context {args.context}")
+    if master and not (args.bench or args.video) and not os.path.isfile(metrics.default_probe_path()):  # say so now, not after the run
+        print(f"warning: no probe at {metrics.default_probe_path()}, so fd_probe will be None; run `python metrics.py train-probe`", flush=True)
     arch = dict(channels=lc, grid=grid, width=args.width, heads=args.heads, depth=args.depth, mid_depth=args.mid_depth,
                 dropout=args.dropout, first_stage=fs_id)
     ckpt = load_checkpoint(ckpt_path, arch) if (args.resume or sample_only) and os.path.isfile(ckpt_path) else None
@@ -655,8 +657,7 @@ def main(args: Args):
             if args.eval_only:
                 finish(*run_eval(), {"train_samples_per_s": None, "mfu": None, "params": n_params}, time.time())
         if ddp:
-            dist.barrier()  # rank 0 may still be evaluating: leave the group together
-            dist.destroy_process_group()
+            dist.barrier(), dist.destroy_process_group()  # rank 0 may still be evaluating: leave the group together
         return
 
     # ---- training state
@@ -792,8 +793,7 @@ def main(args: Args):
         writer.close()
         viz.plot_training_curves(args.out_dir, os.path.join(args.out_dir, "plots", "training_curves.png"))
     if ddp:
-        dist.barrier()  # rank 0 may still be evaluating: leave the group together
-        dist.destroy_process_group()
+        dist.barrier(), dist.destroy_process_group()  # rank 0 may still be evaluating: leave the group together
 
 
 if __name__ == "__main__":

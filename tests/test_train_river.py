@@ -332,6 +332,15 @@ def test_eval_only_reproduces_eval(tiny, first_stage, tmp_path):
     assert (tmp_path / "plots" / "horizon.png").exists() and (tmp_path / "samples" / "rollout_000004.gif").exists()
 
 
+def test_missing_probe_is_said_before_evaluating(tiny, first_stage, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOWORLD_PROBE", str(tmp_path / "no_probe.pt"))
+    run(tmp_path, first_stage, "--eval-only", "--ckpt", str(tiny[0] / "ckpt.pt"))
+    out = capsys.readouterr().out
+    assert out.index("warning: no probe at") < out.index("eval step") and "metrics.py train-probe" in out
+    row = json.loads((tmp_path / "metrics.json").read_text())["eval"]
+    assert row["fd_probe"] is None and "train-probe" in row["fd_probe_unavailable"]
+
+
 def test_bench_warm_start_and_video(tiny, first_stage, tmp_path):
     ck = str(tiny[0] / "ckpt.pt")
     run(tmp_path, first_stage, "--bench", "--ckpt", ck, "--ode-steps", "6")
