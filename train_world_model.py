@@ -596,8 +596,7 @@ def main(args: Args):
                 os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
             finish(*run_eval(), {"train_samples_per_s": None, "mfu": None, "params": n_params}, time.time())
         if ddp:
-            dist.barrier()  # rank 0 may still be evaluating: leave the group together
-            dist.destroy_process_group()
+            dist.barrier(), dist.destroy_process_group()  # rank 0 may still be evaluating: leave the group together
         return
 
     # ---- training state
@@ -749,8 +748,7 @@ def main(args: Args):
         writer.close()
         viz.plot_training_curves(args.out_dir, os.path.join(args.out_dir, "plots", "training_curves.png"))
     if ddp:
-        dist.barrier()  # rank 0 may still be evaluating: leave the group together
-        dist.destroy_process_group()
+        dist.barrier(), dist.destroy_process_group()  # rank 0 may still be evaluating: leave the group together
 
 
 if __name__ == "__main__":
