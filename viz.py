@@ -46,7 +46,9 @@ def _np(x) -> np.ndarray:
 def _video(x, name="video") -> np.ndarray:
     v = _np(x)
     if v.ndim != 4 or v.shape[1] not in (1, 3) or not v.shape[0]:
-        raise ValueError(f"{name} must be (T, C, H, W) with C in (1, 3) in [0, 1], got shape {tuple(v.shape)}")
+        raise ValueError(
+            f"{name} must be (T, C, H, W) with C in (1, 3) in [0, 1], got shape {tuple(v.shape)}"
+        )
     return v
 
 
@@ -73,7 +75,9 @@ def to_uint8(video) -> np.ndarray:
     """(..., C, H, W) float in [0, 1] -> (..., H, W, C) uint8 via round(clip(x) * 255)."""
     x = _np(video)
     if x.ndim not in (3, 4, 5) or x.shape[-3] not in (1, 3):
-        raise ValueError(f"to_uint8 wants channels-first (C|T,C|B,T,C, H, W) with C in (1, 3), got {tuple(x.shape)}")
+        raise ValueError(
+            f"to_uint8 wants channels-first (C|T,C|B,T,C, H, W) with C in (1, 3), got {tuple(x.shape)}"
+        )
     x = np.nan_to_num(x, nan=0.0)
     return np.moveaxis(np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8), -3, -1)
 
@@ -131,7 +135,9 @@ def _font(size=12):
         try:
             import matplotlib
 
-            return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans.ttf"), size)
+            return ImageFont.truetype(
+                str(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans.ttf"), size
+            )
         except (ImportError, OSError):
             return ImageFont.load_default()
 
@@ -180,7 +186,14 @@ def _write_gif(frames, fp, fps):
     imgs = [Image.fromarray(f) for f in frames]
     # Pillow merges identical consecutive frames (summing their durations), so a still
     # stretch of video comes back with fewer, longer frames; the timing stays right.
-    imgs[0].save(fp, format="GIF", save_all=True, append_images=imgs[1:], duration=max(20, round(1000 / fps)), loop=0)
+    imgs[0].save(
+        fp,
+        format="GIF",
+        save_all=True,
+        append_images=imgs[1:],
+        duration=max(20, round(1000 / fps)),
+        loop=0,
+    )
 
 
 def _frames_of(video_or_batch) -> np.ndarray:
@@ -204,10 +217,14 @@ def save_mp4(video, path, fps=8) -> Path:
 
         imageio_ffmpeg.get_ffmpeg_exe()
     except (ImportError, RuntimeError) as e:
-        raise ImportError(f"save_mp4 needs imageio and ffmpeg: pip install imageio imageio-ffmpeg ({e})") from None
+        raise ImportError(
+            f"save_mp4 needs imageio and ffmpeg: pip install imageio imageio-ffmpeg ({e})"
+        ) from None
     f = _frames_of(video)
     f = np.pad(f, ((0, 0), (0, f.shape[1] % 2), (0, f.shape[2] % 2), (0, 0)), mode="edge")
-    with imageio.get_writer(p, fps=fps, codec="libx264", quality=8, macro_block_size=1, ffmpeg_log_level="error") as w:
+    with imageio.get_writer(
+        p, fps=fps, codec="libx264", quality=8, macro_block_size=1, ffmpeg_log_level="error"
+    ) as w:
         for frame in f:
             w.append_data(frame)
     return p
@@ -216,16 +233,23 @@ def save_mp4(video, path, fps=8) -> Path:
 # ---------------------------------------------------------------- grids
 def _grid_frames(vids, prompts, ncols, scale) -> np.ndarray:
     if len({v.shape[2:] for v in vids}) > 1:
-        raise ValueError(f"grid videos must share H and W, got {sorted({v.shape[2:] for v in vids})}")
+        raise ValueError(
+            f"grid videos must share H and W, got {sorted({v.shape[2:] for v in vids})}"
+        )
     us = [_rgb(v, scale) for v in vids]
     n_t, w = max(len(u) for u in us), us[0].shape[2]
     cells = [_pad_time(u, n_t) for u in us]
     if prompts is not None:
         wrapped = [_wrap(t, w - 4, _font()) for t in prompts]
         n_lines = max(1, max(len(x) for x in wrapped))
-        cells = [_stack([c, _text(x, w, _line_height(_font()) * n_lines + 2)], 1, 0) for c, x in zip(cells, wrapped)]
+        cells = [
+            _stack([c, _text(x, w, _line_height(_font()) * n_lines + 2)], 1, 0)
+            for c, x in zip(cells, wrapped)
+        ]
     ncols = ncols or math.ceil(math.sqrt(len(cells)))
-    cells += [_full(*cells[0].shape[:3])] * (-len(cells) % ncols)  # blank cells square off the last row
+    cells += [_full(*cells[0].shape[:3])] * (
+        -len(cells) % ncols
+    )  # blank cells square off the last row
     rows = [_stack(cells[i : i + ncols], 2) for i in range(0, len(cells), ncols)]
     return _margin(_stack(rows, 1))
 
@@ -236,7 +260,9 @@ def _strip_rows(vids, prompts, scale) -> np.ndarray:
     for i, v in enumerate(vids):
         row = _stack(list(_rgb(v, scale)[:, None]), 2, 2)
         if prompts is not None:
-            row = _stack([_text(_wrap(prompts[i], row.shape[2] - 8, _font()), row.shape[2]), row], 1, 0)
+            row = _stack(
+                [_text(_wrap(prompts[i], row.shape[2] - 8, _font()), row.shape[2]), row], 1, 0
+            )
         blocks.append(row)
     return _margin(_stack(blocks, 1, 2 * GAP))
 
@@ -249,7 +275,9 @@ def save_video_grid(videos, path, prompts=None, fps=8, ncols=None, scale=None) -
     h, w = vids[0].shape[2:]
     prompts = [prompts] if isinstance(prompts, str) else prompts
     if prompts is not None and len(prompts) != len(vids):
-        raise ValueError(f"got {len(prompts)} prompts for {len(vids)} videos: pass one prompt per video")
+        raise ValueError(
+            f"got {len(prompts)} prompts for {len(vids)} videos: pass one prompt per video"
+        )
     if p.suffix.lower() == ".png":
         frames = _strip_rows(vids, prompts, scale or _auto_scale(h, w, 64))
         Image.fromarray(frames[0]).save(p)
@@ -277,11 +305,19 @@ def _panels(videos, labels, error, gain):
     arrs = [a[None] if a.ndim == 4 else a for a in arrs]
     for i, a in enumerate(arrs):
         if a.ndim != 5 or a.shape[2] not in (1, 3):
-            raise ValueError(f"panel {i} must be (T, C, H, W) or (B, T, C, H, W), C in (1, 3), got {tuple(a.shape)}")
+            raise ValueError(
+                f"panel {i} must be (T, C, H, W) or (B, T, C, H, W), C in (1, 3), got {tuple(a.shape)}"
+            )
     if len({a.shape[0] for a in arrs}) > 1 or len({a.shape[3:] for a in arrs}) > 1:
-        raise ValueError(f"panels must share batch size and H, W, got shapes {[tuple(a.shape) for a in arrs]}")
+        raise ValueError(
+            f"panels must share batch size and H, W, got shapes {[tuple(a.shape) for a in arrs]}"
+        )
     if labels is None:
-        labels = ["truth", "prediction"] if len(arrs) == 2 else [f"video {i + 1}" for i in range(len(arrs))]
+        labels = (
+            ["truth", "prediction"]
+            if len(arrs) == 2
+            else [f"video {i + 1}" for i in range(len(arrs))]
+        )
     labels = [str(x) for x in labels]
     if len(labels) != len(arrs):
         raise ValueError(f"got {len(labels)} labels for {len(arrs)} videos")
@@ -311,8 +347,17 @@ def _status(t, context):
     return ("context", CONTEXT_COLOR) if t < context else ("predicted", PREDICTED_COLOR)
 
 
-def create_video_comparison(videos, path, labels=None, context_frames=None, fps=4, error=True,
-                            error_gain=4.0, scale=None, border=3) -> np.ndarray:
+def create_video_comparison(
+    videos,
+    path,
+    labels=None,
+    context_frames=None,
+    fps=4,
+    error=True,
+    error_gain=4.0,
+    scale=None,
+    border=3,
+) -> np.ndarray:
     """Side-by-side panels (dict label -> video, or a list with `labels`). A truth/prediction
     pair (or exactly two videos) gets an amplified |error| panel. Frames before
     `context_frames` are framed in CONTEXT_COLOR, later ones in PREDICTED_COLOR.
@@ -325,14 +370,24 @@ def create_video_comparison(videos, path, labels=None, context_frames=None, fps=
     h, w = arrs[0].shape[3:]
     s = scale or _auto_scale(h, w, 64 if p.suffix.lower() == ".png" else 96)
     # [panel][sample] -> (n_t, h, w, 3) framed frames; padding frames stay unframed
-    fr = [[_pad_time(_bordered(_rgb(v, s), context_frames, border), n_t, hold=False) for v in a] for a in arrs]
+    fr = [
+        [_pad_time(_bordered(_rgb(v, s), context_frames, border), n_t, hold=False) for v in a]
+        for a in arrs
+    ]
     pw, ph = fr[0][0].shape[2], fr[0][0].shape[1]
     if p.suffix.lower() == ".gif":
-        cols = [_stack([_text(_wrap(lab, pw - 4, _font(), 2), pw)] + col, 1) for lab, col in zip(labels, fr)]
+        cols = [
+            _stack([_text(_wrap(lab, pw - 4, _font(), 2), pw)] + col, 1)
+            for lab, col in zip(labels, fr)
+        ]
         body = _stack(cols, 2)
         status = [_status(t, context_frames) for t in range(n_t)]
-        head = np.concatenate([_text([f"frame {t + 1}/{n_t}  {word}"], body.shape[2], color=c)
-                               for t, (word, c) in enumerate(status)])
+        head = np.concatenate(
+            [
+                _text([f"frame {t + 1}/{n_t}  {word}"], body.shape[2], color=c)
+                for t, (word, c) in enumerate(status)
+            ]
+        )
         frames = _margin(_stack([head, body], 1))
         _write_gif(frames, p, fps)
         return frames
@@ -342,7 +397,9 @@ def create_video_comparison(videos, path, labels=None, context_frames=None, fps=
     for b in range(arrs[0].shape[0]):
         rows += [_full(1, 2 * GAP, 1)] if b else []  # extra space between samples of a batch
         for lab, f in zip(labels, fr):
-            rows.append(_stack([_text([str(lab)], lw, ph, align="left")] + list(f[b][:, None]), 2, 2))
+            rows.append(
+                _stack([_text([str(lab)], lw, ph, align="left")] + list(f[b][:, None]), 2, 2)
+            )
     frames = _margin(_stack(rows, 1, 2))
     Image.fromarray(frames[0]).save(p)
     return frames
@@ -364,7 +421,9 @@ def _read_events(run_dir) -> dict:
     root = Path(run_dir)
     dirs = sorted({f.parent for f in root.rglob("events.out.tfevents.*")}) if root.is_dir() else []
     if not dirs:
-        raise FileNotFoundError(f"no TensorBoard event files under {root}: pass a run folder or a dict of curves")
+        raise FileNotFoundError(
+            f"no TensorBoard event files under {root}: pass a run folder or a dict of curves"
+        )
     curves = {}
     for d in dirs:
         ea = EventAccumulator(str(d), size_guidance={"scalars": 0})
@@ -380,19 +439,33 @@ def plot_training_curves(run_dir_or_dict, path, smoothing=0.6, ncols=3) -> dict:
     """One panel per scalar (raw faint, smoothed bold) from a run folder's TensorBoard
     events or a dict name -> (steps, values). Returns the curves it plotted."""
     p = _out_path(path, (".png", ".pdf", ".svg"))
-    curves = dict(run_dir_or_dict) if isinstance(run_dir_or_dict, dict) else _read_events(run_dir_or_dict)
-    curves = {k: (np.asarray(s, float), _np(v).astype(float)) for k, (s, v) in sorted(curves.items()) if len(v)}
+    curves = (
+        dict(run_dir_or_dict)
+        if isinstance(run_dir_or_dict, dict)
+        else _read_events(run_dir_or_dict)
+    )
+    curves = {
+        k: (np.asarray(s, float), _np(v).astype(float))
+        for k, (s, v) in sorted(curves.items())
+        if len(v)
+    }
     if not curves:
         raise ValueError("no scalars to plot: log some values first")
-    from matplotlib.figure import Figure  # a bare Figure draws with Agg, outside pyplot: no global state to close
+    from matplotlib.figure import (
+        Figure,
+    )  # a bare Figure draws with Agg, outside pyplot: no global state to close
 
     ncols = min(ncols, len(curves))
     nrows = math.ceil(len(curves) / ncols)
     fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows))
     for i, (name, (steps, vals)) in enumerate(curves.items()):
         ax = fig.add_subplot(nrows, ncols, i + 1)
-        smooth = smoothing and len(vals) >= 20  # a few eval points are plotted as they are, not lagged
-        line = ax.plot(steps, vals, alpha=0.3 if smooth else 1.0, lw=1, marker=None if smooth else ".")[0]
+        smooth = (
+            smoothing and len(vals) >= 20
+        )  # a few eval points are plotted as they are, not lagged
+        line = ax.plot(
+            steps, vals, alpha=0.3 if smooth else 1.0, lw=1, marker=None if smooth else "."
+        )[0]
         if smooth:
             ax.plot(steps, _smooth(vals, smoothing), color=line.get_color(), lw=1.6)
         if vals.min() > 0 and vals.max() / vals.min() > 100:  # losses spanning decades
@@ -428,11 +501,15 @@ def _mean_std(c, name):
         a = _np(c)
         mean, std = (a.mean(0), a.std(0)) if a.ndim == 2 else (a, None)  # (N, T) per-frame values
     if mean.ndim != 1 or not len(mean) or (std is not None and std.shape != mean.shape):
-        raise ValueError(f"curve '{name}' must be 1-D, an (N, T) array or a (mean, std) pair of equal length")
+        raise ValueError(
+            f"curve '{name}' must be 1-D, an (N, T) array or a (mean, std) pair of equal length"
+        )
     return mean, std
 
 
-def plot_metric_vs_horizon(curves, path, metric="PSNR", context=None, train_horizon=None, title=None) -> Path:
+def plot_metric_vs_horizon(
+    curves, path, metric="PSNR", context=None, train_horizon=None, title=None
+) -> Path:
     """Metric per predicted frame (x = 1, 2, ...) for several methods: dict name -> curve,
     (mean, std) or (N, T) per-frame values; `train_horizon` draws where training stopped."""
     p = _out_path(path, (".png", ".pdf", ".svg"))
@@ -449,8 +526,11 @@ def plot_metric_vs_horizon(curves, path, metric="PSNR", context=None, train_hori
         if std is not None:
             ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     if train_horizon is not None:
-        ax.axvline(train_horizon, color="grey", ls="--", lw=1, label=f"training horizon ({train_horizon})")
+        ax.axvline(
+            train_horizon, color="grey", ls="--", lw=1, label=f"training horizon ({train_horizon})"
+        )
     from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # frames are whole numbers
     ax.set_xlabel("predicted frame" + (f" (after {context} context frames)" if context else ""))
     ax.set_ylabel(metric)
@@ -469,14 +549,18 @@ def latent_to_rgb(z) -> torch.Tensor:
     C < 3 leaves the missing components at 0."""
     x = _np(z).astype(np.float64)
     if x.ndim not in (3, 4) or not np.isfinite(x).all():
-        raise ValueError(f"latent must be finite (C, H, W) or (T, C, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"latent must be finite (C, H, W) or (T, C, H, W), got shape {tuple(x.shape)}"
+        )
     single = x.ndim == 3
     x = x[None] if single else x
     n_t, c, h, w = x.shape
     flat = x.transpose(0, 2, 3, 1).reshape(-1, c)
     flat -= flat.mean(0)
     vecs = np.linalg.eigh(flat.T @ flat)[1][:, ::-1][:, :3]
-    vecs = vecs * np.sign(vecs[np.abs(vecs).argmax(0), np.arange(vecs.shape[1])])  # fixed signs: stable colours
+    vecs = vecs * np.sign(
+        vecs[np.abs(vecs).argmax(0), np.arange(vecs.shape[1])]
+    )  # fixed signs: stable colours
     proj = np.pad(flat @ vecs, ((0, 0), (0, 3 - vecs.shape[1])))
     lo, hi = proj.min(0), proj.max(0)
     proj = (proj - lo) / np.maximum(hi - lo, 1e-12)
@@ -516,6 +600,10 @@ def log_video(writer, tag, video_or_batch, step, fps=8):
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     frames = _frames_of(video_or_batch)
-    img = Summary.Image(height=frames.shape[1], width=frames.shape[2], colorspace=3,
-                        encoded_image_string=_encode_gif(frames, fps))
+    img = Summary.Image(
+        height=frames.shape[1],
+        width=frames.shape[2],
+        colorspace=3,
+        encoded_image_string=_encode_gif(frames, fps),
+    )
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=img)]), step)

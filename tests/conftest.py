@@ -1,4 +1,5 @@
 """Shared pytest set-up: the repo root on sys.path and a `slow` marker that runs only on request."""
+
 import os
 import sys
 
@@ -8,7 +9,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: longer checks, skipped unless a -m expression is given (pytest -m slow)")
+    config.addinivalue_line(
+        "markers", "slow: longer checks, skipped unless a -m expression is given (pytest -m slow)"
+    )
 
 
 def pytest_collection_modifyitems(config, items):

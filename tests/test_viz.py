@@ -75,13 +75,21 @@ def test_grid_holds_last_frame_of_shorter_video(tmp_path):
 def test_comparison_marks_context_and_predicted_frames(tmp_path):
     truth = moving_square()
     pred = truth.flip(-1)
-    f = viz.create_video_comparison({"truth": truth, "prediction": pred}, tmp_path / "c.gif", context_frames=3)
+    f = viz.create_video_comparison(
+        {"truth": truth, "prediction": pred}, tmp_path / "c.gif", context_frames=3
+    )
     assert f.shape[0] == 8
-    assert count_color(f[0], viz.CONTEXT_COLOR) > 100 and count_color(f[0], viz.PREDICTED_COLOR) == 0
-    assert count_color(f[7], viz.PREDICTED_COLOR) > 100 and count_color(f[7], viz.CONTEXT_COLOR) == 0
+    assert (
+        count_color(f[0], viz.CONTEXT_COLOR) > 100 and count_color(f[0], viz.PREDICTED_COLOR) == 0
+    )
+    assert (
+        count_color(f[7], viz.PREDICTED_COLOR) > 100 and count_color(f[7], viz.CONTEXT_COLOR) == 0
+    )
     with Image.open(tmp_path / "c.gif") as im:
         assert im.n_frames == 8
-    strip = viz.create_video_comparison({"truth": truth, "prediction": pred}, tmp_path / "c.png", context_frames=3)
+    strip = viz.create_video_comparison(
+        {"truth": truth, "prediction": pred}, tmp_path / "c.png", context_frames=3
+    )
     png = np.asarray(Image.open(tmp_path / "c.png").convert("RGB"))
     np.testing.assert_array_equal(png, strip[0])
     # 3 rows of framed frames (truth, prediction, |error|): 3 context columns, 5 predicted
@@ -102,11 +110,17 @@ def test_error_panel_zero_for_identical_and_lit_for_different(tmp_path):
 
 def test_comparison_mixes_grey_and_rgb_and_pads_shorter(tmp_path):
     grey = moving_square(t=8, channels=1)
-    f = viz.create_video_comparison({"context": grey[:3], "truth": grey, "prediction": moving_square(t=8)},
-                                    tmp_path / "m.png", context_frames=3)
+    f = viz.create_video_comparison(
+        {"context": grey[:3], "truth": grey, "prediction": moving_square(t=8)},
+        tmp_path / "m.png",
+        context_frames=3,
+    )
     assert f.shape[0] == 1
-    g = viz.create_video_comparison({"context": grey[:3], "truth": grey, "prediction": moving_square(t=8)},
-                                    tmp_path / "m.gif", context_frames=3)
+    g = viz.create_video_comparison(
+        {"context": grey[:3], "truth": grey, "prediction": moving_square(t=8)},
+        tmp_path / "m.gif",
+        context_frames=3,
+    )
     assert g.shape[0] == 8
     # |error| between grey and RGB white squares is zero: same picture
     assert count_color(g[0], (0, 0, 0)) > 0
@@ -128,7 +142,9 @@ def test_latent_to_rgb_range_shape_and_main_component():
     g = torch.Generator().manual_seed(0)
     field = torch.rand(3, 1, 8, 8, generator=g)
     direction = torch.randn(16, generator=g)
-    z = 5 * field * (direction / direction.norm()).view(1, 16, 1, 1) + 0.05 * torch.randn(3, 16, 8, 8, generator=g)
+    z = 5 * field * (direction / direction.norm()).view(1, 16, 1, 1) + 0.05 * torch.randn(
+        3, 16, 8, 8, generator=g
+    )
     rgb = viz.latent_to_rgb(z)
     assert rgb.shape == (3, 3, 8, 8)
     assert float(rgb.min()) == 0.0 and float(rgb.max()) == 1.0
@@ -151,8 +167,16 @@ def test_plots_write_png(tmp_path):
         plotter.log(step, loss=1.0 / (step + 1), lr=torch.tensor(1e-3))
     curves = plotter.save(tmp_path / "curves.png")
     assert sorted(curves) == ["loss", "lr"] and len(curves["loss"][0]) == 30
-    viz.plot_metric_vs_horizon({"a": [30.0, 28.0, 25.0], "b": (np.array([29.0, 26, 24]), np.ones(3)),
-                                "c": torch.rand(5, 3) + 20}, tmp_path / "h.png", context=2, train_horizon=2)
+    viz.plot_metric_vs_horizon(
+        {
+            "a": [30.0, 28.0, 25.0],
+            "b": (np.array([29.0, 26, 24]), np.ones(3)),
+            "c": torch.rand(5, 3) + 20,
+        },
+        tmp_path / "h.png",
+        context=2,
+        train_horizon=2,
+    )
     for name in ("curves.png", "h.png"):
         with Image.open(tmp_path / name) as im:
             assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
@@ -178,7 +202,13 @@ def test_log_video_writes_animated_gif_summary(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(tmp_path) as w:
-        viz.log_video(w, "samples/pred", torch.stack([rand_video(t=5, seed=i) for i in range(2)]), step=7, fps=5)
+        viz.log_video(
+            w,
+            "samples/pred",
+            torch.stack([rand_video(t=5, seed=i) for i in range(2)]),
+            step=7,
+            fps=5,
+        )
     ea = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
     ea.Reload()
     (ev,) = ea.Images("samples/pred")
@@ -188,19 +218,28 @@ def test_log_video_writes_animated_gif_summary(tmp_path):
         assert im.size == (ev.width, ev.height) and ev.width > 2 * 20
 
 
-@pytest.mark.parametrize("call", [
-    lambda p: viz.to_uint8(torch.rand(8, 8)),
-    lambda p: viz.create_video_gif(torch.rand(4, 16, 16, 3), p / "a.gif"),  # channels-last
-    lambda p: viz.create_video_gif(torch.rand(4, 3, 8, 8), p / "a.jpg"),
-    lambda p: viz.save_video_grid(torch.rand(2, 4, 3, 8, 8), p / "a.gif", prompts=["only one"]),
-    lambda p: viz.save_video_grid([torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 9)], p / "a.gif"),
-    lambda p: viz.create_video_comparison([torch.rand(4, 3, 8, 8), torch.rand(4, 3, 9, 8)], p / "a.gif"),
-    lambda p: viz.create_video_comparison([torch.rand(4, 3, 8, 8)], p / "a.gif", labels=["a", "b"]),
-    lambda p: viz.plot_metric_vs_horizon({}, p / "h.png"),
-    lambda p: viz.plot_metric_vs_horizon({"a": ([1.0, 2.0, 3.0], [0.1, 0.1])}, p / "h.png"),
-    lambda p: viz.latent_to_rgb(torch.full((4, 2, 2), float("nan"))),
-    lambda p: viz.create_video_gif(torch.rand(4, 3, 8, 8), p / "a.gif", fps=0),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda p: viz.to_uint8(torch.rand(8, 8)),
+        lambda p: viz.create_video_gif(torch.rand(4, 16, 16, 3), p / "a.gif"),  # channels-last
+        lambda p: viz.create_video_gif(torch.rand(4, 3, 8, 8), p / "a.jpg"),
+        lambda p: viz.save_video_grid(torch.rand(2, 4, 3, 8, 8), p / "a.gif", prompts=["only one"]),
+        lambda p: viz.save_video_grid(
+            [torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 9)], p / "a.gif"
+        ),
+        lambda p: viz.create_video_comparison(
+            [torch.rand(4, 3, 8, 8), torch.rand(4, 3, 9, 8)], p / "a.gif"
+        ),
+        lambda p: viz.create_video_comparison(
+            [torch.rand(4, 3, 8, 8)], p / "a.gif", labels=["a", "b"]
+        ),
+        lambda p: viz.plot_metric_vs_horizon({}, p / "h.png"),
+        lambda p: viz.plot_metric_vs_horizon({"a": ([1.0, 2.0, 3.0], [0.1, 0.1])}, p / "h.png"),
+        lambda p: viz.latent_to_rgb(torch.full((4, 2, 2), float("nan"))),
+        lambda p: viz.create_video_gif(torch.rand(4, 3, 8, 8), p / "a.gif", fps=0),
+    ],
+)
 def test_bad_input_one_line_value_error(tmp_path, call):
     with pytest.raises(ValueError) as e:
         call(tmp_path)
