@@ -12,21 +12,25 @@ downsampling, EMA codes with restarts instead of a codebook loss, no LPIPS, an o
 term (off by default; adaptive weight measured at the decoder output) and a linear output clamped
 to [0, 1] instead of tanh.
 
-    python train_vqvae.py                                    # CPU: ~5-8 min on 2 cores, smoke data
-    python train_vqvae.py --data moving_mnist --steps 3000   # any toy_data kind (1-channel: model takes 1 channel)
-    python train_vqvae.py --width 64 --batch-size 128 --steps 20000 --gan-weight 0.1   # GPU
-    torchrun --standalone --nproc_per_node=2 train_vqvae.py  # DDP (nccl on CUDA, gloo on CPU)
-    python train_vqvae.py --eval-only                        # re-evaluate runs/train_vqvae/ckpt.pt
-    OMP_NUM_THREADS=1 python train_vqvae.py                  # CPU shared with other jobs: far faster than 2 threads
+    python train_vqvae.py                                   # CPU: ~5-8 min on 2 cores, smoke data
+    python train_vqvae.py --data moving_mnist --steps 3000  # any toy_data kind, 1 or 3 channels
+    python train_vqvae.py --width 64 --batch-size 128 --steps 20000 --gan-weight 0.1  # GPU
+    torchrun --standalone --nproc_per_node=2 train_vqvae.py # DDP (nccl on CUDA, gloo on CPU)
+    python train_vqvae.py --eval-only                       # re-evaluate runs/train_vqvae/ckpt.pt
+    OMP_NUM_THREADS=1 python train_vqvae.py                 # busy CPU: far faster than 2 threads
 
-Outputs in --out-dir: ckpt.pt, args.json, metrics.json, samples/ (original | reconstruction grids,
-latent PCA picture), plots/, TensorBoard events (train/{loss,rec,commit,lr}, eval/{psnr,ssim,
-codebook_usage,perplexity,latent_std_global,...}, perf/{steps_per_s,samples_per_s,mfu}, samples/ GIFs)
-and the exported first stage, which loads without this file (torch.export programs, fp32, dynamic batch):
+Outputs in --out-dir: ckpt.pt, args.json, metrics.json, samples/ (original | reconstruction
+grids, latent PCA picture), plots/, TensorBoard events (train/{loss,rec,commit,lr},
+eval/{psnr,ssim,codebook_usage,perplexity,latent_std_global,...},
+perf/{steps_per_s,samples_per_s,mfu}, samples/ GIFs) and the exported first stage, which loads
+without this file (torch.export programs, fp32, dynamic batch):
 
-    encode = torch.export.load("runs/train_vqvae/first_stage_encode.pt2").module()  # x (B,C,H,W) in [0,1] -> z_e (B,4,H/8,W/8)
-    decode = torch.export.load("runs/train_vqvae/first_stage_decode.pt2").module()  # z -> nearest code -> x in [0,1]
-    meta = json.load(open("runs/train_vqvae/first_stage.json"))  # latent mean/std per channel, data, shapes, codebook
+    # x (B, C, H, W) in [0, 1] -> z_e (B, 4, H/8, W/8)
+    encode = torch.export.load("runs/train_vqvae/first_stage_encode.pt2").module()
+    # z -> nearest code -> x in [0, 1]
+    decode = torch.export.load("runs/train_vqvae/first_stage_decode.pt2").module()
+    # latent mean/std per channel, data, shapes, codebook
+    meta = json.load(open("runs/train_vqvae/first_stage.json"))
 """
 
 import copy
@@ -144,16 +148,20 @@ class ResBlock(nn.Module):
     def __init__(self, cin, cout, resample=None):
         super().__init__()
         self.resample = resample
-        self.n1, self.c1 = norm(cin), nn.Conv2d(cin, cout, 3, stride=2 if resample == "down" else 1, padding=1)
-        self.n2, self.c2 = norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.n1 = norm(cin)
+        self.c1 = nn.Conv2d(cin, cout, 3, stride=2 if resample == "down" else 1, padding=1)
+        self.n2 = norm(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
-        h = self.c1(F.silu(self.n1(x)))  # strided on the way down: cheaper than conv + pool at full size
+        # strided on the way down: cheaper than conv + pool at full size
+        h = self.c1(F.silu(self.n1(x)))
         if self.resample == "down":
             x = F.avg_pool2d(x, 2)
         elif self.resample == "up":  # first conv at low resolution, the second after upsampling
-            x, h = F.interpolate(x, scale_factor=2.0), F.interpolate(h, scale_factor=2.0)
+            x = F.interpolate(x, scale_factor=2.0)
+            h = F.interpolate(h, scale_factor=2.0)
         return self.skip(x) + self.c2(F.silu(self.n2(h)))
 
 
@@ -162,7 +170,9 @@ class SelfAttention(nn.Module):
 
     def __init__(self, c):
         super().__init__()
-        self.norm, self.qkv, self.proj = norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        self.norm = norm(c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -186,12 +196,26 @@ class VQVAE(nn.Module):
         attn = (lambda: SelfAttention(c3)) if attention else nn.Identity
         self.encoder = nn.Sequential(
             nn.Conv2d(channels, c1, 3, padding=1),
-            ResBlock(c1, c1, "down"), ResBlock(c1, c2, "down"), ResBlock(c2, c3, "down"),
-            ResBlock(c3, c3), attn(), norm(c3), nn.SiLU(), nn.Conv2d(c3, latent_channels, 3, padding=1))
+            ResBlock(c1, c1, "down"),
+            ResBlock(c1, c2, "down"),
+            ResBlock(c2, c3, "down"),
+            ResBlock(c3, c3),
+            attn(),
+            norm(c3),
+            nn.SiLU(),
+            nn.Conv2d(c3, latent_channels, 3, padding=1),
+        )
         self.decoder = nn.Sequential(
-            nn.Conv2d(latent_channels, c3, 3, padding=1), ResBlock(c3, c3), attn(),
-            ResBlock(c3, c2, "up"), ResBlock(c2, c1, "up"), ResBlock(c1, c1, "up"),
-            norm(c1), nn.SiLU(), nn.Conv2d(c1, channels, 3, padding=1))
+            nn.Conv2d(latent_channels, c3, 3, padding=1),
+            ResBlock(c3, c3),
+            attn(),
+            ResBlock(c3, c2, "up"),
+            ResBlock(c2, c1, "up"),
+            ResBlock(c1, c1, "up"),
+            norm(c1),
+            nn.SiLU(),
+            nn.Conv2d(c1, channels, 3, padding=1),
+        )
         # the codebook is a buffer: it moves by EMA (update_codebook), not by gradients
         self.register_buffer("codebook", torch.zeros(codebook_size, latent_channels))
         self.register_buffer("ema_count", torch.zeros(codebook_size))
@@ -207,28 +231,37 @@ class VQVAE(nn.Module):
         return self.codebook[idx].permute(0, 3, 1, 2), idx
 
     def decode_latents(self, zq):
-        """codes (B, D, h, w) -> frames, ~[0, 1] but unclamped (the training loss sees the raw output)."""
+        """codes (B, D, h, w) -> frames, ~[0, 1] but unclamped (the training loss sees the
+        raw output)."""
         return (self.decoder(zq) + 1) / 2
 
     def decode(self, z):
-        """RIVER's decode: any latent (e.g. a flow-matching sample) -> nearest codes -> x in [0, 1]."""
+        """RIVER's decode: any latent (e.g. a flow-matching sample) -> nearest codes ->
+        x in [0, 1]."""
         return self.decode_latents(self.quantize(z)[0]).clamp(0, 1)
 
     def forward(self, x):
         """-> reconstruction (unclamped), z_e, z_q (no grad) and code indices."""
         z = self.encode(x)
         zq, idx = self.quantize(z)
-        x_rec = self.decode_latents(z + (zq - z).detach())  # straight-through: decoder grads reach the encoder
+        # straight-through: decoder grads reach the encoder
+        x_rec = self.decode_latents(z + (zq - z).detach())
         return x_rec, z, zq, idx
 
 
 def patch_discriminator(channels=3, width=32):
     """VQGAN/pix2pix PatchGAN: one real-vs-fake logit per overlapping patch."""
     return nn.Sequential(
-        nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2),
-        nn.Conv2d(width, 2 * width, 4, 2, 1), norm(2 * width), nn.LeakyReLU(0.2),
-        nn.Conv2d(2 * width, 4 * width, 4, 1, 1), norm(4 * width), nn.LeakyReLU(0.2),
-        nn.Conv2d(4 * width, 1, 4, 1, 1))
+        nn.Conv2d(channels, width, 4, 2, 1),
+        nn.LeakyReLU(0.2),
+        nn.Conv2d(width, 2 * width, 4, 2, 1),
+        norm(2 * width),
+        nn.LeakyReLU(0.2),
+        nn.Conv2d(2 * width, 4 * width, 4, 1, 1),
+        norm(4 * width),
+        nn.LeakyReLU(0.2),
+        nn.Conv2d(4 * width, 1, 4, 1, 1),
+    )
 
 
 # ----------------------------------------------------------------------------- method
@@ -251,8 +284,8 @@ def ema_update(ema_count, ema_sum, counts, sums, decay=0.99, eps=1e-5):
 
 
 def encoder_samples(z, k, ddp=False):
-    """z (B, D, h, w) -> its latent vectors (N, D) and k of them drawn at random; under DDP rank 0's
-    draw is used everywhere, so all replicas make the same codebook changes."""
+    """z (B, D, h, w) -> its latent vectors (N, D) and k of them drawn at random; under DDP rank
+    0's draw is used everywhere, so all replicas make the same codebook changes."""
     flat = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
     cand = flat[torch.randint(len(flat), (k,), device=flat.device)]
     if ddp:
@@ -272,19 +305,24 @@ def init_codebook(vq, z, ddp=False):
 @torch.no_grad()
 def update_codebook(vq, z, idx, decay, eps, dead_frac, ddp=False):
     """EMA step and restarts from the batch's z_e (B, D, h, w) and code indices. Under DDP the
-    statistics are summed over ranks, so every replica keeps the same codebook. -> codes restarted."""
+    statistics are summed over ranks, so every replica keeps the same codebook.
+    -> codes restarted."""
     K = len(vq.codebook)
     flat, cand = encoder_samples(z, K, ddp)
     onehot = F.one_hot(idx.flatten(), K).float()
-    counts, sums = onehot.sum(0), onehot.t() @ flat
+    counts = onehot.sum(0)
+    sums = onehot.t() @ flat
     if ddp:
         dist.all_reduce(counts)
         dist.all_reduce(sums)
     count, total, book = ema_update(vq.ema_count, vq.ema_sum, counts, sums, decay, eps)
-    # Jukebox-style restarts: a code whose EMA usage fell below dead_frac * mean usage jumps to a random
-    # encoder output with a mean-sized count: about log(dead_frac)/log(decay) steps to win data again
-    dead, fresh = count < dead_frac * count.mean(), count.mean()
-    book, total = torch.where(dead[:, None], cand, book), torch.where(dead[:, None], cand * fresh, total)
+    # Jukebox-style restarts: a code whose EMA usage fell below dead_frac * mean usage jumps to
+    # a random encoder output with a mean-sized count: about log(dead_frac)/log(decay) steps to
+    # win data again
+    dead = count < dead_frac * count.mean()
+    fresh = count.mean()
+    book = torch.where(dead[:, None], cand, book)
+    total = torch.where(dead[:, None], cand * fresh, total)
     count = torch.where(dead, fresh, count)
     vq.codebook.copy_(book)
     vq.ema_count.copy_(count)
@@ -295,16 +333,53 @@ def update_codebook(vq, z, idx, decay, eps, dead_frac, ddp=False):
 def adaptive_gan_weight(rec_loss, g_loss, x_rec):
     """VQGAN's balance: scale the GAN gradient to the size of the reconstruction gradient, so one
     --gan-weight works across data and training stages. VQGAN measures both at the decoder's last
-    weight; we measure them at the decoder's output, which never re-enters the (compiled, DDP) model."""
+    weight; we measure them at the decoder's output, which never re-enters the
+    (compiled, DDP) model."""
     g_rec = torch.autograd.grad(rec_loss, x_rec, retain_graph=True)[0]
     g_gan = torch.autograd.grad(g_loss, x_rec, retain_graph=True)[0]
     return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()
 
 
-def lr_at(step, args):
-    warm = min(1.0, (step + 1) / max(1, args.warmup_steps))
-    progress = min(1.0, step / max(1, args.steps))
-    return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+TERMS = ["loss", "rec", "commit", "gan_g", "gan_d", "restarts"]  # what train_step returns
+
+
+def train_step(model, raw, disc, disc_ddp, opt, opt_d, scaler, x, step, args, rt):
+    """One step on the frames x: the autoencoder (reconstruction + commitment, plus the adaptive
+    GAN term once step >= --gan-start), then the discriminator, then the EMA codebook.
+    model: the compiled/DDP-wrapped raw; disc/opt_d None without --gan-weight. -> TERMS."""
+    with rt.amp:
+        x_rec, z, zq, idx = model(x)
+    rec, commit = vq_losses(x, x_rec, z, zq, args.beta, args.recon_loss)
+    loss = rec + commit
+    g_loss = torch.zeros((), device=rt.device)
+    d_loss = torch.zeros((), device=rt.device)
+    gan_on = disc is not None and step >= args.gan_start
+    if gan_on:  # generator side: the frozen, unwrapped disc, so DDP's hooks on it stay quiet
+        disc.requires_grad_(False)
+        with rt.amp:
+            g_loss = -disc(x_rec).float().mean()
+        disc.requires_grad_(True)
+        loss = loss + args.gan_weight * adaptive_gan_weight(rec, g_loss, x_rec) * g_loss
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if args.grad_clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
+    scaler.step(opt)
+    if gan_on:  # hinge loss on real frames and detached reconstructions
+        opt_d.zero_grad(set_to_none=True)
+        with rt.amp:
+            real, fake = disc_ddp(torch.cat([x, x_rec.detach()])).float().chunk(2)
+        d_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+        scaler.scale(d_loss).backward()
+        scaler.step(opt_d)
+    # one scaler update after both optimiser steps (not optimizer_step): both used the same scale
+    scaler.update()
+    restarts = update_codebook(
+        raw, z, idx, args.ema_decay, args.ema_eps, args.dead_code_frac, rt.ddp
+    )
+    terms = [loss, rec, commit, g_loss, d_loss, restarts]
+    return torch.stack([t.detach() for t in terms])
 
 
 class Exported(nn.Module):
@@ -312,7 +387,8 @@ class Exported(nn.Module):
 
     def __init__(self, module, method):
         super().__init__()
-        self.module, self.method = module, method
+        self.module = module
+        self.method = method
 
     def forward(self, x):
         return getattr(self.module, self.method)(x)
@@ -326,73 +402,298 @@ def export_first_stage(model, out_dir, meta):
     for name, inp in [("encode", x), ("decode", vq.encode(x))]:
         program = torch.export.export(Exported(vq, name), (inp,), dynamic_shapes=({0: batch},))
         torch.export.save(program, os.path.join(out_dir, f"first_stage_{name}.pt2"))
-    with open(os.path.join(out_dir, "first_stage.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    write_json(os.path.join(out_dir, "first_stage.json"), meta)
 
 
 # ----------------------------------------------------------------------------- data
 def load_clips(args, n_clips, split, rank=0, world=1):
-    """Generate clips once into a uint8 (N, T, C, H, W) tensor; rank r keeps clips r, r+world, ..."""
+    """Generate clips once into a uint8 (N, T, C, H, W) tensor;
+    rank r keeps clips r, r+world, ..."""
     try:
-        ds = toy_data.make_dataset(args.data, n_clips, args.resolution, args.frames, args.seed, split, args.data_dir)
+        ds = toy_data.make_dataset(
+            args.data, n_clips, args.resolution, args.frames, args.seed, split, args.data_dir
+        )
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SystemExit(f"error: {e}")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # per-frame simulation ops are tiny: extra threads only contend (5x slower on a busy CPU)
+    # per-frame simulation ops are tiny: extra threads only contend (5x slower on a busy CPU)
+    torch.set_num_threads(1)
     try:
         clips = [ds[i]["video"] for i in range(rank, min(n_clips, len(ds)), world)]
     finally:
         torch.set_num_threads(threads)
     if not clips:
-        raise SystemExit(f"error: --data {args.data} gave no {split} clips; check --data-dir or raise --train-clips/--eval-clips")
+        raise SystemExit(
+            f"error: --data {args.data} gave no {split} clips; check --data-dir or raise "
+            "--train-clips/--eval-clips"
+        )
     return (torch.stack(clips).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def draw_batch(pool, gen, batch_size, device):
+    """Random frames of the uint8 pool (N, C, H, W), drawn with replacement, as floats in [0, 1]."""
+    return pool[torch.randint(len(pool), (batch_size,), generator=gen)].to(device).float() / 255
 
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model, clips, args, device, amp, batch=64):
+def evaluate(model, clips, args, rt, batch=64):
     """Reconstruct held-out clips frame by frame -> (scores, reconstructions, z_e of clip 0).
     PSNR/SSIM on clamped [0, 1] frames; codebook usage = fraction of codes used at least once;
     perplexity = exp(entropy of the code histogram); z_e mean/std per channel."""
     model.eval()
     frames = clips.flatten(0, 1)
-    recs, zs, idxs, rec_loss, t0 = [], [], [], 0.0, time.perf_counter()
+    recs = []
+    zs = []
+    idxs = []
+    rec_loss = 0.0
+    t0 = time.perf_counter()
     for i in range(0, len(frames), batch):
-        x = frames[i:i + batch].to(device).float() / 255
-        with amp:
+        x = frames[i : i + batch].to(rt.device).float() / 255
+        with rt.amp:
             x_rec, z, zq, idx = model(x)
         rec, commit = vq_losses(x, x_rec, z, zq, args.beta, args.recon_loss)
         rec_loss += float(rec + commit) * len(x)
-        recs.append(x_rec.float().clamp(0, 1).cpu()), zs.append(z.float().cpu()), idxs.append(idx.cpu())
+        recs.append(x_rec.float().clamp(0, 1).cpu())
+        zs.append(z.float().cpu())
+        idxs.append(idx.cpu())
     fps = len(frames) / (time.perf_counter() - t0)
     model.train()
-    rec, z, idx = torch.cat(recs).view(clips.shape), torch.cat(zs), torch.cat(idxs)
+    rec = torch.cat(recs).view(clips.shape)
+    z = torch.cat(zs)
+    idx = torch.cat(idxs)
     target = clips.float() / 255
     p = torch.bincount(idx.flatten(), minlength=model.codebook.shape[0]).double()
     p /= p.sum()
     scores = {
-        "psnr": metrics.psnr(rec, target), "ssim": metrics.ssim(rec, target), "mse": metrics.mse(rec, target),
-        "loss": rec_loss / len(frames), "codebook_usage": float((p > 0).double().mean()),
+        "psnr": metrics.psnr(rec, target),
+        "ssim": metrics.ssim(rec, target),
+        "mse": metrics.mse(rec, target),
+        "loss": rec_loss / len(frames),
+        "codebook_usage": float((p > 0).double().mean()),
         "perplexity": float(torch.exp(-(p * p.clamp_min(1e-30).log()).sum())),
-        "latent_mean": z.mean((0, 2, 3)).tolist(), "latent_std": z.std((0, 2, 3)).tolist(),
-        "latent_std_global": float(z.std()), "recon_frames_per_s": fps}
-    return scores, rec, z[:clips.shape[1]]
+        "latent_mean": z.mean((0, 2, 3)).tolist(),
+        "latent_std": z.std((0, 2, 3)).tolist(),
+        "latent_std_global": float(z.std()),
+        "recon_frames_per_s": fps,
+    }
+    return scores, rec, z[: clips.shape[1]]
 
 
 def save_samples(clips, rec, z0, out_dir, step, writer):
     """original | reconstruction side by side, as GIF + PNG strip, in samples/ and TensorBoard."""
     pairs = torch.cat([clips[:4].float() / 255, rec[:4]], dim=-1)  # (n, T, C, H, 2W)
     captions = ["original | recon"] * len(pairs)
-    viz.save_video_grid(pairs, os.path.join(out_dir, "samples", f"recon_{step:06d}.gif"), captions, fps=4)
-    viz.save_video_grid(pairs[:, :8], os.path.join(out_dir, "samples", "recon_latest.png"), captions)
-    viz.save_latent_picture(z0[:8], os.path.join(out_dir, "samples", "latent_latest.png"))
+    samples = os.path.join(out_dir, "samples")
+    viz.save_video_grid(pairs, os.path.join(samples, f"recon_{step:06d}.gif"), captions, fps=4)
+    viz.save_video_grid(pairs[:, :8], os.path.join(samples, "recon_latest.png"), captions)
+    viz.save_latent_picture(z0[:8], os.path.join(samples, "latent_latest.png"))
     viz.log_video(writer, "samples/original_vs_reconstruction", pairs, step, fps=4)
-    viz.log_video(writer, "samples/latent_pca", F.interpolate(viz.latent_to_rgb(z0), scale_factor=8.0), step, fps=4)
+    pca = F.interpolate(viz.latent_to_rgb(z0), scale_factor=8.0)
+    viz.log_video(writer, "samples/latent_pca", pca, step, fps=4)
 
 
-# ----------------------------------------------------------------------------- boilerplate
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-              "A10": 125e12, "V100": 125e12, "T4": 65e12}  # dense bf16/fp16 tensor-core peaks
+def run_eval(raw, clips, args, rt, step, writer):
+    """Evaluate all held-out clips (rank 0): eval/ and perf/ scalars and one console line."""
+    scores, rec, z0 = evaluate(raw, clips, args, rt)
+    if writer:
+        speeds = {k: v for k, v in scores.items() if k.endswith("_per_s")}
+        log_scalars(writer, "eval", {k: v for k, v in scores.items() if k not in speeds}, step)
+        log_scalars(writer, "perf", speeds, step)
+    print(
+        f"eval step {step}: PSNR {scores['psnr']:.2f} dB  SSIM {scores['ssim']:.4f}  "
+        f"usage {scores['codebook_usage']:.0%}  perplexity {scores['perplexity']:.0f}  "
+        f"z_e std {scores['latent_std_global']:.2f}",
+        flush=True,
+    )
+    return scores, rec, z0
+
+
+def first_stage_meta(args, channels, step, scores):
+    """first_stage.json: what train_river.py needs to use the exported programs."""
+    latent = args.resolution // 8
+    return {
+        "script": SCRIPT,
+        "data": args.data,
+        "resolution": args.resolution,
+        "channels": channels,
+        "latent_shape": [args.latent_channels, latent, latent],
+        "codebook_size": args.codebook_size,
+        "input_range": [0, 1],
+        "encode": "first_stage_encode.pt2",
+        "decode": "first_stage_decode.pt2",
+        "step": step,
+        "latent_mean": scores["latent_mean"],
+        "latent_std": scores["latent_std"],
+        "eval": scores,
+    }
+
+
+def finish(raw, clips, perf, step, args, rt, writer, t_start):
+    """Final evaluation (rank 0): samples, metrics.json and the exported first stage."""
+    scores, rec, z0 = run_eval(raw, clips, args, rt, step, writer)
+    save_samples(clips, rec, z0, args.out_dir, step, writer)
+    perf["recon_frames_per_s"] = scores.pop("recon_frames_per_s")
+    data = {
+        "kind": args.data,
+        "resolution": args.resolution,
+        "n_eval": clips.shape[0] * clips.shape[1],
+    }
+    report = {
+        "script": SCRIPT,
+        "step": step,
+        "wall_s": round(time.time() - t_start, 1),
+        "eval": scores,
+        "perf": perf,
+        "data": data,
+    }
+    write_json(os.path.join(args.out_dir, "metrics.json"), report)
+    if args.export:
+        export_first_stage(raw, args.out_dir, first_stage_meta(args, clips.shape[2], step, scores))
+    exported = ", first_stage_*.pt2" if args.export else ""
+    print(
+        f"outputs in {args.out_dir} (metrics.json, samples/{exported}); "
+        f"tensorboard --logdir {args.out_dir}"
+    )
+
+
+# ----------------------------------------------------------------------------- training loop
+def model_arch(args, channels):
+    """The model flags a checkpoint must match (written into it as "arch")."""
+    return {
+        "channels": channels,
+        "width": args.width,
+        "latent_channels": args.latent_channels,
+        "codebook_size": args.codebook_size,
+        "attention": args.attention,
+    }
+
+
+def checkpoint_path(args):
+    """Check the flags before anything is written -> the checkpoint to resume or evaluate."""
+    if args.resolution % 8 or args.resolution < 8:
+        raise SystemExit(
+            f"error: --resolution {args.resolution} is not a positive multiple of 8 (the encoder "
+            "halves it 3 times); use e.g. 64"
+        )
+    path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
+    if args.ckpt and not os.path.isfile(args.ckpt):
+        raise SystemExit(
+            f"error: --ckpt {args.ckpt} does not exist; pass the path of a {SCRIPT} ckpt.pt"
+        )
+    if args.eval_only and not os.path.isfile(path):
+        raise SystemExit(
+            f"error: --eval-only needs a checkpoint but {path} does not exist; train first or "
+            "pass --ckpt"
+        )
+    return path
+
+
+def wrap_ddp(module, rt):
+    """DDP over the module when there is more than one process; the module itself otherwise."""
+    if not rt.ddp:
+        return module
+    return DDP(module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+
+def step_flops(raw, args, channels, rt):
+    """FLOPs of one training forward + backward, for MFU; None where the peak is not known."""
+    if not peak_flops(rt):
+        return None
+    x = torch.zeros(args.batch_size, channels, args.resolution, args.resolution, device=rt.device)
+
+    def forward_backward():
+        with rt.amp:
+            x_rec, z, zq, _ = raw(x)
+        sum(vq_losses(x, x_rec, z, zq, args.beta, args.recon_loss)).backward()
+
+    flops = count_flops(forward_backward)
+    raw.zero_grad(set_to_none=True)
+    return flops
+
+
+def restore_training(ckpt, opt, scaler, disc, opt_d, gen, rt):
+    """Optimisers, loss scaler, discriminator and RNG states of a checkpoint (the model is already
+    loaded). A discriminator is restored only if the checkpoint has one."""
+    opt.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    if disc is not None and "disc" in ckpt:
+        disc.load_state_dict(ckpt["disc"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+    data_state = set_rng_state(ckpt["rng"], rt.rank)
+    if data_state is not None:
+        gen.set_state(data_state)
+
+
+def save_checkpoint(step, raw, opt, scaler, disc, opt_d, gen, arch, args, rt):
+    """All ranks call this (the data-generator states are gathered); rank 0 writes atomically."""
+    data_states = gather_states(gen.get_state(), rt)
+    if not rt.master:
+        return
+    ckpt = {
+        "script": SCRIPT,
+        "step": step,
+        "args": asdict(args),
+        "arch": arch,
+        "model": raw.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(data_states),
+    }
+    if disc is not None:
+        ckpt["disc"] = disc.state_dict()
+        ckpt["opt_d"] = opt_d.state_dict()
+    save_atomic(ckpt, os.path.join(args.out_dir, "ckpt.pt"))
+
+
+def log_train(meter, speed, writer, raw, step, lr, args, rt):
+    """The console line and train/ + perf/ scalars from the terms summed since the last one."""
+    m = meter.means(rt, raw.parameters(), f"before step {step}")
+    meter.reset()
+    speed_text, perf = speed.report(args.batch_size * rt.world, args.steps - step)
+    if not rt.master:
+        return
+    gan = args.gan_weight > 0
+    losses = f"loss {m['loss']:.4f} rec {m['rec']:.4f} commit {m['commit']:.4f}"
+    if gan and step > args.gan_start:  # the step just taken had the GAN terms
+        losses += f" g {m['gan_g']:.3f} d {m['gan_d']:.3f}"
+    print(f"step {step}/{args.steps} | {losses} | lr {lr:.2e} | {speed_text}", flush=True)
+    scalars = {k: v for k, v in m.items() if gan or not k.startswith("gan")}
+    log_scalars(writer, "train", {**scalars, "lr": lr}, step)
+    log_scalars(writer, "perf", perf, step)
+
+
+# ==================================================================================================
+# Infrastructure: byte-identical in every train_*.py (tests/test_infrastructure.py compares them).
+# Device and precision, DDP, seeding, checkpoints, the loss and speed meters, logging, teardown.
+# Skip it to read the method: `diff train_vqvae.py train_river.py` shows the method and little else.
+# ==================================================================================================
+SCRIPT = os.path.basename(__file__)
+WARMUP_STEPS = 3  # first steps of a run (compile, allocator warm-up) stay out of the speed figures
+PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peaks, for MFU
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+@dataclass
+class Runtime:
+    """Where and how this process runs: made once by setup()."""
+
+    device: torch.device
+    dtype: str
+    amp: object  # autocast context (nullcontext in fp32), reused for every forward
+    compile: bool
+    rank: int
+    world: int
+    ddp: bool  # world > 1
+    master: bool  # rank 0: the one that writes
 
 
 def cpu_has_bf16():
@@ -404,12 +705,99 @@ def cpu_has_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def auto_dtype(dev):
+    """bf16 where it is fast (CUDA with bf16, CPUs with native bf16), fp16 on older GPUs, else fp32."""
+    if dev == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if dev == "cpu" and cpu_has_bf16() else "float32"
+
+
+def setup(args):
+    """Device, precision, process group and seeds from the system flags -> Runtime."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    dev = args.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if dev == "cuda" else dev)
+    if dev == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev == "cuda" else "gloo")
+    dtype = args.dtype if args.dtype != "auto" else auto_dtype(dev)
+    ptdtype = getattr(torch, dtype)
+    amp = torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+    use_compile = args.compile if args.compile is not None else dev == "cuda"
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
+    return Runtime(device, dtype, amp, use_compile, rank, world, world > 1, rank == 0)
+
+
+def device_name(rt):
+    return torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else rt.device.type
+
+
+def peak_flops(rt):
+    """The accelerator's dense bf16/fp16 peak in FLOP/s, or None where it is not known."""
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name(rt)), None)
+
+
+def count_flops(fn):
+    """FLOPs of one call of fn() (forward and backward, as fn does them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def make_scaler(rt):
+    """Loss scaling for fp16 only; a no-op otherwise."""
+    return torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == "float16")
+
+
+def lr_at(step, total, peak, warmup, decay=True):
+    """Linear warm-up, then cosine decay to peak/10 at `total` (constant if not decay)."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    progress = min(1.0, step / max(1, total))
+    return peak * warm * ((0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))) if decay else 1.0)
+
+
+def set_lr(optimizers, lr):
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
+def optimizer_step(opt, scaler, loss, params, clip):
+    """Backward, clip the gradient norm (clip > 0), step; the fp16 scaler unscales first."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    scaler.step(opt)
+    scaler.update()
+
+
 def rng_state(data):
     """Every RNG state as tensors and lists, so the checkpoint loads with weights_only=True."""
-    py, npr = random.getstate(), np.random.get_state()
-    return {"python": [py[0], list(py[1]), py[2]], "numpy": [npr[0], torch.from_numpy(npr[1].astype(np.int64)), *npr[2:]],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-            "data": data}
+    py = random.getstate()
+    npr = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npr[0], torch.from_numpy(npr[1].astype(np.int64)), *npr[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+        "data": data,
+    }
 
 
 def set_rng_state(s, rank):
@@ -422,265 +810,271 @@ def set_rng_state(s, rank):
     return s["data"][rank] if rank < len(s["data"]) else None
 
 
+def gather_states(state, rt):
+    """This rank's data-generator state -> the list of every rank's (rank 0 saves them all)."""
+    if not rt.ddp:
+        return [state]
+    states = [None] * rt.world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def first_line(e):
+    return str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+
+
 def load_checkpoint(path, arch):
+    """Read a checkpoint of this script with this architecture, or stop with one line."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); pass a valid --ckpt or use a new --out-dir")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != "train_vqvae.py":
-        got = ckpt.get("script", "an unknown script") if isinstance(ckpt, dict) else "an unknown script"
-        raise SystemExit(f"error: {path} was written by {got}, not train_vqvae.py; pass a train_vqvae.py checkpoint with --ckpt or use another --out-dir")
-    diff = [f"{k}={ckpt.get('arch', {}).get(k)} (now {v})" for k, v in arch.items() if ckpt.get("arch", {}).get(k) != v]
+        raise SystemExit(
+            f"error: cannot read checkpoint {path} ({type(e).__name__}: {first_line(e)}); "
+            "pass a valid --ckpt or use a new --out-dir"
+        )
+    got = ckpt.get("script", "an unknown script") if isinstance(ckpt, dict) else "an unknown script"
+    if got != SCRIPT:
+        raise SystemExit(
+            f"error: {path} was written by {got}, not {SCRIPT}; "
+            f"pass a {SCRIPT} checkpoint with --ckpt or use another --out-dir"
+        )
+    saved = ckpt.get("arch", {})
+    diff = [f"{k}={saved.get(k)} (now {v})" for k, v in arch.items() if saved.get(k) != v]
     if diff:
-        raise SystemExit(f"error: {path} has another architecture: {', '.join(diff)}; pass the same model flags/data, or use another --out-dir")
+        raise SystemExit(
+            f"error: {path} has another architecture: {', '.join(diff)}; "
+            "pass the model and data flags it was trained with, or use another --out-dir"
+        )
     return ckpt
 
 
-def main(args: Args):
-    # ---- distributed, device, precision
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    ddp, master = world > 1, rank == 0
-    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if dev == "cuda" else dev)
-    if dev == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if ddp and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev == "cuda" else "gloo")
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if dev == "cuda" else (
-            "bfloat16" if dev == "cpu" and cpu_has_bf16() else "float32")
-    ptdtype = getattr(torch, dtype)
-    amp = torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
-    use_compile = args.compile if args.compile is not None else dev == "cuda"
-    random.seed(args.seed + rank), np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
+def load_weights(module, state, path):
+    """load_state_dict, or stop with one line when the checkpoint does not fit the module."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError) as e:
+        raise SystemExit(
+            f"error: {path} does not match this model ({first_line(e)}); use another --out-dir"
+        )
 
-    # ---- inputs: validate everything before anything is written
-    if args.resolution % 8 or args.resolution < 8:
-        raise SystemExit(f"error: --resolution {args.resolution} is not a positive multiple of 8 (the encoder halves it 3 times); use e.g. 64")
-    ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
-    if args.ckpt and not os.path.isfile(args.ckpt):
-        raise SystemExit(f"error: --ckpt {args.ckpt} does not exist; pass the path of a train_vqvae.py ckpt.pt")
-    if args.eval_only and not os.path.isfile(ckpt_path):
-        raise SystemExit(f"error: --eval-only needs a checkpoint but {ckpt_path} does not exist; train first or pass --ckpt")
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a kill mid-write never leaves a broken file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def open_writer(args, step):
+    """Rank 0: samples/ and plots/, args.json, TensorBoard writer with the args table at step 0."""
+    for sub in ("samples", "plots"):
+        os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
+    write_json(os.path.join(args.out_dir, "args.json"), asdict(args))
+    writer = SummaryWriter(args.out_dir)
+    if step == 0:
+        rows = "\n".join(f"| {k} | {v} |" for k, v in asdict(args).items())
+        writer.add_text("args", "| flag | value |\n|---|---|\n" + rows, 0)
+    return writer
+
+
+class LossMeter:
+    """Named loss terms summed between log lines; means() averages them over steps and ranks and
+    stops the run with one line when a term or a weight is not finite."""
+
+    def __init__(self, names, device):
+        self.names = names
+        self.sum = torch.zeros(len(names), device=device)
+        self.n = 0
+
+    def add(self, terms):
+        self.sum += torch.as_tensor(terms, dtype=torch.float32, device=self.sum.device)
+        self.n += 1
+
+    def means(self, rt, params, where):
+        total = self.sum.clone()
+        if rt.ddp:
+            dist.all_reduce(total)
+        values = (total / max(1, self.n * rt.world)).tolist()
+        finite = all(math.isfinite(v) for v in values) and all(p.isfinite().all() for p in params)
+        if not finite:
+            raise SystemExit(
+                f"error: non-finite loss ({dict(zip(self.names, values))}) {where}; lower the "
+                "learning rate or use --dtype float32; the last good checkpoint was kept"
+            )
+        return dict(zip(self.names, values))
+
+    def reset(self):
+        self.sum.zero_()
+        self.n = 0
+
+
+class SpeedMeter:
+    """Training time per step, leaving out the first WARMUP_STEPS of a run and whatever happens
+    between tick() and lap() (evaluation, samples, checkpoints). flops: per step, for MFU."""
+
+    def __init__(self, start, peak):
+        self.start = start
+        self.peak = peak
+        self.t_last = time.perf_counter()
+        self.win = [0.0, 0, 0.0]  # seconds, steps, FLOPs since the last log line
+        self.total = [0.0, 0, 0.0]  # the same over the run
+
+    def tick(self, step, flops=None):
+        """After a training step: count its time unless it is a warm-up step."""
+        if step > self.start + WARMUP_STEPS:
+            self.win[0] += time.perf_counter() - self.t_last
+            self.win[1] += 1
+            self.win[2] += flops or 0.0
+
+    def lap(self):
+        """Restart the clock at the end of an iteration."""
+        self.t_last = time.perf_counter()
+
+    def report(self, samples_per_step, steps_left):
+        """-> (text for the log line, perf scalars); then starts a new window."""
+        seconds, steps, flops = self.win
+        for i in range(3):
+            self.total[i] += self.win[i]
+        self.win = [0.0, 0, 0.0]
+        if not steps:
+            return "warm-up", {}
+        ms = 1000 * seconds / steps
+        perf = {"steps_per_s": 1000 / ms, "samples_per_s": samples_per_step * 1000 / ms}
+        if flops and self.peak:
+            perf["mfu"] = flops / seconds / self.peak
+        mfu = f"{perf['mfu']:.1%}" if "mfu" in perf else "n/a"
+        eta = steps_left * ms / 60000
+        text = f"{ms:.0f} ms/step | {perf['samples_per_s']:.0f} samples/s | MFU {mfu} | ETA {eta:.1f} min"
+        return text, perf
+
+    def summary(self, samples_per_step):
+        """Training speed over the whole run, for metrics.json."""
+        seconds, steps, flops = self.total
+        return {
+            "train_samples_per_s": samples_per_step * steps / seconds if seconds else None,
+            "train_ms_per_step": 1000 * seconds / steps if steps else None,
+            "mfu": flops / seconds / self.peak if flops and self.peak and seconds else None,
+        }
+
+
+def log_scalars(writer, prefix, values, step):
+    for k, v in values.items():
+        if isinstance(v, (int, float)):
+            writer.add_scalar(f"{prefix}/{k}", v, step)
+
+
+def teardown(rt):
+    """Leave the process group together: rank 0 may still be evaluating."""
+    if rt.ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ==================================================================================================
+# End of infrastructure.
+# ==================================================================================================
+
+
+def main(args: Args):
+    rt = setup(args)
+    ckpt_path = checkpoint_path(args)
     eval_clips = load_clips(args, args.eval_clips, "val")
     channels = eval_clips.shape[2]
-    arch = dict(channels=channels, width=args.width, latent_channels=args.latent_channels,
-                codebook_size=args.codebook_size, attention=args.attention)
-    ckpt = load_checkpoint(ckpt_path, arch) if (args.resume or args.eval_only) and os.path.isfile(ckpt_path) else None
-    raw = VQVAE(**arch).to(device)
+    arch = model_arch(args, channels)
+    ckpt = None
+    if (args.resume or args.eval_only) and os.path.isfile(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path, arch)
+    raw = VQVAE(**arch).to(rt.device)
     if ckpt:
-        try:
-            raw.load_state_dict(ckpt["model"])
-        except (RuntimeError, KeyError) as e:
-            raise SystemExit(f"error: {ckpt_path} does not match this model ({str(e).splitlines()[0][:120]}); use another --out-dir")
+        load_weights(raw, ckpt["model"], ckpt_path)
     step = ckpt["step"] if ckpt else 0
     n_params = sum(p.numel() for p in raw.parameters())
-    meta = {"script": "train_vqvae.py", "data": args.data, "resolution": args.resolution, "channels": channels,
-            "latent_shape": [args.latent_channels, args.resolution // 8, args.resolution // 8],
-            "codebook_size": args.codebook_size, "input_range": [0, 1], "encode": "first_stage_encode.pt2",
-            "decode": "first_stage_decode.pt2"}
-
-    writer = None  # TensorBoard, rank 0 of a training run only
-
-    def run_eval():
-        scores, rec_clips, z0 = evaluate(raw, eval_clips, args, device, amp)
-        for k, v in scores.items():
-            if writer and isinstance(v, float):
-                writer.add_scalar(("perf/" if k.endswith("_per_s") else "eval/") + k, v, step)
-        print(f"eval step {step}: PSNR {scores['psnr']:.2f} dB  SSIM {scores['ssim']:.4f}  usage {scores['codebook_usage']:.0%}"
-              f"  perplexity {scores['perplexity']:.0f}  z_e std {scores['latent_std_global']:.2f}", flush=True)
-        return scores, rec_clips, z0
-
-    def finish(scores, rec, z0, perf, t_start):
-        """Final samples, metrics.json and the exported first stage (rank 0)."""
-        save_samples(eval_clips, rec, z0, args.out_dir, step, writer)
-        perf["recon_frames_per_s"] = scores.pop("recon_frames_per_s")
-        report = {"script": "train_vqvae.py", "step": step, "wall_s": round(time.time() - t_start, 1), "eval": scores, "perf": perf,
-                  "data": {"kind": args.data, "resolution": args.resolution, "n_eval": eval_clips.shape[0] * eval_clips.shape[1]}}
-        with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        if args.export:
-            export_first_stage(raw, args.out_dir, {**meta, "step": step, "latent_mean": scores["latent_mean"],
-                                                   "latent_std": scores["latent_std"], "eval": scores})
-        print(f"outputs in {args.out_dir} (metrics.json, samples/" + (", first_stage_*.pt2" if args.export else "")
-              + f"); tensorboard --logdir {args.out_dir}")
 
     if args.eval_only:
-        if master:
+        if rt.master:
             os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-            finish(*run_eval(), {"train_samples_per_s": None, "mfu": None, "params": n_params}, time.time())
-        if ddp:
-            dist.barrier(), dist.destroy_process_group()  # rank 0 may still be evaluating: leave the group together
+            perf = {"train_samples_per_s": None, "mfu": None, "params": n_params}
+            finish(raw, eval_clips, perf, step, args, rt, None, time.time())
+        teardown(rt)
         return
 
     # ---- training state
-    pool = load_clips(args, args.train_clips, "train", rank, world).flatten(0, 1)  # (frames, C, H, W) uint8
-    gen = torch.Generator().manual_seed(args.seed + 1000 * rank)
-    opt = torch.optim.Adam(raw.parameters(), lr=args.lr, betas=(0.9, 0.99), fused=dev == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
-    gan = args.gan_weight > 0
-    disc = patch_discriminator(channels, args.width).to(device) if gan else None
-    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9)) if gan else None
+    pool = load_clips(args, args.train_clips, "train", rt.rank, rt.world).flatten(0, 1)
+    gen = torch.Generator().manual_seed(args.seed + 1000 * rt.rank)
+    fused = rt.device.type == "cuda"
+    opt = torch.optim.Adam(raw.parameters(), lr=args.lr, betas=(0.9, 0.99), fused=fused)
+    scaler = make_scaler(rt)
+    disc = None
+    opt_d = None
+    if args.gan_weight > 0:
+        disc = patch_discriminator(channels, args.width).to(rt.device)
+        opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    optimizers = [opt] if disc is None else [opt, opt_d]
     if ckpt:
-        opt.load_state_dict(ckpt["optimizer"]), scaler.load_state_dict(ckpt["scaler"])
-        if gan and "disc" in ckpt:
-            disc.load_state_dict(ckpt["disc"]), opt_d.load_state_dict(ckpt["opt_d"])
-        data_state = set_rng_state(ckpt["rng"], rank)
-        if data_state is not None:
-            gen.set_state(data_state)
-
-    def batch():
-        return pool[torch.randint(len(pool), (args.batch_size,), generator=gen)].to(device).float() / 255
-
+        restore_training(ckpt, opt, scaler, disc, opt_d, gen, rt)
     if raw.ema_count.sum() == 0:
-        with torch.no_grad(), amp:
-            init_codebook(raw, raw.encode(batch()), ddp)
-    flops = None  # one forward + backward, counted once, for MFU
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) if dev == "cuda" else None
-    if peak:
-        from torch.utils.flop_counter import FlopCounterMode
-        x = torch.zeros(args.batch_size, channels, args.resolution, args.resolution, device=device)
-        with FlopCounterMode(display=False) as fc:
-            with amp:
-                out = raw(x)
-            sum(vq_losses(x, *out[:3], args.beta)).backward()
-        flops = fc.get_total_flops()
-        raw.zero_grad(set_to_none=True)
-    # update_codebook keeps the codebook buffers equal on all ranks; DDP's buffer broadcast is a cheap extra
-    wrap = (lambda m: DDP(m, device_ids=[device.index] if dev == "cuda" else None)) if ddp else (lambda m: m)
-    model, disc_ddp = wrap(torch.compile(raw) if use_compile else raw), wrap(disc) if gan else None
+        with torch.no_grad(), rt.amp:
+            x = draw_batch(pool, gen, args.batch_size, rt.device)
+            init_codebook(raw, raw.encode(x), rt.ddp)
+    flops = step_flops(raw, args, channels, rt)
+    # update_codebook keeps codebooks equal on all ranks; DDP's buffer broadcast is a cheap extra
+    model = wrap_ddp(torch.compile(raw) if rt.compile else raw, rt)
+    disc_ddp = wrap_ddp(disc, rt) if disc is not None else None
 
-    def save_checkpoint(step):
-        """All ranks call this (the data-generator states are gathered); rank 0 writes atomically."""
-        gens = [gen.get_state()]
-        if ddp:
-            gens = [None] * world
-            dist.all_gather_object(gens, gen.get_state())
-        if not master:
-            return
-        ck = {"script": "train_vqvae.py", "step": step, "args": asdict(args), "arch": arch, "model": raw.state_dict(),
-              "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(gens)}
-        if gan:
-            ck["disc"], ck["opt_d"] = disc.state_dict(), opt_d.state_dict()
-        path = os.path.join(args.out_dir, "ckpt.pt")
-        torch.save(ck, path + ".tmp")
-        os.replace(path + ".tmp", path)
-
-    if master:
-        for sub in ("samples", "plots"):
-            os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
-        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
-        writer = SummaryWriter(args.out_dir)
-        if step == 0:
-            writer.add_text("args", "| flag | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in asdict(args).items()), 0)
-        print(f"train_vqvae: {n_params / 1e6:.2f}M params, {dev} {dtype}, compile {use_compile}, world {world}, "
-              f"{len(pool)} training frames/rank of {args.data}, from step {step} to {args.steps}; outputs in {args.out_dir}", flush=True)
+    writer = None  # TensorBoard, rank 0 only
+    if rt.master:
+        writer = open_writer(args, step)
+        print(
+            f"train_vqvae: {n_params / 1e6:.2f}M params, {rt.device.type} {rt.dtype}, "
+            f"compile {rt.compile}, world {rt.world}, {len(pool)} training frames/rank of "
+            f"{args.data}, from step {step} to {args.steps}; outputs in {args.out_dir}",
+            flush=True,
+        )
 
     # ---- loop
-    WARMUP = 3  # first steps (compile, allocator warm-up) stay out of the speed figures
-    start, t_start, t_last = step, time.time(), time.perf_counter()
-    train_time, train_steps, win_time, win_steps = 0.0, 0, 0.0, 0
-    acc, n_acc, names = torch.zeros(6, device=device), 0, ["loss", "rec", "commit", "gan_g", "gan_d", "restarts"]
-
-    def reduced_means():
-        """Mean of the accumulated loss terms over steps and ranks; stops on a non-finite loss or weight."""
-        v = acc.clone()
-        if ddp:
-            dist.all_reduce(v)
-        v = (v / max(1, n_acc * world)).tolist()
-        if not all(math.isfinite(x) for x in v) or not all(p.isfinite().all() for p in raw.parameters()):
-            raise SystemExit(f"error: non-finite loss ({dict(zip(names[:5], v))}) before step {step}; lower --lr (now {args.lr}) "
-                             f"or use --dtype float32; the last good checkpoint was kept")
-        return dict(zip(names, v))
-
+    meter = LossMeter(TERMS, rt.device)
+    speed = SpeedMeter(step, peak_flops(rt))
+    t_start = time.time()
     try:
         while step < args.steps:
-            lr = lr_at(step, args)
-            for group in opt.param_groups + (opt_d.param_groups if gan else []):
-                group["lr"] = lr
-            x = batch()
-            with amp:
-                x_rec, z, zq, idx = model(x)
-            rec, commit = vq_losses(x, x_rec, z, zq, args.beta, args.recon_loss)
-            loss, g_loss, d_loss = rec + commit, torch.zeros((), device=device), torch.zeros((), device=device)
-            gan_on = gan and step >= args.gan_start
-            if gan_on:  # generator side: the frozen, unwrapped disc, so DDP's hooks on it stay quiet
-                disc.requires_grad_(False)
-                with amp:
-                    g_loss = -disc(x_rec).float().mean()
-                disc.requires_grad_(True)
-                loss = loss + args.gan_weight * adaptive_gan_weight(rec, g_loss, x_rec) * g_loss
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if args.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-            scaler.step(opt)
-            if gan_on:
-                opt_d.zero_grad(set_to_none=True)
-                with amp:
-                    real, fake = disc_ddp(torch.cat([x, x_rec.detach()])).float().chunk(2)
-                d_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
-                scaler.scale(d_loss).backward()
-                scaler.step(opt_d)
-            scaler.update()
-            restarts = update_codebook(raw, z, idx, args.ema_decay, args.ema_eps, args.dead_code_frac, ddp)
-            acc += torch.stack([loss.detach(), rec.detach(), commit.detach(), g_loss.detach(), d_loss.detach(), restarts])
-            n_acc, step = n_acc + 1, step + 1
-
-            if step > start + WARMUP:
-                win_time, win_steps = win_time + time.perf_counter() - t_last, win_steps + 1
+            lr = lr_at(step, args.steps, args.lr, args.warmup_steps)
+            set_lr(optimizers, lr)
+            x = draw_batch(pool, gen, args.batch_size, rt.device)
+            meter.add(train_step(model, raw, disc, disc_ddp, opt, opt_d, scaler, x, step, args, rt))
+            step += 1
+            speed.tick(step, flops)
             if step % args.log_every == 0 or step == args.steps:
-                m = reduced_means()
-                ms = 1000 * win_time / max(1, win_steps)
-                mfu = flops * 1000 / ms / peak if flops and win_steps else None
-                if master:
-                    speed = (f"{ms:.0f} ms/step | {args.batch_size * world * 1000 / ms:.0f} samples/s | MFU "
-                             f"{f'{mfu:.1%}' if mfu else 'n/a'} | ETA {(args.steps - step) * ms / 60000:.1f} min") if win_steps else "warm-up"
-                    print(f"step {step}/{args.steps} | loss {m['loss']:.4f} rec {m['rec']:.4f} commit {m['commit']:.4f}"
-                          + (f" g {m['gan_g']:.3f} d {m['gan_d']:.3f}" if gan_on else "") + f" | lr {lr:.2e} | {speed}", flush=True)
-                    for k, v in m.items():
-                        if gan or not k.startswith("gan"):
-                            writer.add_scalar(f"train/{k}", v, step)
-                    writer.add_scalar("train/lr", lr, step)
-                    if win_steps:
-                        writer.add_scalar("perf/steps_per_s", 1000 / ms, step)
-                        writer.add_scalar("perf/samples_per_s", args.batch_size * world * 1000 / ms, step)
-                    if mfu:
-                        writer.add_scalar("perf/mfu", mfu, step)
-                acc.zero_()
-                n_acc, train_time, train_steps, win_time, win_steps = 0, train_time + win_time, train_steps + win_steps, 0.0, 0
-            if master and step < args.steps and step % args.eval_every == 0:  # the final one follows the loop
-                run_eval()
-            if master and step < args.steps and step % args.sample_every == 0:
-                _, rec_clips, z0 = evaluate(raw, eval_clips[:4], args, device, amp)
-                save_samples(eval_clips, rec_clips, z0, args.out_dir, step, writer)
+                log_train(meter, speed, writer, raw, step, lr, args, rt)
+            if rt.master and step < args.steps and step % args.eval_every == 0:
+                run_eval(raw, eval_clips, args, rt, step, writer)  # the final one follows the loop
+            if rt.master and step < args.steps and step % args.sample_every == 0:
+                _, rec, z0 = evaluate(raw, eval_clips[:4], args, rt)
+                save_samples(eval_clips, rec, z0, args.out_dir, step, writer)
             if step % args.ckpt_every == 0 or step == args.steps:
-                reduced_means()  # never save weights that have gone non-finite since the last log
-                save_checkpoint(step)
-            t_last = time.perf_counter()  # evaluation and checkpoint time stay out of the speed figures
+                # never save weights that have gone non-finite since the last log
+                meter.means(rt, raw.parameters(), f"before step {step}")
+                save_checkpoint(step, raw, opt, scaler, disc, opt_d, gen, arch, args, rt)
+            speed.lap()  # evaluation and checkpoint time stay out of the speed figures
     except KeyboardInterrupt:
-        reduced_means()
-        save_checkpoint(step)
-        raise SystemExit(f"interrupted at step {step}; checkpoint saved in {args.out_dir}, run the same command to resume")
+        meter.means(rt, raw.parameters(), f"before step {step}")
+        save_checkpoint(step, raw, opt, scaler, disc, opt_d, gen, arch, args, rt)
+        raise SystemExit(
+            f"interrupted at step {step}; checkpoint saved in {args.out_dir}, run the same "
+            "command to resume"
+        )
 
-    if master:
-        scores, rec_clips, z0 = run_eval()
-        perf = {"train_samples_per_s": args.batch_size * world * train_steps / train_time if train_time else None,
-                "train_ms_per_step": 1000 * train_time / train_steps if train_steps else None,
-                "mfu": flops * train_steps / train_time / peak if flops and train_time else None, "params": n_params,
-                "device": torch.cuda.get_device_name(device) if dev == "cuda" else dev, "dtype": dtype}
-        finish(scores, rec_clips, z0, perf, t_start)
+    if rt.master:
+        perf = speed.summary(args.batch_size * rt.world)
+        perf.update(params=n_params, device=device_name(rt), dtype=rt.dtype)
+        finish(raw, eval_clips, perf, step, args, rt, writer, t_start)
         writer.close()
-        viz.plot_training_curves(args.out_dir, os.path.join(args.out_dir, "plots", "training_curves.png"))
-    if ddp:
-        dist.barrier(), dist.destroy_process_group()  # rank 0 may still be evaluating: leave the group together
+        curves = os.path.join(args.out_dir, "plots", "training_curves.png")
+        viz.plot_training_curves(args.out_dir, curves)
+    teardown(rt)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """train_vqvae.py: CLI, outputs, quantiser invariants, export, determinism, resume, DDP, bad input."""
+
 import hashlib
 import json
 import os
@@ -16,10 +17,11 @@ import train_vqvae as tv
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: more threads only contend on a busy CPU
 
-TINY = ["--steps", "4", "--log-every", "1", "--eval-every", "2", "--sample-every", "2", "--ckpt-every", "2",
-        "--resolution", "32", "--frames", "4", "--train-clips", "4", "--eval-clips", "2", "--width", "8",
-        "--codebook-size", "16", "--batch-size", "8", "--dtype", "float32", "--no-compile", "--device", "cpu",
-        "--warmup-steps", "1", "--lr", "3e-3"]
+TINY = (
+    "--steps 4 --log-every 1 --eval-every 2 --sample-every 2 --ckpt-every 2 --resolution 32 "
+    "--frames 4 --train-clips 4 --eval-clips 2 --width 8 --codebook-size 16 --batch-size 8 "
+    "--dtype float32 --no-compile --device cpu --warmup-steps 1 --lr 3e-3"
+).split()
 
 
 def run(out_dir, *extra):
@@ -55,11 +57,23 @@ def tiny(tmp_path_factory, one_thread):
 
 # ----------------------------------------------------------------------------- CLI and outputs
 def test_help_shows_field_docs():
-    r = subprocess.run([sys.executable, "train_vqvae.py", "--help"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "train_vqvae.py", "--help"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
-    for text in ("--codebook-size", "--compile, --no-compile", "--resume, --no-resume", "--eval-only",
-                 "commitment weight", "bfloat16"):
+    for text in (
+        "--codebook-size",
+        "--compile, --no-compile",
+        "--resume, --no-resume",
+        "--eval-only",
+        "commitment weight",
+        "bfloat16",
+    ):
         assert text in r.stdout
 
 
@@ -72,17 +86,25 @@ def test_tiny_run_writes_outputs(tiny):
     assert list(tiny.glob("events.out.tfevents.*"))
     m = json.loads((tiny / "metrics.json").read_text())
     assert m["script"] == "train_vqvae.py" and m["step"] == 4
-    assert {"psnr", "ssim", "codebook_usage", "perplexity", "latent_mean", "latent_std"} <= m["eval"].keys()
+    assert {"psnr", "ssim", "codebook_usage", "perplexity", "latent_mean", "latent_std"} <= m[
+        "eval"
+    ].keys()
     assert 0 < m["eval"]["codebook_usage"] <= 1 and 1 <= m["eval"]["perplexity"] <= 16
     assert len(m["eval"]["latent_std"]) == 4 and m["eval"]["psnr"] > 0
     assert m["perf"]["train_samples_per_s"] > 0 and m["perf"]["mfu"] is None  # no peak known on CPU
     assert m["data"] == {"kind": "smoke", "resolution": 32, "n_eval": 8}
     assert json.loads((tiny / "args.json").read_text())["codebook_size"] == 16
     assert (tiny / "samples" / "recon_000002.gif").stat().st_size > 0
-    assert (tiny / "samples" / "recon_latest.png").exists() and (tiny / "samples" / "latent_latest.png").exists()
+    assert (tiny / "samples" / "recon_latest.png").exists() and (
+        tiny / "samples" / "latent_latest.png"
+    ).exists()
     assert (tiny / "plots" / "training_curves.png").exists()
     meta = json.loads((tiny / "first_stage.json").read_text())
-    assert meta["latent_shape"] == [4, 4, 4] and meta["codebook_size"] == 16 and meta["data"] == "smoke"
+    assert (
+        meta["latent_shape"] == [4, 4, 4]
+        and meta["codebook_size"] == 16
+        and meta["data"] == "smoke"
+    )
     assert meta["latent_std"] == m["eval"]["latent_std"]
 
 
@@ -125,7 +147,9 @@ def test_ema_update_hand_made_case():
     count, total = torch.tensor([1.0, 3.0]), torch.tensor([[2.0], [3.0]])
     counts, sums = torch.tensor([3.0, 0.0]), torch.tensor([[6.0], [0.0]])
     n, m, book = tv.ema_update(count, total, counts, sums, decay=0.5, eps=0.0)
-    assert torch.allclose(n, torch.tensor([2.0, 1.5])) and torch.allclose(m, torch.tensor([[4.0], [1.5]]))
+    assert torch.allclose(n, torch.tensor([2.0, 1.5])) and torch.allclose(
+        m, torch.tensor([[4.0], [1.5]])
+    )
     assert torch.allclose(book, torch.tensor([[2.0], [1.0]]))
     # Laplace smoothing: N_k <- (N_k + eps) / (sum N + K eps) * sum N = [35/18, 14/9] for eps 0.5
     _, _, book = tv.ema_update(count, total, counts, sums, decay=0.5, eps=0.5)
@@ -147,7 +171,9 @@ def test_update_codebook_moves_used_code_to_ema_mean():
 def test_dead_codes_restart_at_encoder_outputs():
     torch.manual_seed(0)
     model = tv.VQVAE(3, 8, 2, 4)
-    model.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]]))  # code 3: never nearest
+    model.codebook.copy_(
+        torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])
+    )  # code 3: never nearest
     model.ema_count.copy_(torch.tensor([10.0, 10.0, 10.0, 1e-3]))
     model.ema_sum.copy_(model.codebook * model.ema_count[:, None])
     z = torch.rand(2, 2, 4, 4)
@@ -158,13 +184,15 @@ def test_dead_codes_restart_at_encoder_outputs():
     assert n_dead == 1
     assert (flat - model.codebook[3]).norm(dim=1).min() < 1e-6  # now sits on an encoder output
     assert model.ema_count[3] > 0.03 * model.ema_count.mean()  # with a grace period
-    assert torch.allclose(model.codebook[:3], torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), atol=0.1)
+    assert torch.allclose(
+        model.codebook[:3], torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), atol=0.1
+    )
 
 
 def test_adaptive_gan_weight_balances_gradients():
     x = torch.tensor([3.0, 4.0], requires_grad=True)
-    w = tv.adaptive_gan_weight((x ** 2).sum(), 2 * x.sum(), x)  # gradients (6, 8) and (2, 2)
-    assert w.item() == pytest.approx(10 / (8 ** 0.5 + 1e-4))
+    w = tv.adaptive_gan_weight((x**2).sum(), 2 * x.sum(), x)  # gradients (6, 8) and (2, 2)
+    assert w.item() == pytest.approx(10 / (8**0.5 + 1e-4))
 
 
 # ----------------------------------------------------------------------------- export
@@ -173,7 +201,9 @@ def test_export_round_trip_in_fresh_process(tiny, tmp_path):
     model = tv.VQVAE(**ck["arch"])
     model.load_state_dict(ck["model"])
     model.eval()
-    x = torch.rand(3, 3, 32, 32)  # batch 3: the export example had 2, so the batch dim must be dynamic
+    x = torch.rand(
+        3, 3, 32, 32
+    )  # batch 3: the export example had 2, so the batch dim must be dynamic
     with torch.no_grad():
         z = model.encode(x)
         ref = {"x": x, "z": z, "y": model.decode(z), "y_noisy": model.decode(z + 0.1)}
@@ -189,8 +219,16 @@ def test_export_round_trip_in_fresh_process(tiny, tmp_path):
         "assert 'train_vqvae' not in sys.modules\n"
         "assert list(z.shape[1:]) == meta['latent_shape'], z.shape\n"
         "print((z - ref['z']).abs().max().item(), (dec(ref['z']) - ref['y']).abs().max().item(),"
-        " (dec(ref['z'] + 0.1) - ref['y_noisy']).abs().max().item())\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+        " (dec(ref['z'] + 0.1) - ref['y_noisy']).abs().max().item())\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert max(map(float, r.stdout.split())) < 1e-5
 
@@ -207,10 +245,10 @@ def test_same_seed_same_run(tiny, tmp_path):
 def test_ctrl_c_saves_and_resume_equals_straight_run(tiny, tmp_path, monkeypatch):
     lr_at = tv.lr_at
 
-    def interrupt_at_3(step, args):  # called first thing in a step: a clean place to stop
+    def interrupt_at_3(step, *rest):  # called first thing in a step: a clean place to stop
         if step == 3:
             raise KeyboardInterrupt
-        return lr_at(step, args)
+        return lr_at(step, *rest)
 
     monkeypatch.setattr(tv, "lr_at", interrupt_at_3)
     with pytest.raises(SystemExit, match="interrupted at step 3"):
@@ -234,12 +272,27 @@ def test_eval_only_reproduces_eval(tiny, tmp_path):
     for k in ("psnr", "ssim", "codebook_usage", "perplexity", "loss"):
         assert b[k] == pytest.approx(a[k], rel=1e-6), k
     assert digest(tiny / "ckpt.pt") == before
-    assert (tmp_path / "samples" / "recon_latest.png").exists() and not (tmp_path / "ckpt.pt").exists()
+    assert (tmp_path / "samples" / "recon_latest.png").exists() and not (
+        tmp_path / "ckpt.pt"
+    ).exists()
     assert not (tmp_path / "first_stage_decode.pt2").exists()  # --no-export
 
 
 def test_gan_term_runs(tmp_path, capsys):
-    run(tmp_path, "--steps", "2", "--gan-weight", "0.5", "--gan-start", "1", "--no-export", "--eval-every", "9", "--sample-every", "9")
+    run(
+        tmp_path,
+        "--steps",
+        "2",
+        "--gan-weight",
+        "0.5",
+        "--gan-start",
+        "1",
+        "--no-export",
+        "--eval-every",
+        "9",
+        "--sample-every",
+        "9",
+    )
     ck = load(tmp_path / "ckpt.pt")
     assert "disc" in ck and "opt_d" in ck
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step 2/2")]
@@ -274,24 +327,43 @@ tv.main(tyro.cli(tv.Args, args=sys.argv[1:]))
 def test_torchrun_two_cpu_processes(tmp_path):
     script = tmp_path / "ddp_check.py"
     script.write_text(DDP_SCRIPT.format(root=str(ROOT)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           *TINY, "--out-dir", str(tmp_path / "run"), "--eval-every", "100", "--sample-every", "100", "--no-export"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        *TINY,
+        "--out-dir",
+        str(tmp_path / "run"),
+        "--eval-every",
+        "100",
+        "--sample-every",
+        "100",
+        "--no-export",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = load(tmp_path / "run" / "ckpt.pt")
     assert ck["step"] == 4 and len(ck["rng"]["data"]) == 2
-    assert not torch.equal(ck["rng"]["data"][0], ck["rng"]["data"][1])  # ranks draw different frames
+    assert not torch.equal(
+        ck["rng"]["data"][0], ck["rng"]["data"][1]
+    )  # ranks draw different frames
     assert "world 2" in r.stdout and "8 training frames/rank" in r.stdout
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["step"] == 4
 
 
 # ----------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("extra, message", [
-    (["--data", "nonsense"], "error: unknown data kind"),
-    (["--resolution", "36"], "error: --resolution 36"),
-    (["--ckpt", "/nonexistent/ckpt.pt"], "error: --ckpt /nonexistent/ckpt.pt does not exist"),
-    (["--data", "folder"], "error: .*data_dir"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data", "nonsense"], "error: unknown data kind"),
+        (["--resolution", "36"], "error: --resolution 36"),
+        (["--ckpt", "/nonexistent/ckpt.pt"], "error: --ckpt /nonexistent/ckpt.pt does not exist"),
+        (["--data", "folder"], "error: .*data_dir"),
+    ],
+)
 def test_bad_input_one_line(tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message) as e:
         run(tmp_path, *extra)
@@ -322,5 +394,17 @@ def test_failing_runs_keep_good_checkpoint(tiny, tmp_path):
     with pytest.raises(SystemExit, match="error: unknown data kind"):
         run(d, "--data", "nonsense")
     with pytest.raises(SystemExit, match="error: non-finite loss"):
-        run(d, "--steps", "12", "--lr", "1e30", "--ckpt-every", "100", "--eval-every", "100", "--sample-every", "100")
+        run(
+            d,
+            "--steps",
+            "12",
+            "--lr",
+            "1e30",
+            "--ckpt-every",
+            "100",
+            "--eval-every",
+            "100",
+            "--sample-every",
+            "100",
+        )
     assert digest(d / "ckpt.pt") == good
