@@ -16,14 +16,20 @@ States: (T, objects, 4) x, y, vx, vy in output pixels per frame; NaN rows for ab
     from toy_data import make_dataset, ToyDataset, parse_prompt, collate
     ds = make_dataset("bouncing_balls", num_samples=1000, resolution=64, num_frames=16)
     ds[0]["video"].shape                      # torch.Size([16, 3, 64, 64])
-    item = ToyDataset(100)[3]                 # item["prompt"] e.g. "A red circle moving from left to right"
+    item = ToyDataset(100)[3]  # item["prompt"] e.g. "A red circle moving from left to right"
     assert parse_prompt(item["prompt"]) == item["attrs"]
     loader = torch.utils.data.DataLoader(ToyDataset(1000), batch_size=8, collate_fn=collate)
 
     python toy_data.py --kind smoke --num 256 --out smoke.npz --preview smoke.gif
     python toy_data.py --kind folder --data-dir my_videos --num 100 --out mine.npz
     python toy_data.py bench                  # frames/s per kind on one core
+
+Layout: shared helpers (vocabulary, the per-index data set base, drawing, 2D motion); one
+section per generated kind (smoke, prompted shapes, bouncing balls, pendulum, falling objects,
+projectile, Moving MNIST); the loaders of real files (video folders, .npz/.npy, MNIST IDX);
+make_dataset and the clip helpers; the command line.
 """
+
 import argparse
 import contextlib
 import functools
@@ -43,14 +49,39 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 # ----------------------------------------------------------------------------- vocabulary
-COLORS = {"red": (0.95, 0.15, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.35, 1.0),
-          "yellow": (1.0, 0.9, 0.1), "purple": (0.65, 0.2, 0.9), "orange": (1.0, 0.55, 0.05),
-          "cyan": (0.1, 0.85, 0.9), "white": (1.0, 1.0, 1.0)}
+COLORS = {
+    "red": (0.95, 0.15, 0.1),
+    "green": (0.1, 0.8, 0.2),
+    "blue": (0.15, 0.35, 1.0),
+    "yellow": (1.0, 0.9, 0.1),
+    "purple": (0.65, 0.2, 0.9),
+    "orange": (1.0, 0.55, 0.05),
+    "cyan": (0.1, 0.85, 0.9),
+    "white": (1.0, 1.0, 1.0),
+}
 SHAPES = ("circle", "square", "triangle")
-DIRECTIONS = ("left_to_right", "right_to_left", "top_to_bottom", "bottom_to_top", "top_left_to_bottom_right",
-              "bottom_right_to_top_left", "top_right_to_bottom_left", "bottom_left_to_top_right")
+DIRECTIONS = (
+    "left_to_right",
+    "right_to_left",
+    "top_to_bottom",
+    "bottom_to_top",
+    "top_left_to_bottom_right",
+    "bottom_right_to_top_left",
+    "top_right_to_bottom_left",
+    "bottom_left_to_top_right",
+)
 ROTATIONS = ("clockwise", "counter-clockwise")
-KINDS = ("shapes", "bouncing_balls", "pendulum", "falling", "projectile", "moving_mnist", "smoke", "folder", "npz")
+KINDS = (
+    "shapes",
+    "bouncing_balls",
+    "pendulum",
+    "falling",
+    "projectile",
+    "moving_mnist",
+    "smoke",
+    "folder",
+    "npz",
+)
 SPLITS = ("train", "val", "test")
 _SIDES = {"left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1)}
 
@@ -68,6 +99,22 @@ def _check_size(resolution, num_frames):
         raise ValueError(f"num_frames must be at least 1, got {num_frames}")
 
 
+def _pick(rng, seq):
+    return seq[int(rng.integers(len(seq)))]
+
+
+def _side_vector(side):
+    """'top_left' -> (-1, -1): the sum of the named sides' unit steps."""
+    return np.sum([_SIDES[w] for w in side.split("_")], axis=0)
+
+
+def direction_vector(direction):
+    """'top_left_to_bottom_right' -> (1, 1): signs of the motion in x and y (y points down)."""
+    start, end = _need(direction, DIRECTIONS, "direction").split("_to_")
+    return tuple(int(s) for s in np.sign(_side_vector(end) - _side_vector(start)))
+
+
+# ----------------------------------------------------------------------------- data set base
 @contextlib.contextmanager
 def _one_thread():
     """Generation works on small tensors: extra threads cost more than they save, and on a busy
@@ -80,195 +127,18 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
-def _pick(rng, seq):
-    return seq[int(rng.integers(len(seq)))]
-
-
-def direction_vector(direction):
-    """'top_left_to_bottom_right' -> (1, 1): signs of the motion in x and y (y points down)."""
-    a, b = _need(direction, DIRECTIONS, "direction").split("_to_")
-    pos = lambda side: np.sum([_SIDES[w] for w in side.split("_")], axis=0)
-    return tuple(int(s) for s in np.sign(pos(b) - pos(a)))
-
-
-# ----------------------------------------------------------------------------- rendering
-# Shapes come from (signed) distance fields on a (T, H, W) grid in pixel units: every frame is
-# drawn at once, and edges are anti-aliased, coverage = clip(0.5 - distance, 0, 1).
-def _grid(h, w):
-    return np.arange(h, dtype=np.float32) + 0.5, np.arange(w, dtype=np.float32) + 0.5
-
-
-def disc_masks(cx, cy, r, h, w):
-    """Discs with centres cx, cy (any shape S, pixels) and radius r -> coverage (*S, h, w)."""
-    ys, xs = _grid(h, w)
-    cx, cy, r = (np.asarray(a, np.float32)[..., None] for a in np.broadcast_arrays(cx, cy, r))
-    # (r^2 - d^2) / 2r equals r - d at the edge and needs no square root: 2 full-size passes
-    ax, ay = (xs - cx) ** 2 / (2 * r), (ys - cy) ** 2 / (2 * r)
-    m = (r / 2 + 0.5 - ax)[..., None, :] - ay[..., :, None]
-    return np.clip(m, 0, 1, out=m)
-
-
-def polygon_masks(shape, cx, cy, size, angle, h, w):
-    """Square (size = half side) or equilateral triangle (size = circumradius), (T, h, w).
-    cx, cy, angle: (T,); angle in radians, positive = clockwise on screen (y points down)."""
-    ys, xs = _grid(h, w)
-    if shape == "square":
-        normals, offset = angle[:, None] + np.arange(4) * np.pi / 2, size
-    else:  # edge normals point away from the opposite vertex; the first vertex points up
-        normals, offset = angle[:, None] + np.pi / 2 + np.arange(3) * 2 * np.pi / 3, size / 2
-    normals, cx, cy = (np.asarray(a, np.float32) for a in (normals, cx, cy))
-    px = np.cos(normals)[..., None] * (xs - cx[:, None, None])  # (T, k, W)
-    py = np.sin(normals)[..., None] * (ys - cy[:, None, None])  # (T, k, H)
-    d = px[:, 0, None, :] + py[:, 0, :, None]
-    for k in range(1, normals.shape[1]):  # max over edge lines: exact distance along the edges
-        np.maximum(d, px[:, k, None, :] + py[:, k, :, None], out=d)
-    d -= offset + 0.5
-    return np.clip(-d, 0, 1, out=d)
-
-
-def segment_masks(x0, y0, x1, y1, half_width, h, w):
-    """Line segments from (x0, y0) to (x1[t], y1[t]), pixels -> (T, h, w)."""
-    ys, xs = _grid(h, w)
-    dx, dy = (x1 - x0)[:, None, None], (y1 - y0)[:, None, None]
-    qx, qy = (xs - x0)[None, None, :], (ys - y0)[None, :, None]
-    s = np.clip((qx * dx + qy * dy) / (dx * dx + dy * dy + 1e-6), 0, 1)
-    return np.clip(0.5 + half_width - np.sqrt((qx - s * dx) ** 2 + (qy - s * dy) ** 2), 0, 1)
-
-
-def _shape_masks(shape, cx, cy, r, angle, h, w):
-    """Any shape inscribed in a circle of radius r, so it stays inside that circle at any angle."""
-    if shape == "circle":
-        return disc_masks(cx, cy, r, h, w)
-    return polygon_masks(shape, cx, cy, r / math.sqrt(2) if shape == "square" else r, angle, h, w)
-
-
-def _compose(masks, colors):
-    """(n, T, H, W) coverages and n RGB colours -> (T, 3, H, W) tensor (additive, clipped).
-    A plain loop, not a matmul: BLAS would start threads that fight the data-loader workers."""
-    img = np.zeros((masks.shape[1], 3, *masks.shape[2:]), np.float32)
-    for m, c in zip(masks, np.asarray(colors, np.float32)):
-        img += m[:, None] * c[:, None, None]
-    return torch.from_numpy(np.clip(img, 0, 1, out=img))
-
-
-# ----------------------------------------------------------------------------- prompted shapes
-def make_prompt(attrs):
-    c, kind = attrs["color"], attrs["type"]
-    c = ("An " if c[0] in "aeiou" else "A ") + c
-    if kind == "moving":
-        a, b = (s.replace("_", " ") for s in attrs["motion"].split("_to_"))
-        return f"{c} {attrs['shape']} moving from {a} to {b}"
-    if kind == "rotating":
-        return f"{c} {attrs['shape']} rotating {attrs['motion']}"
-    if kind == "color_transition":
-        return f"Color gradient transitioning from {attrs['color']} to {attrs['color_to']}"
-    return f"{c} ball bouncing"
-
-
-def _attrs(kind, shape, color, color_to, motion):
-    _need(color, COLORS, "color"), color_to is None or _need(color_to, COLORS, "color")
-    if kind == "moving":
-        _need(shape, SHAPES, "shape"), _need(motion, DIRECTIONS, "direction")
-    elif kind == "rotating":  # a rotating circle looks static
-        _need(shape, SHAPES[1:], "rotating shape"), _need(motion, ROTATIONS, "rotation")
-    return {"type": kind, "shape": shape, "color": color, "color_to": color_to, "motion": motion}
-
-
-def parse_prompt(prompt):
-    """Invert make_prompt: 'A blue square rotating clockwise' -> attrs dict."""
-    p = prompt.strip().rstrip(".").lower()
-    if m := re.fullmatch(r"an? (\w+) (\w+) moving from ([a-z ]+) to ([a-z ]+)", p):
-        return _attrs("moving", m[2], m[1], None, "_".join(m[3].split()) + "_to_" + "_".join(m[4].split()))
-    if m := re.fullmatch(r"an? (\w+) (\w+) rotating ([a-z-]+)", p):
-        return _attrs("rotating", m[2], m[1], None, m[3])
-    if m := re.fullmatch(r"colou?r gradient transitioning from (\w+) to (\w+)", p):
-        return _attrs("color_transition", None, m[1], m[2], None)
-    if m := re.fullmatch(r"an? (\w+) ball bouncing", p):
-        return _attrs("bouncing", "circle", m[1], None, "bouncing")
-    raise ValueError(f"cannot parse prompt {prompt!r}; expected e.g. 'A red circle moving from left to right' "
-                     "or 'Color gradient transitioning from blue to red'")
-
-
-def sample_attrs(rng):
-    kind = ("moving", "rotating", "color_transition", "bouncing")[rng.choice(4, p=[.4, .25, .15, .2])]
-    color = _pick(rng, list(COLORS))
-    if kind == "moving":
-        return _attrs(kind, _pick(rng, SHAPES), color, None, _pick(rng, DIRECTIONS))
-    if kind == "rotating":
-        return _attrs(kind, _pick(rng, SHAPES[1:]), color, None, _pick(rng, ROTATIONS))
-    if kind == "color_transition":
-        return _attrs(kind, None, color, _pick(rng, [c for c in COLORS if c != color]), None)
-    return _attrs(kind, "circle", color, None, "bouncing")
-
-
-def render_attrs(rng, attrs, w, h, t):
-    """Draw the video an attrs dict describes; the layout (position, size, speed) comes from rng."""
-    color, m, kind = np.asarray(COLORS[attrs["color"]], np.float32), min(w, h), attrs["type"]
-    p = np.linspace(0, 1, t, dtype=np.float32) if t > 1 else np.zeros(1, np.float32)
-    if kind == "moving":  # cross most of the frame, never leaving it
-        r = rng.uniform(0.12, 0.2) * m
-
-        def path(d, n):  # 1.5 px margin: anti-aliasing at a triangle's tip reaches ~1 px out
-            lo, hi = r + 1.5, n - r - 1.5
-            if d == 0:
-                return np.full(t, rng.uniform(lo, hi), np.float32)
-            length = rng.uniform(0.6, 1.0) * (hi - lo)
-            return rng.uniform(lo, hi - length) + length * (p if d > 0 else 1 - p)
-        dx, dy = direction_vector(attrs["motion"])
-        mask = _shape_masks(attrs["shape"], path(dx, w), path(dy, h), r, np.zeros(t), h, w)
-    elif kind == "rotating":
-        r = rng.uniform(0.2, 0.3) * m
-        cx, cy = np.full(t, rng.uniform(r + 1.5, w - r - 1.5)), np.full(t, rng.uniform(r + 1.5, h - r - 1.5))
-        # at most ~11 deg per frame, far below a triangle's 60 deg symmetry: the direction is unambiguous
-        step = rng.uniform(0.08, 0.2) * (1 if attrs["motion"] == "clockwise" else -1)
-        mask = _shape_masks(attrs["shape"], cx, cy, r, rng.uniform(0, 2 * np.pi) + step * np.arange(t), h, w)
-    elif kind == "color_transition":  # a soft gradient band sweeps from one colour to the other
-        a, (ys, xs) = rng.uniform(0, 2 * np.pi), _grid(h, w)
-        u = (math.cos(a) * xs / w)[None, :] + (math.sin(a) * ys / h)[:, None]
-        alpha = np.clip(2 * p[:, None, None] - 1 + (u - u.min()) / (u.max() - u.min() + 1e-6), 0, 1)
-        c1 = np.asarray(COLORS[attrs["color_to"]], np.float32)
-        return torch.from_numpy(color[:, None, None] + alpha[:, None] * (c1 - color)[:, None, None])
-    else:  # bouncing: parabolic hops on the floor (gravity) while drifting between the walls
-        r = rng.uniform(0.1, 0.15) * m
-        lo, floor, span = r + 1, h - r - 1, w - 2 * r - 2
-        f = (np.arange(t) / rng.uniform(6, 12) + rng.uniform()) % 1
-        cy = floor - rng.uniform(0.4, 0.9) * (floor - lo) * 4 * f * (1 - f)
-        s = rng.uniform(0, span) + rng.choice([-1, 1]) * rng.uniform(0.01, 0.04) * w * np.arange(t)
-        mask = disc_masks(lo + span - np.abs(span - np.mod(s, 2 * span)), cy, r, h, w)  # triangle wave: walls
-    return torch.from_numpy(mask[:, None] * color[:, None, None])
-
-
-class ToyVideoGenerator:
-    """Single prompted videos on demand: each call draws a fresh layout from one seeded stream."""
-
-    def __init__(self, width=64, height=64, num_frames=16, seed=0):
-        _check_size((width, height), num_frames)
-        self.w, self.h, self.t, self.rng = width, height, num_frames, np.random.default_rng(seed)
-
-    def _make(self, *args):
-        attrs = _attrs(*args)
-        return render_attrs(self.rng, attrs, self.w, self.h, self.t), make_prompt(attrs)
-
-    def generate_moving_shape(self, shape, color, direction):
-        return self._make("moving", shape, color, None, direction)
-
-    def generate_rotating_shape(self, shape, color, direction="clockwise"):
-        return self._make("rotating", shape, color, None, direction)
-
-    def generate_color_transition(self, color_from, color_to):
-        return self._make("color_transition", None, color_from, color_to, None)
-
-    def generate_bouncing_ball(self, color="red"):
-        return self._make("bouncing", "circle", color, None, "bouncing")
-
-
 class _Synthetic(Dataset):
-    """Generated data: sample i is make(default_rng([seed, split_id, i])), rebuilt on every access."""
+    """Generated data: sample i is make(default_rng([seed, split_id, i])), rebuilt on every
+    access."""
+
     channels = 3
 
     def __init__(self, num_samples, resolution, num_frames, seed, split):
         _check_size(resolution, num_frames)
-        self.n, self.res, self.t, self.seed = num_samples, resolution, num_frames, seed
+        self.n = num_samples
+        self.res = resolution
+        self.t = num_frames
+        self.seed = seed
         self.split_id = SPLITS.index(_need(split, SPLITS, "split"))
 
     def __len__(self):
@@ -284,29 +154,75 @@ class _Synthetic(Dataset):
             return self.make(self.rng(i))
 
 
-class ToyDataset(_Synthetic):
-    """Prompted shapes: {"video": (T, 3, H, W), "prompt": str, "attrs": dict}."""
-
-    def __init__(self, num_samples=100, width=64, height=64, num_frames=16, seed=0, split="train"):
-        super().__init__(num_samples, (width, height), num_frames, seed, split)
-        self.w, self.h = width, height
-
-    def make(self, rng):
-        attrs = sample_attrs(rng)  # drawn first, so prompts are known without rendering
-        return {"video": render_attrs(rng, attrs, self.w, self.h, self.t), "prompt": make_prompt(attrs),
-                "attrs": attrs}
-
-    def save_prompts(self, path):
-        """One prompt per line (.txt), or a JSON list of {"index", "prompt", "attrs"} (.json)."""
-        attrs = [sample_attrs(self.rng(i)) for i in range(self.n)]
-        with open(path, "w") as f:
-            if str(path).endswith(".json"):
-                json.dump([{"index": i, "prompt": make_prompt(a), "attrs": a} for i, a in enumerate(attrs)], f)
-            else:
-                f.write("".join(make_prompt(a) + "\n" for a in attrs))
+# ----------------------------------------------------------------------------- drawing
+# Shapes come from (signed) distance fields on a (T, H, W) grid in pixel units: every frame is
+# drawn at once, and edges are anti-aliased, coverage = clip(0.5 - distance, 0, 1).
+def _grid(h, w):
+    return np.arange(h, dtype=np.float32) + 0.5, np.arange(w, dtype=np.float32) + 0.5
 
 
-# ----------------------------------------------------------------------------- physics
+def disc_masks(cx, cy, r, h, w):
+    """Discs with centres cx, cy (any shape S, pixels) and radius r -> coverage (*S, h, w)."""
+    ys, xs = _grid(h, w)
+    cx, cy, r = (np.asarray(a, np.float32)[..., None] for a in np.broadcast_arrays(cx, cy, r))
+    # (r^2 - d^2) / 2r equals r - d at the edge and needs no square root: 2 full-size passes
+    ax = (xs - cx) ** 2 / (2 * r)
+    ay = (ys - cy) ** 2 / (2 * r)
+    m = (r / 2 + 0.5 - ax)[..., None, :] - ay[..., :, None]
+    return np.clip(m, 0, 1, out=m)
+
+
+def polygon_masks(shape, cx, cy, size, angle, h, w):
+    """Square (size = half side) or equilateral triangle (size = circumradius), (T, h, w).
+    cx, cy, angle: (T,); angle in radians, positive = clockwise on screen (y points down)."""
+    ys, xs = _grid(h, w)
+    if shape == "square":
+        normals = angle[:, None] + np.arange(4) * np.pi / 2
+        offset = size
+    else:  # edge normals point away from the opposite vertex; the first vertex points up
+        normals = angle[:, None] + np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+        offset = size / 2
+    normals = np.asarray(normals, np.float32)
+    cx = np.asarray(cx, np.float32)
+    cy = np.asarray(cy, np.float32)
+    px = np.cos(normals)[..., None] * (xs - cx[:, None, None])  # (T, k, W)
+    py = np.sin(normals)[..., None] * (ys - cy[:, None, None])  # (T, k, H)
+    d = px[:, 0, None, :] + py[:, 0, :, None]
+    for k in range(1, normals.shape[1]):  # max over edge lines: exact distance along the edges
+        np.maximum(d, px[:, k, None, :] + py[:, k, :, None], out=d)
+    d -= offset + 0.5
+    return np.clip(-d, 0, 1, out=d)
+
+
+def segment_masks(x0, y0, x1, y1, half_width, h, w):
+    """Line segments from (x0, y0) to (x1[t], y1[t]), pixels -> (T, h, w)."""
+    ys, xs = _grid(h, w)
+    dx = (x1 - x0)[:, None, None]
+    dy = (y1 - y0)[:, None, None]
+    qx = (xs - x0)[None, None, :]
+    qy = (ys - y0)[None, :, None]
+    s = np.clip((qx * dx + qy * dy) / (dx * dx + dy * dy + 1e-6), 0, 1)
+    return np.clip(0.5 + half_width - np.sqrt((qx - s * dx) ** 2 + (qy - s * dy) ** 2), 0, 1)
+
+
+def _shape_masks(shape, cx, cy, r, angle, h, w):
+    """Any shape inscribed in a circle of radius r, so it stays inside that circle at any angle."""
+    if shape == "circle":
+        return disc_masks(cx, cy, r, h, w)
+    size = r / math.sqrt(2) if shape == "square" else r
+    return polygon_masks(shape, cx, cy, size, angle, h, w)
+
+
+def _compose(masks, colors):
+    """(n, T, H, W) coverages and n RGB colours -> (T, 3, H, W) tensor (additive, clipped).
+    A plain loop, not a matmul: BLAS would start threads that fight the data-loader workers."""
+    img = np.zeros((masks.shape[1], 3, *masks.shape[2:]), np.float32)
+    for m, c in zip(masks, np.asarray(colors, np.float32)):
+        img += m[:, None] * c[:, None, None]
+    return torch.from_numpy(np.clip(img, 0, 1, out=img))
+
+
+# ----------------------------------------------------------------------------- 2D motion
 # Simulated in a unit box with time in frames, so motion does not depend on the resolution.
 # Scalar Python loops: with <= 5 objects they beat numpy's per-call overhead.
 def _wall(p, v, r, e):
@@ -318,45 +234,16 @@ def _wall(p, v, r, e):
     return p, v
 
 
-def simulate_balls(rng, n, t, gravity=0.0, substeps=2):
-    """(T, n, 4) x, y, vx, vy in the unit box (per frame) and the radii (n,)."""
-    r, pos = rng.uniform(0.06, 0.1, n).tolist(), []
-    while len(pos) < n:  # non-overlapping start positions
-        k, p = len(pos), rng.uniform(0.1, 0.9, 2)
-        if all(math.dist(p, q) > r[k] + r[j] + 0.01 for j, q in enumerate(pos)):
-            pos.append(p)
-    ang, speed = rng.uniform(0, 2 * np.pi, n), rng.uniform(0.02, 0.045, n)
-    (x, y), vx, vy = np.array(pos).T.tolist(), (speed * np.cos(ang)).tolist(), (speed * np.sin(ang)).tolist()
-    out, dt = np.empty((t, n, 4), np.float32), 1.0 / substeps
-    for f in range(t):
-        for _ in range(substeps if f else 0):
-            for i in range(n):
-                vy[i] += gravity * dt
-                x[i], y[i] = x[i] + vx[i] * dt, y[i] + vy[i] * dt
-            for i in range(n):
-                for j in range(i + 1, n):
-                    dx, dy, rr = x[i] - x[j], y[i] - y[j], r[i] + r[j]
-                    d = math.sqrt(dx * dx + dy * dy)
-                    if d >= rr or d == 0:
-                        continue
-                    nx, ny, push = dx / d, dy / d, (rr - d) / 2
-                    vn = min(0.0, (vx[i] - vx[j]) * nx + (vy[i] - vy[j]) * ny)
-                    # approaching: equal masses exchange their normal velocities; then separate the pair
-                    vx[i], vy[i], vx[j], vy[j] = vx[i] - vn * nx, vy[i] - vn * ny, vx[j] + vn * nx, vy[j] + vn * ny
-                    x[i], y[i], x[j], y[j] = x[i] + push * nx, y[i] + push * ny, x[j] - push * nx, y[j] - push * ny
-            for i in range(n):  # walls last, so states always lie inside the box
-                (x[i], vx[i]), (y[i], vy[i]) = _wall(x[i], vx[i], r[i], 1.0), _wall(y[i], vy[i], r[i], 1.0)
-        out[f] = np.array([x, y, vx, vy]).T
-    return out, np.array(r, np.float32)
-
-
 def _ballistic(x, y, vx, vy, r, t, g, drag, e, substeps=2):
     """One object under gravity and air drag, bouncing off floor and walls with restitution e."""
-    out, dt = np.empty((t, 4), np.float32), 1.0 / substeps
+    out = np.empty((t, 4), np.float32)
+    dt = 1.0 / substeps
     for f in range(t):
-        for _ in range(substeps if f else 0):
-            vx, vy = vx * (1 - drag * dt), (vy + g * dt) * (1 - drag * dt)
-            (x, vx), (y, vy) = _wall(x + vx * dt, vx, r, e), _wall(y + vy * dt, vy, r, e)
+        for _ in range(substeps if f else 0):  # frame 0 is the initial state
+            vx = vx * (1 - drag * dt)
+            vy = (vy + g * dt) * (1 - drag * dt)
+            x, vx = _wall(x + vx * dt, vx, r, e)
+            y, vy = _wall(y + vy * dt, vy, r, e)
         out[f] = x, y, vx, vy
     return out
 
@@ -365,283 +252,6 @@ def _pad_states(states, res, num):
     out = np.full((states.shape[0], num, 4), np.nan, np.float32)  # NaN rows: absent objects
     out[:, : states.shape[1]] = states * res
     return torch.from_numpy(out)
-
-
-class BouncingBalls(_Synthetic):
-    """1-5 balls of distinct colours, elastic ball-ball and wall collisions, no gravity by default."""
-
-    def __init__(self, num_samples, resolution=64, num_frames=16, seed=0, split="train",
-                 num_balls=None, max_balls=5, gravity=0.0):
-        super().__init__(num_samples, resolution, num_frames, seed, split)
-        self.num_balls, self.max_balls, self.gravity = num_balls, num_balls or max_balls, gravity
-        if not 1 <= self.max_balls <= len(COLORS):
-            raise ValueError(f"use 1 to {len(COLORS)} balls (one colour each), got {self.max_balls}")
-
-    def make(self, rng):
-        res = self.res
-        n = self.num_balls or int(rng.integers(1, self.max_balls + 1))
-        s, r = simulate_balls(rng, n, self.t, self.gravity)
-        colors = [COLORS[c] for c in rng.permutation(list(COLORS))[:n]]
-        masks = disc_masks(s[..., 0].T * res, s[..., 1].T * res, r[:, None] * res, res, res)
-        return {"video": _compose(masks, colors), "states": _pad_states(s, res, self.max_balls)}
-
-
-class Pendulum(_Synthetic):
-    """A damped pendulum (semi-implicit Euler) released from rest; states are the bob's."""
-
-    def __init__(self, num_samples, resolution=64, num_frames=16, seed=0, split="train",
-                 gravity=0.04, damping=0.995, substeps=4):
-        super().__init__(num_samples, resolution, num_frames, seed, split)
-        self.g, self.damping, self.substeps = gravity, damping, substeps
-
-    def make(self, rng):
-        (px, py), rb, res = (0.5, 0.12), 0.06, self.res
-        length = rng.uniform(0.35, 0.6)
-        th = rng.choice([-1, 1]) * rng.uniform(0.4, 1.0) * math.asin(min(1.0, (0.46 - rb) / length))
-        om, dt, s = 0.0, 1.0 / self.substeps, np.empty((self.t, 1, 4), np.float32)
-        for f in range(self.t):
-            for _ in range(self.substeps if f else 0):
-                om -= self.g / length * math.sin(th) * dt  # velocity first, then angle
-                th += om * dt
-            om *= self.damping if f else 1.0
-            s[f, 0] = (px + length * math.sin(th), py + length * math.cos(th),
-                       length * math.cos(th) * om, -length * math.sin(th) * om)
-        x, y = s[:, 0, 0] * res, s[:, 0, 1] * res
-        bob = disc_masks(x, y, rb * res, res, res)
-        rod = segment_masks(px * res, py * res, x, y, max(0.5, 0.012 * res), res, res) * (1 - bob)
-        pivot = disc_masks(np.full(self.t, px * res), np.full(self.t, py * res), 0.025 * res, res, res)
-        color = COLORS[_pick(rng, list(COLORS)[:-1])]
-        video = _compose(np.stack([rod, pivot * (1 - bob), bob]), [(.6, .6, .6), (1, 1, 1), color])
-        return {"video": video, "states": torch.from_numpy(s * res)}
-
-
-class FallingObjects(_Synthetic):
-    """1-3 circles/squares dropped from near rest: gravity, air drag, restitution on the floor."""
-
-    def __init__(self, num_samples, resolution=64, num_frames=16, seed=0, split="train",
-                 max_objects=3, gravity=0.015, drag=0.02):
-        super().__init__(num_samples, resolution, num_frames, seed, split)
-        self.max_objects, self.g, self.drag = max_objects, gravity, drag
-
-    def make(self, rng):
-        res, t = self.res, self.t
-        n = int(rng.integers(1, self.max_objects + 1))
-        r = rng.uniform(0.06, 0.1, n)
-        xs = np.clip((np.arange(n) + rng.uniform(0.3, 0.7, n)) / n, r, 1 - r)  # one lane each: rare overlaps
-        s = np.stack([_ballistic(xs[k], rng.uniform(0.1, 0.45), rng.uniform(-.015, .015), rng.uniform(-.01, .01),
-                                 r[k], t, self.g, self.drag, rng.uniform(.55, .8)) for k in range(n)], 1)
-        x, y = s[..., 0] * res, s[..., 1] * res
-        masks = np.stack([disc_masks(x[:, k], y[:, k], r[k] * res, res, res) if rng.random() < 0.5 else
-                          polygon_masks("square", x[:, k], y[:, k], 0.88 * r[k] * res, np.zeros(t), res, res)
-                          for k in range(n)])
-        colors = [COLORS[c] for c in rng.permutation(list(COLORS))[:n]]
-        return {"video": _compose(masks, colors), "states": _pad_states(s, res, self.max_objects)}
-
-
-class Projectile(_Synthetic):
-    """A ball launched at 30-60 degrees under gravity, bouncing on the floor, with a fading trail."""
-
-    def __init__(self, num_samples, resolution=64, num_frames=16, seed=0, split="train", gravity=0.005, trail=5):
-        super().__init__(num_samples, resolution, num_frames, seed, split)
-        self.g, self.trail = gravity, trail
-
-    def make(self, rng):
-        res, r, t = self.res, 0.055, self.t
-        ang, speed, side = np.deg2rad(rng.uniform(30, 60)), rng.uniform(0.05, 0.065), rng.choice([-1, 1])
-        x0 = 0.5 - side * (0.5 - rng.uniform(0.08, 0.2))  # launched from the left or the right
-        s = _ballistic(x0, 1 - r, side * speed * math.cos(ang), -speed * math.sin(ang), r, t, self.g, 0.0, 0.6)
-        x, y, k = s[:, 0] * res, s[:, 1] * res, np.arange(1, self.trail + 1)[:, None]
-        past = np.maximum(np.arange(t) - k, 0)  # (trail, T): the frame each ghost copies
-        fade = (0.5 * (1 - k / (self.trail + 1)) * (np.arange(t) >= k)).astype(np.float32)[..., None, None]
-        ball = disc_masks(x, y, r * res, res, res)
-        trail = (disc_masks(x[past], y[past], r * res * (1 - 0.1 * k), res, res) * fade).max(0) * (1 - ball)
-        color = COLORS[_pick(rng, list(COLORS))]
-        video = _compose(np.stack([trail, ball]), [color, color])
-        return {"video": video, "states": torch.from_numpy(s[:, None] * res)}
-
-
-# ----------------------------------------------------------------------------- Moving MNIST
-_DIGIT_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
-                "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf",
-                "DejaVuSansMono-BoldOblique.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf",
-                "DejaVuSerif-BoldItalic.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf",
-                "STIXGeneralBolIta.ttf", "cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmti10.ttf", "cmtt10.ttf")
-_TEST_FONTS = ("DejaVuSans-Oblique.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSerif.ttf", "STIXGeneralItalic.ttf",
-               "cmss10.ttf")  # held out: test digits never share a typeface with training digits
-
-
-def _glyph_digit(rng, font, char):
-    """A glyph with random stroke width, rotation, shear and width, fitted like MNIST: ~20 px
-    tall in a 28x28 box, centred by mass."""
-    from PIL import Image, ImageDraw
-    img = Image.new("L", (96, 96))
-    ImageDraw.Draw(img).text((48, 48), char, fill=255, font=font, anchor="mm",
-                             stroke_width=int(rng.integers(0, 4)), stroke_fill=255)
-    rot, shear, sx = np.deg2rad(rng.uniform(-15, 15)), rng.uniform(-0.3, 0.3), rng.uniform(0.8, 1.2)
-    a = [[math.cos(rot), -math.sin(rot)], [math.sin(rot), math.cos(rot)]] @ np.array([[sx, shear], [0, 1]])
-    inv = np.linalg.inv(a)  # PIL maps output pixels back to input pixels
-    off = 48 - inv @ [48, 48]
-    img = img.transform(img.size, Image.Transform.AFFINE, (*inv[0], off[0], *inv[1], off[1]),
-                        Image.Resampling.BILINEAR)
-    img = img.crop(img.getbbox())
-    scale = rng.uniform(17, 21) / max(img.size)
-    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    g = np.asarray(img.resize(size, Image.Resampling.LANCZOS))
-    com = (np.indices(g.shape) * g.astype(np.float32)).sum((1, 2)) / max(g.sum(), 1)
-    oy, ox = (int(np.clip(round(13.5 - c + rng.uniform(-1, 1)), 0, 28 - n)) for c, n in zip(com, g.shape))
-    out = np.zeros((28, 28), np.uint8)
-    out[oy:oy + g.shape[0], ox:ox + g.shape[1]] = g
-    return out
-
-
-def font_digits(train=True, num=None):
-    """(num, 28, 28) uint8 digits drawn from matplotlib's bundled fonts (no download)."""
-    import matplotlib
-    from PIL import ImageFont
-    root = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
-    fonts = [ImageFont.truetype(os.path.join(root, f), 56) for f in _DIGIT_FONTS
-             if (f in _TEST_FONTS) != train and os.path.exists(os.path.join(root, f))]
-    rng = np.random.default_rng([20150, int(train)])
-    return np.stack([_glyph_digit(rng, _pick(rng, fonts), str(k % 10)) for k in range(num or (1500 if train else 500))])
-
-
-def _read_idx(path):
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError, zlib.error) as e:
-        raise ValueError(f"cannot read IDX file {path}: {e}") from None
-    if len(data) < 4 or data[:3] != b"\0\0\x08" or len(data) < 4 + 4 * data[3]:
-        raise ValueError(f"{path} is not a uint8 IDX file (bad header); expected MNIST's train-images-idx3-ubyte")
-    dims, body = struct.unpack(f">{data[3]}I", data[4:4 + 4 * data[3]]), data[4 + 4 * data[3]:]
-    if len(body) != math.prod(dims):
-        raise ValueError(f"{path} is truncated or corrupt: header says {dims}, found {len(body)} bytes of data")
-    return np.frombuffer(body, np.uint8).reshape(dims)
-
-
-def load_mnist_images(path, train=True):
-    """(N, H, W) uint8 images from an MNIST-format folder of IDX files (.gz or raw), one IDX
-    file, or an .npz holding x_train / x_test (Fashion-MNIST works the same way)."""
-    stem, key = ("train-images-idx3-ubyte", "x_train") if train else ("t10k-images-idx3-ubyte", "x_test")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"MNIST path {path} does not exist; give a folder with {stem}(.gz) or an .npz "
-                                "with x_train/x_test")
-    if os.path.isdir(path):
-        found = [os.path.join(path, stem + e) for e in (".gz", "") if os.path.exists(os.path.join(path, stem + e))]
-        if not found:
-            raise FileNotFoundError(f"no {stem} or {stem}.gz in {path}")
-        path = found[0]
-    if not path.endswith(".npz"):
-        x = _read_idx(path)
-    else:
-        try:
-            with np.load(path) as z:
-                x = z[key]
-        except KeyError:
-            raise ValueError(f"{path} has no array {key!r}; it needs x_train and x_test") from None
-        except Exception as e:
-            raise ValueError(f"cannot read {path} as .npz: {e}") from None
-    if x.ndim != 3 or len(x) == 0:
-        raise ValueError(f"{path}: expected images (N, H, W), got shape {x.shape}")
-    return x if x.dtype == np.uint8 else np.clip(x * (255 if x.max() <= 1 else 1), 0, 255).astype(np.uint8)
-
-
-@functools.lru_cache(maxsize=8)
-def digit_pool(train=True, mnist_path=None, digit_size=28):
-    """The digit images Moving MNIST draws from, built once per process; train and test pools
-    are disjoint (held-out fonts and seeds, or MNIST's own train/test files)."""
-    x = font_digits(train) if mnist_path is None else load_mnist_images(mnist_path, train)
-    if x.shape[1:] != (digit_size, digit_size):
-        x = F.interpolate(torch.from_numpy(x)[:, None].float(), size=(digit_size, digit_size), mode="bilinear",
-                          antialias=True)[:, 0].round().clamp(0, 255).byte().numpy()
-    return x
-
-
-def mnist_trajectory(rng, num_digits, t, step=0.1):
-    """The original generator's motion: unit-square top-left positions, a constant step along a
-    uniform angle, position updated first, then each coordinate clamped to [0, 1] with its velocity
-    flipped. Returns positions and velocities after each step, both (T, n, 2) as (x, y)."""
-    pos, theta = rng.random((num_digits, 2)), rng.random(num_digits) * 2 * np.pi
-    vel = np.stack([np.cos(theta), np.sin(theta)], 1) * step
-    ps, vs = np.empty((t, num_digits, 2)), np.empty((t, num_digits, 2))
-    for i in range(t):
-        pos = pos + vel
-        vel = np.where((pos <= 0) | (pos >= 1), -vel, vel)
-        pos = np.clip(pos, 0, 1)
-        ps[i], vs[i] = pos, vel
-    return ps, vs
-
-
-class MovingMNIST(_Synthetic):
-    """Bouncing digits: {"video": (T, 1, res, res), "states": (T, num_digits, 4) box centres}."""
-    channels = 1
-
-    def __init__(self, num_samples, sequence_length=20, resolution=64, num_digits=2, digit_size=28,
-                 canvas_size=64, max_velocity=0.1, train=True, seed=0, mnist_path=None, split=None):
-        split = split or ("train" if train else "test")  # "val": fresh sequences of training digits
-        super().__init__(num_samples, resolution, sequence_length, seed, split)
-        if canvas_size <= digit_size:
-            raise ValueError(f"canvas_size {canvas_size} must be larger than digit_size {digit_size}")
-        self.k, self.ds, self.canvas, self.step = num_digits, digit_size, canvas_size, max_velocity
-        self.train, self.path = split != "test", None if mnist_path is None else os.path.abspath(mnist_path)
-
-    def make(self, rng):
-        c, ds = self.canvas, self.ds
-        pool = digit_pool(self.train, self.path, ds)
-        pos, vel = mnist_trajectory(rng, self.k, self.t, self.step)
-        digits = pool[rng.integers(len(pool), size=self.k)]
-        tl = (pos * (c - ds)).astype(np.int32)
-        frames = np.zeros((self.t, c, c), np.uint8)
-        for f in range(self.t):
-            for k in range(self.k):  # max compositing: overlapping digits pass through each other
-                sl = frames[f, tl[f, k, 1]:tl[f, k, 1] + ds, tl[f, k, 0]:tl[f, k, 0] + ds]
-                np.maximum(sl, digits[k], out=sl)
-        video = torch.from_numpy(frames)[:, None].float() / 255
-        if self.res != c:
-            video = F.interpolate(video, size=(self.res, self.res), mode="bilinear", antialias=True).clamp(0, 1)
-        states = np.concatenate([tl + ds / 2, vel * (c - ds)], -1) * (self.res / c)
-        return {"video": video, "states": torch.from_numpy(states.astype(np.float32))}
-
-
-def load_videos_file(path):
-    """uint8 videos (N, T, C, H, W) (memory-mapped for .npy) and all arrays, from an .npz with
-    "videos" (as the CLI writes) or the standard time-first Moving MNIST .npy (20, N, 64, 64)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"video file {path} not found (expected a .npz from toy_data.py --out or "
-                                "mnist_test_seq.npy)")
-    try:
-        if path.endswith(".npy"):  # memory-mapped: the Moving MNIST test file is 800 MB
-            arrays = {"videos": np.load(path, mmap_mode="r")}
-        else:
-            with np.load(path) as f:
-                arrays = {k: f[k] for k in f.files}
-    except Exception as e:
-        raise ValueError(f"cannot read {path}: {e}") from None
-    v = arrays.get("videos")
-    if v is None or v.ndim not in (4, 5):
-        raise ValueError(f"{path}: expected 'videos' (N, T, C, H, W) in an .npz or a time first (20, N, 64, 64) "
-                         f".npy, found {[(k, a.shape) for k, a in arrays.items()]}")
-    if v.ndim == 4:  # grey videos: time first in the Moving MNIST .npy
-        v = (v.transpose(1, 0, 2, 3) if path.endswith(".npy") else v)[:, :, None]
-    return v, arrays
-
-
-def load_moving_mnist_test(path, uint8=False):
-    """The standard test file mnist_test_seq.npy (uint8 (20, N, 64, 64), time first) as
-    (N, 20, 1, 64, 64), float in [0, 1] or uint8."""
-    v = torch.from_numpy(np.ascontiguousarray(load_videos_file(path)[0]))
-    return v if uint8 else v.float() / 255
-
-
-def create_moving_mnist_dataset(output_file, num_samples=1000, sequence_length=20, resolution=64,
-                                num_digits=2, seed=0, train=True, mnist_path=None):
-    """Write N Moving MNIST sequences as uint8 (N, T, 1, H, W) under "videos" (and "states")."""
-    ds = MovingMNIST(num_samples, sequence_length, resolution, num_digits, train=train, seed=seed,
-                     mnist_path=mnist_path)
-    items = [ds[i] for i in range(num_samples)]
-    np.savez_compressed(output_file, videos=to_uint8(torch.stack([it["video"] for it in items])),
-                        states=torch.stack([it["states"] for it in items]).numpy())
-    return output_file
 
 
 # ----------------------------------------------------------------------------- smoke
@@ -686,52 +296,749 @@ def advect(fields, u, v, pad=4):
     return F.grid_sample(padded, (grid - back)[None], align_corners=True)[0]
 
 
+def _blob(xs, ys, grid, cx, cy, rad):
+    """A Gaussian bump at (cx, cy) of width rad, in units of the box, on the (grid, grid) cells."""
+    return np.exp(-((xs - cx * grid) ** 2 + (ys - cy * grid) ** 2) / (2 * (rad * grid) ** 2))
+
+
+def _smoke_sources(rng, xs, ys, grid, num_sources):
+    """Density added every step, (3, grid, grid): 1-3 coloured blobs near the bottom."""
+    src = 0
+    for _ in range(num_sources or int(rng.integers(1, 4))):
+        strength = rng.uniform(0.05, 0.1)
+        cx = rng.uniform(0.2, 0.8)
+        cy = rng.uniform(0.75, 0.92)
+        rad = rng.uniform(0.04, 0.08)
+        color = np.asarray(COLORS[_pick(rng, list(COLORS))], np.float32)
+        src = src + strength * _blob(xs, ys, grid, cx, cy, rad) * color[:, None, None]
+    return torch.from_numpy(src.astype(np.float32))
+
+
+def _smoke_swirl(rng, xs, ys, grid):
+    """The initial velocity (u, v), 1-2 cells per step at most, so the flow is not laminar:
+    random vortices from a stream function psi."""
+    psi = 0
+    for _ in range(int(rng.integers(3, 7))):
+        weight = rng.normal()
+        cx = rng.uniform(0, 1)
+        cy = rng.uniform(0.2, 1)
+        rad = rng.uniform(0.06, 0.15)
+        psi = psi + weight * _blob(xs, ys, grid, cx, cy, rad)
+    psi = torch.from_numpy(psi)
+    u, v = pressure_project(
+        (psi.roll(-1, 0) - psi.roll(1, 0)) / 2, (psi.roll(1, 1) - psi.roll(-1, 1)) / 2
+    )
+    speed = rng.uniform(1, 2) / (torch.maximum(u.abs().max(), v.abs().max()) + 1e-6)
+    return u * speed, v * speed
+
+
+def _smoke_step(fields, src, keep, buoyancy, vorticity):
+    """One frame of fields (u, v, 3 densities): advection, sources, dissipation, buoyancy,
+    vorticity confinement, projection. Returns the new fields and the density."""
+    fields = advect(fields, fields[0], fields[1])
+    dens = (fields[2:] + src) * keep
+    u = fields[0]
+    v = fields[1] - buoyancy * dens.sum(0)  # y points down: dense smoke rises
+    # vorticity confinement: a push along grad|w| x w restores the swirls numerical diffusion smears
+    w = (v.roll(-1, 1) - v.roll(1, 1) - u.roll(-1, 0) + u.roll(1, 0)) / 2
+    a = w.abs()
+    gx = a.roll(-1, 1) - a.roll(1, 1)
+    gy = a.roll(-1, 0) - a.roll(1, 0)
+    push = vorticity * w / (torch.sqrt(gx * gx + gy * gy) + 1e-5)
+    u, v = pressure_project((u + gy * push) * 0.995, (v - gx * push) * 0.995)
+    return torch.cat([u[None], v[None], dens]), dens
+
+
 def simulate_smoke(rng, t, grid=64, warmup=24, buoyancy=0.3, vorticity=0.2, num_sources=None):
     """Coloured smoke frames (T, 3, grid, grid) in [0, 1]; one step per frame, cells as units."""
     ys, xs = np.mgrid[0:grid, 0:grid].astype(np.float32)
-    blob = lambda cx, cy, rad: np.exp(-((xs - cx * grid) ** 2 + (ys - cy * grid) ** 2) / (2 * (rad * grid) ** 2))
-    src = sum(rng.uniform(0.05, 0.1) * blob(rng.uniform(0.2, 0.8), rng.uniform(0.75, 0.92), rng.uniform(0.04, 0.08))
-              * np.asarray(COLORS[_pick(rng, list(COLORS))], np.float32)[:, None, None]
-              for _ in range(num_sources or int(rng.integers(1, 4))))
-    # initial swirl, so the flow is not laminar: random vortices from a stream function psi
-    psi = torch.from_numpy(sum(rng.normal() * blob(rng.uniform(0, 1), rng.uniform(0.2, 1), rng.uniform(0.06, 0.15))
-                               for _ in range(int(rng.integers(3, 7)))))
-    u, v = pressure_project((psi.roll(-1, 0) - psi.roll(1, 0)) / 2, (psi.roll(1, 1) - psi.roll(-1, 1)) / 2)
-    speed = rng.uniform(1, 2) / (torch.maximum(u.abs().max(), v.abs().max()) + 1e-6)
-    fields = torch.cat([u[None] * speed, v[None] * speed, torch.zeros(3, grid, grid)])
-    src = torch.from_numpy(src.astype(np.float32))
-    # dissipation, plus absorbing bands at the top and sides: the box is periodic, smoke must not wrap
+    src = _smoke_sources(rng, xs, ys, grid, num_sources)
+    u, v = _smoke_swirl(rng, xs, ys, grid)
+    fields = torch.cat([u[None], v[None], torch.zeros(3, grid, grid)])
+    # dissipation, plus absorbing bands at the top and sides: the box is periodic, smoke must not
+    # wrap around
     ramp = torch.clamp(torch.arange(grid, dtype=torch.float32) / 4, max=1)
     keep = 0.98 * ramp[:, None] ** 1.5 * (ramp * ramp.flip(0))[None, :]
     frames = torch.empty(t, 3, grid, grid)
     for s in range(warmup + t):
-        fields = advect(fields, fields[0], fields[1])
-        dens = (fields[2:] + src) * keep
-        u, v = fields[0], fields[1] - buoyancy * dens.sum(0)  # y points down: dense smoke rises
-        # vorticity confinement: a push along grad|w| x w restores the swirls numerical diffusion smears
-        w = (v.roll(-1, 1) - v.roll(1, 1) - u.roll(-1, 0) + u.roll(1, 0)) / 2
-        a = w.abs()
-        gx, gy = (a.roll(-1, d) - a.roll(1, d) for d in (1, 0))
-        push = vorticity * w / (torch.sqrt(gx * gx + gy * gy) + 1e-5)
-        u, v = pressure_project((u + gy * push) * 0.995, (v - gx * push) * 0.995)
-        fields = torch.cat([u[None], v[None], dens])
+        fields, dens = _smoke_step(fields, src, keep, buoyancy, vorticity)
         if s >= warmup:
             frames[s - warmup] = dens
     return 1 - torch.exp(-2 * frames)
 
 
 class Smoke(_Synthetic):
-    """2D smoke: semi-Lagrangian advection, buoyancy, FFT pressure projection, 1-3 coloured sources."""
+    """2D smoke: semi-Lagrangian advection, buoyancy, FFT pressure projection, 1-3 coloured
+    sources."""
 
-    def __init__(self, num_samples, resolution=64, num_frames=16, seed=0, split="train", grid=64, warmup=24):
+    def __init__(
+        self, num_samples, resolution=64, num_frames=16, seed=0, split="train", grid=64, warmup=24
+    ):
         super().__init__(num_samples, resolution, num_frames, seed, split)
-        self.grid, self.warmup = grid, warmup
+        self.grid = grid
+        self.warmup = warmup
 
     def make(self, rng):
         video = simulate_smoke(rng, self.t, self.grid, self.warmup)
         if self.res != self.grid:
-            video = F.interpolate(video, size=(self.res, self.res), mode="bilinear", antialias=True).clamp(0, 1)
+            video = F.interpolate(video, size=(self.res, self.res), mode="bilinear", antialias=True)
+            video = video.clamp(0, 1)
         return {"video": video}
+
+
+# ----------------------------------------------------------------------------- prompted shapes
+def make_prompt(attrs):
+    c = attrs["color"]
+    kind = attrs["type"]
+    c = ("An " if c[0] in "aeiou" else "A ") + c
+    if kind == "moving":
+        a, b = (s.replace("_", " ") for s in attrs["motion"].split("_to_"))
+        return f"{c} {attrs['shape']} moving from {a} to {b}"
+    if kind == "rotating":
+        return f"{c} {attrs['shape']} rotating {attrs['motion']}"
+    if kind == "color_transition":
+        return f"Color gradient transitioning from {attrs['color']} to {attrs['color_to']}"
+    return f"{c} ball bouncing"
+
+
+def _attrs(kind, shape, color, color_to, motion):
+    _need(color, COLORS, "color")
+    if color_to is not None:
+        _need(color_to, COLORS, "color")
+    if kind == "moving":
+        _need(shape, SHAPES, "shape")
+        _need(motion, DIRECTIONS, "direction")
+    elif kind == "rotating":  # a rotating circle looks static
+        _need(shape, SHAPES[1:], "rotating shape")
+        _need(motion, ROTATIONS, "rotation")
+    return {"type": kind, "shape": shape, "color": color, "color_to": color_to, "motion": motion}
+
+
+def parse_prompt(prompt):
+    """Invert make_prompt: 'A blue square rotating clockwise' -> attrs dict."""
+    p = prompt.strip().rstrip(".").lower()
+    if m := re.fullmatch(r"an? (\w+) (\w+) moving from ([a-z ]+) to ([a-z ]+)", p):
+        motion = "_".join(m[3].split()) + "_to_" + "_".join(m[4].split())
+        return _attrs("moving", m[2], m[1], None, motion)
+    if m := re.fullmatch(r"an? (\w+) (\w+) rotating ([a-z-]+)", p):
+        return _attrs("rotating", m[2], m[1], None, m[3])
+    if m := re.fullmatch(r"colou?r gradient transitioning from (\w+) to (\w+)", p):
+        return _attrs("color_transition", None, m[1], m[2], None)
+    if m := re.fullmatch(r"an? (\w+) ball bouncing", p):
+        return _attrs("bouncing", "circle", m[1], None, "bouncing")
+    raise ValueError(
+        f"cannot parse prompt {prompt!r}; expected e.g. 'A red circle moving from left to right' "
+        "or 'Color gradient transitioning from blue to red'"
+    )
+
+
+def sample_attrs(rng):
+    kind = ("moving", "rotating", "color_transition", "bouncing")[
+        rng.choice(4, p=[0.4, 0.25, 0.15, 0.2])
+    ]
+    color = _pick(rng, list(COLORS))
+    if kind == "moving":
+        return _attrs(kind, _pick(rng, SHAPES), color, None, _pick(rng, DIRECTIONS))
+    if kind == "rotating":
+        return _attrs(kind, _pick(rng, SHAPES[1:]), color, None, _pick(rng, ROTATIONS))
+    if kind == "color_transition":
+        return _attrs(kind, None, color, _pick(rng, [c for c in COLORS if c != color]), None)
+    return _attrs(kind, "circle", color, None, "bouncing")
+
+
+def _path(rng, d, n, r, p, t):
+    """Centre coordinates (T,) along one axis of size n: fixed if d == 0, else crossing most of
+    the frame in the direction of d's sign, never leaving it."""
+    lo = r + 1.5  # 1.5 px margin: anti-aliasing at a triangle's tip reaches ~1 px out
+    hi = n - r - 1.5
+    if d == 0:
+        return np.full(t, rng.uniform(lo, hi), np.float32)
+    length = rng.uniform(0.6, 1.0) * (hi - lo)
+    return rng.uniform(lo, hi - length) + length * (p if d > 0 else 1 - p)
+
+
+def _render_moving(rng, attrs, p, w, h, t):
+    r = rng.uniform(0.12, 0.2) * min(w, h)
+    dx, dy = direction_vector(attrs["motion"])
+    cx = _path(rng, dx, w, r, p, t)
+    cy = _path(rng, dy, h, r, p, t)
+    return _shape_masks(attrs["shape"], cx, cy, r, np.zeros(t), h, w)
+
+
+def _render_rotating(rng, attrs, w, h, t):
+    r = rng.uniform(0.2, 0.3) * min(w, h)
+    cx = np.full(t, rng.uniform(r + 1.5, w - r - 1.5))
+    cy = np.full(t, rng.uniform(r + 1.5, h - r - 1.5))
+    # at most ~11 deg per frame, far below a triangle's 60 deg symmetry: the direction is
+    # unambiguous
+    step = rng.uniform(0.08, 0.2) * (1 if attrs["motion"] == "clockwise" else -1)
+    angle = rng.uniform(0, 2 * np.pi) + step * np.arange(t)
+    return _shape_masks(attrs["shape"], cx, cy, r, angle, h, w)
+
+
+def _render_gradient(rng, attrs, color, p, w, h):
+    """A soft gradient band sweeps from one colour to the other, at a random angle."""
+    a = rng.uniform(0, 2 * np.pi)
+    ys, xs = _grid(h, w)
+    u = (math.cos(a) * xs / w)[None, :] + (math.sin(a) * ys / h)[:, None]
+    alpha = np.clip(2 * p[:, None, None] - 1 + (u - u.min()) / (u.max() - u.min() + 1e-6), 0, 1)
+    color_to = np.asarray(COLORS[attrs["color_to"]], np.float32)
+    return torch.from_numpy(
+        color[:, None, None] + alpha[:, None] * (color_to - color)[:, None, None]
+    )
+
+
+def _render_bouncing(rng, w, h, t):
+    """Parabolic hops on the floor (gravity) while drifting between the walls."""
+    r = rng.uniform(0.1, 0.15) * min(w, h)
+    lo = r + 1
+    floor = h - r - 1
+    span = w - 2 * r - 2
+    f = (np.arange(t) / rng.uniform(6, 12) + rng.uniform()) % 1  # phase within a hop
+    cy = floor - rng.uniform(0.4, 0.9) * (floor - lo) * 4 * f * (1 - f)
+    s = rng.uniform(0, span) + rng.choice([-1, 1]) * rng.uniform(0.01, 0.04) * w * np.arange(t)
+    cx = lo + span - np.abs(span - np.mod(s, 2 * span))  # triangle wave: walls
+    return disc_masks(cx, cy, r, h, w)
+
+
+def render_attrs(rng, attrs, w, h, t):
+    """Draw the video an attrs dict describes; the layout (position, size, speed) comes from rng."""
+    color = np.asarray(COLORS[attrs["color"]], np.float32)
+    kind = attrs["type"]
+    p = np.linspace(0, 1, t, dtype=np.float32) if t > 1 else np.zeros(1, np.float32)
+    if kind == "color_transition":
+        return _render_gradient(rng, attrs, color, p, w, h)
+    if kind == "moving":
+        mask = _render_moving(rng, attrs, p, w, h, t)
+    elif kind == "rotating":
+        mask = _render_rotating(rng, attrs, w, h, t)
+    else:
+        mask = _render_bouncing(rng, w, h, t)
+    return torch.from_numpy(mask[:, None] * color[:, None, None])
+
+
+class ToyVideoGenerator:
+    """Single prompted videos on demand: each call draws a fresh layout from one seeded stream."""
+
+    def __init__(self, width=64, height=64, num_frames=16, seed=0):
+        _check_size((width, height), num_frames)
+        self.w = width
+        self.h = height
+        self.t = num_frames
+        self.rng = np.random.default_rng(seed)
+
+    def _make(self, *args):
+        attrs = _attrs(*args)
+        return render_attrs(self.rng, attrs, self.w, self.h, self.t), make_prompt(attrs)
+
+    def generate_moving_shape(self, shape, color, direction):
+        return self._make("moving", shape, color, None, direction)
+
+    def generate_rotating_shape(self, shape, color, direction="clockwise"):
+        return self._make("rotating", shape, color, None, direction)
+
+    def generate_color_transition(self, color_from, color_to):
+        return self._make("color_transition", None, color_from, color_to, None)
+
+    def generate_bouncing_ball(self, color="red"):
+        return self._make("bouncing", "circle", color, None, "bouncing")
+
+
+class ToyDataset(_Synthetic):
+    """Prompted shapes: {"video": (T, 3, H, W), "prompt": str, "attrs": dict}."""
+
+    def __init__(self, num_samples=100, width=64, height=64, num_frames=16, seed=0, split="train"):
+        super().__init__(num_samples, (width, height), num_frames, seed, split)
+        self.w = width
+        self.h = height
+
+    def make(self, rng):
+        attrs = sample_attrs(rng)  # drawn first, so prompts are known without rendering
+        video = render_attrs(rng, attrs, self.w, self.h, self.t)
+        return {"video": video, "prompt": make_prompt(attrs), "attrs": attrs}
+
+    def save_prompts(self, path):
+        """One prompt per line (.txt), or a JSON list of {"index", "prompt", "attrs"} (.json)."""
+        attrs = [sample_attrs(self.rng(i)) for i in range(self.n)]
+        with open(path, "w") as f:
+            if str(path).endswith(".json"):
+                json.dump(
+                    [
+                        {"index": i, "prompt": make_prompt(a), "attrs": a}
+                        for i, a in enumerate(attrs)
+                    ],
+                    f,
+                )
+            else:
+                f.write("".join(make_prompt(a) + "\n" for a in attrs))
+
+
+# ----------------------------------------------------------------------------- bouncing balls
+def _ball_starts(rng, r):
+    """Non-overlapping start centres (n, 2) for balls of radii r, by rejection."""
+    pos = []
+    while len(pos) < len(r):
+        k = len(pos)
+        p = rng.uniform(0.1, 0.9, 2)
+        if all(math.dist(p, q) > r[k] + r[j] + 0.01 for j, q in enumerate(pos)):
+            pos.append(p)
+    return np.array(pos)
+
+
+def _collide(x, y, vx, vy, r, i, j):
+    """Balls i and j, if they overlap: when approaching, equal masses exchange their normal
+    velocities; then the pair is pushed apart. Updates the lists in place."""
+    dx = x[i] - x[j]
+    dy = y[i] - y[j]
+    rr = r[i] + r[j]
+    d = math.sqrt(dx * dx + dy * dy)
+    if d >= rr or d == 0:
+        return
+    nx = dx / d
+    ny = dy / d
+    push = (rr - d) / 2
+    vn = min(0.0, (vx[i] - vx[j]) * nx + (vy[i] - vy[j]) * ny)
+    vx[i] -= vn * nx
+    vy[i] -= vn * ny
+    vx[j] += vn * nx
+    vy[j] += vn * ny
+    x[i] += push * nx
+    y[i] += push * ny
+    x[j] -= push * nx
+    y[j] -= push * ny
+
+
+def _balls_substep(x, y, vx, vy, r, gravity, dt):
+    """Move every ball, resolve pairwise collisions, then the walls. Updates the lists in place."""
+    n = len(r)
+    for i in range(n):
+        vy[i] += gravity * dt
+        x[i] += vx[i] * dt
+        y[i] += vy[i] * dt
+    for i in range(n):
+        for j in range(i + 1, n):
+            _collide(x, y, vx, vy, r, i, j)
+    for i in range(n):  # walls last, so states always lie inside the box
+        x[i], vx[i] = _wall(x[i], vx[i], r[i], 1.0)
+        y[i], vy[i] = _wall(y[i], vy[i], r[i], 1.0)
+
+
+def simulate_balls(rng, n, t, gravity=0.0, substeps=2):
+    """(T, n, 4) x, y, vx, vy in the unit box (per frame) and the radii (n,)."""
+    r = rng.uniform(0.06, 0.1, n).tolist()
+    x, y = _ball_starts(rng, r).T.tolist()
+    ang = rng.uniform(0, 2 * np.pi, n)
+    speed = rng.uniform(0.02, 0.045, n)
+    vx = (speed * np.cos(ang)).tolist()
+    vy = (speed * np.sin(ang)).tolist()
+    out = np.empty((t, n, 4), np.float32)
+    for f in range(t):
+        for _ in range(substeps if f else 0):  # frame 0 is the initial state
+            _balls_substep(x, y, vx, vy, r, gravity, 1.0 / substeps)
+        out[f] = np.array([x, y, vx, vy]).T
+    return out, np.array(r, np.float32)
+
+
+class BouncingBalls(_Synthetic):
+    """1-5 balls of distinct colours, elastic ball-ball and wall collisions, no gravity by
+    default."""
+
+    def __init__(
+        self,
+        num_samples,
+        resolution=64,
+        num_frames=16,
+        seed=0,
+        split="train",
+        num_balls=None,
+        max_balls=5,
+        gravity=0.0,
+    ):
+        super().__init__(num_samples, resolution, num_frames, seed, split)
+        self.num_balls = num_balls
+        self.max_balls = num_balls or max_balls
+        self.gravity = gravity
+        if not 1 <= self.max_balls <= len(COLORS):
+            raise ValueError(
+                f"use 1 to {len(COLORS)} balls (one colour each), got {self.max_balls}"
+            )
+
+    def make(self, rng):
+        res = self.res
+        n = self.num_balls or int(rng.integers(1, self.max_balls + 1))
+        s, r = simulate_balls(rng, n, self.t, self.gravity)
+        colors = [COLORS[c] for c in rng.permutation(list(COLORS))[:n]]
+        masks = disc_masks(s[..., 0].T * res, s[..., 1].T * res, r[:, None] * res, res, res)
+        return {"video": _compose(masks, colors), "states": _pad_states(s, res, self.max_balls)}
+
+
+# ----------------------------------------------------------------------------- pendulum
+_PIVOT = (0.5, 0.12)  # in the unit box
+_BOB_RADIUS = 0.06
+
+
+def _swing(th, length, gravity, damping, substeps, t):
+    """Bob states (T, 1, 4) in the unit box, released from rest at angle th; semi-implicit Euler."""
+    px, py = _PIVOT
+    om = 0.0
+    dt = 1.0 / substeps
+    s = np.empty((t, 1, 4), np.float32)
+    for f in range(t):
+        for _ in range(substeps if f else 0):  # frame 0 is the initial state
+            om -= gravity / length * math.sin(th) * dt  # velocity first, then angle
+            th += om * dt
+        om *= damping if f else 1.0
+        s[f, 0] = (
+            px + length * math.sin(th),
+            py + length * math.cos(th),
+            length * math.cos(th) * om,
+            -length * math.sin(th) * om,
+        )
+    return s
+
+
+class Pendulum(_Synthetic):
+    """A damped pendulum (semi-implicit Euler) released from rest; states are the bob's."""
+
+    def __init__(
+        self,
+        num_samples,
+        resolution=64,
+        num_frames=16,
+        seed=0,
+        split="train",
+        gravity=0.04,
+        damping=0.995,
+        substeps=4,
+    ):
+        super().__init__(num_samples, resolution, num_frames, seed, split)
+        self.g = gravity
+        self.damping = damping
+        self.substeps = substeps
+
+    def make(self, rng):
+        res = self.res
+        px, py = _PIVOT
+        length = rng.uniform(0.35, 0.6)
+        max_angle = math.asin(min(1.0, (0.46 - _BOB_RADIUS) / length))
+        th = rng.choice([-1, 1]) * rng.uniform(0.4, 1.0) * max_angle
+        s = _swing(th, length, self.g, self.damping, self.substeps, self.t)
+        x = s[:, 0, 0] * res
+        y = s[:, 0, 1] * res
+        bob = disc_masks(x, y, _BOB_RADIUS * res, res, res)
+        rod = segment_masks(px * res, py * res, x, y, max(0.5, 0.012 * res), res, res) * (1 - bob)
+        pivot = disc_masks(
+            np.full(self.t, px * res), np.full(self.t, py * res), 0.025 * res, res, res
+        )
+        color = COLORS[_pick(rng, list(COLORS)[:-1])]  # any but white, the pivot's colour
+        layers = np.stack([rod, pivot * (1 - bob), bob])
+        video = _compose(layers, [(0.6, 0.6, 0.6), (1, 1, 1), color])
+        return {"video": video, "states": torch.from_numpy(s * res)}
+
+
+# ----------------------------------------------------------------------------- falling objects
+class FallingObjects(_Synthetic):
+    """1-3 circles/squares dropped from near rest: gravity, air drag, restitution on the floor."""
+
+    def __init__(
+        self,
+        num_samples,
+        resolution=64,
+        num_frames=16,
+        seed=0,
+        split="train",
+        max_objects=3,
+        gravity=0.015,
+        drag=0.02,
+    ):
+        super().__init__(num_samples, resolution, num_frames, seed, split)
+        self.max_objects = max_objects
+        self.g = gravity
+        self.drag = drag
+
+    def _drop(self, rng, x, r):
+        """States (T, 4) of one object of radius r dropped at x with a small random velocity."""
+        y = rng.uniform(0.1, 0.45)
+        vx = rng.uniform(-0.015, 0.015)
+        vy = rng.uniform(-0.01, 0.01)
+        restitution = rng.uniform(0.55, 0.8)
+        return _ballistic(x, y, vx, vy, r, self.t, self.g, self.drag, restitution)
+
+    def _mask(self, rng, x, y, r):
+        """A circle or, as often, a square of half side 0.88 r."""
+        res = self.res
+        if rng.random() < 0.5:
+            return disc_masks(x, y, r * res, res, res)
+        return polygon_masks("square", x, y, 0.88 * r * res, np.zeros(self.t), res, res)
+
+    def make(self, rng):
+        res = self.res
+        n = int(rng.integers(1, self.max_objects + 1))
+        r = rng.uniform(0.06, 0.1, n)
+        xs = np.clip(
+            (np.arange(n) + rng.uniform(0.3, 0.7, n)) / n, r, 1 - r
+        )  # one lane each: rare overlaps
+        s = np.stack([self._drop(rng, xs[k], r[k]) for k in range(n)], 1)
+        x = s[..., 0] * res
+        y = s[..., 1] * res
+        masks = np.stack([self._mask(rng, x[:, k], y[:, k], r[k]) for k in range(n)])
+        colors = [COLORS[c] for c in rng.permutation(list(COLORS))[:n]]
+        return {"video": _compose(masks, colors), "states": _pad_states(s, res, self.max_objects)}
+
+
+# ----------------------------------------------------------------------------- projectile
+class Projectile(_Synthetic):
+    """A ball launched at 30-60 degrees under gravity, bouncing on the floor, with a fading
+    trail."""
+
+    def __init__(
+        self,
+        num_samples,
+        resolution=64,
+        num_frames=16,
+        seed=0,
+        split="train",
+        gravity=0.005,
+        trail=5,
+    ):
+        super().__init__(num_samples, resolution, num_frames, seed, split)
+        self.g = gravity
+        self.trail = trail
+
+    def _launch(self, rng, r):
+        """States (T, 4) of a ball of radius r launched from the floor near the left or right
+        wall."""
+        ang = np.deg2rad(rng.uniform(30, 60))
+        speed = rng.uniform(0.05, 0.065)
+        side = rng.choice([-1, 1])
+        x0 = 0.5 - side * (0.5 - rng.uniform(0.08, 0.2))
+        vx = side * speed * math.cos(ang)
+        vy = -speed * math.sin(ang)
+        return _ballistic(x0, 1 - r, vx, vy, r, self.t, self.g, 0.0, 0.6)
+
+    def make(self, rng):
+        res = self.res
+        r = 0.055
+        t = self.t
+        s = self._launch(rng, r)
+        x = s[:, 0] * res
+        y = s[:, 1] * res
+        k = np.arange(1, self.trail + 1)[:, None]  # ghost k shows the ball k frames ago
+        past = np.maximum(np.arange(t) - k, 0)  # (trail, T): the frame each ghost copies
+        fade = (0.5 * (1 - k / (self.trail + 1)) * (np.arange(t) >= k)).astype(np.float32)[
+            ..., None, None
+        ]
+        ball = disc_masks(x, y, r * res, res, res)
+        ghosts = disc_masks(x[past], y[past], r * res * (1 - 0.1 * k), res, res) * fade
+        trail = ghosts.max(0) * (1 - ball)
+        color = COLORS[_pick(rng, list(COLORS))]
+        video = _compose(np.stack([trail, ball]), [color, color])
+        return {"video": video, "states": torch.from_numpy(s[:, None] * res)}
+
+
+# ----------------------------------------------------------------------------- Moving MNIST
+_DIGIT_FONTS = (
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSansMono-Oblique.ttf",
+    "DejaVuSansMono-BoldOblique.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSerif-BoldItalic.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf",
+    "STIXGeneralBolIta.ttf",
+    "cmr10.ttf",
+    "cmb10.ttf",
+    "cmss10.ttf",
+    "cmti10.ttf",
+    "cmtt10.ttf",
+)
+# held out: test digits never share a typeface with training digits
+_TEST_FONTS = (
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSerif.ttf",
+    "STIXGeneralItalic.ttf",
+    "cmss10.ttf",
+)
+
+
+def _draw_glyph(rng, font, char):
+    """The glyph on a 96x96 canvas with random stroke width, rotation, shear and width."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("L", (96, 96))
+    stroke = int(rng.integers(0, 4))
+    ImageDraw.Draw(img).text(
+        (48, 48), char, fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255
+    )
+    rot = np.deg2rad(rng.uniform(-15, 15))
+    shear = rng.uniform(-0.3, 0.3)
+    sx = rng.uniform(0.8, 1.2)
+    a = [[math.cos(rot), -math.sin(rot)], [math.sin(rot), math.cos(rot)]] @ np.array(
+        [[sx, shear], [0, 1]]
+    )
+    inv = np.linalg.inv(a)  # PIL maps output pixels back to input pixels
+    off = 48 - inv @ [48, 48]
+    return img.transform(
+        img.size,
+        Image.Transform.AFFINE,
+        (*inv[0], off[0], *inv[1], off[1]),
+        Image.Resampling.BILINEAR,
+    )
+
+
+def _glyph_digit(rng, font, char):
+    """A glyph with random stroke width, rotation, shear and width, fitted like MNIST: ~20 px
+    tall in a 28x28 box, centred by mass."""
+    from PIL import Image
+
+    img = _draw_glyph(rng, font, char)
+    img = img.crop(img.getbbox())
+    scale = rng.uniform(17, 21) / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    g = np.asarray(img.resize(size, Image.Resampling.LANCZOS))
+    com = (np.indices(g.shape) * g.astype(np.float32)).sum((1, 2)) / max(g.sum(), 1)
+    oy = int(np.clip(round(13.5 - com[0] + rng.uniform(-1, 1)), 0, 28 - g.shape[0]))
+    ox = int(np.clip(round(13.5 - com[1] + rng.uniform(-1, 1)), 0, 28 - g.shape[1]))
+    out = np.zeros((28, 28), np.uint8)
+    out[oy : oy + g.shape[0], ox : ox + g.shape[1]] = g
+    return out
+
+
+def font_digits(train=True, num=None):
+    """(num, 28, 28) uint8 digits drawn from matplotlib's bundled fonts (no download)."""
+    import matplotlib
+    from PIL import ImageFont
+
+    root = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
+    fonts = [
+        ImageFont.truetype(os.path.join(root, f), 56)
+        for f in _DIGIT_FONTS
+        if (f in _TEST_FONTS) != train and os.path.exists(os.path.join(root, f))
+    ]
+    rng = np.random.default_rng([20150, int(train)])
+    num = num or (1500 if train else 500)
+    return np.stack([_glyph_digit(rng, _pick(rng, fonts), str(k % 10)) for k in range(num)])
+
+
+@functools.lru_cache(maxsize=8)
+def digit_pool(train=True, mnist_path=None, digit_size=28):
+    """The digit images Moving MNIST draws from, built once per process; train and test pools
+    are disjoint (held-out fonts and seeds, or MNIST's own train/test files)."""
+    x = font_digits(train) if mnist_path is None else load_mnist_images(mnist_path, train)
+    if x.shape[1:] != (digit_size, digit_size):
+        size = (digit_size, digit_size)
+        x = F.interpolate(
+            torch.from_numpy(x)[:, None].float(), size=size, mode="bilinear", antialias=True
+        )
+        x = x[:, 0].round().clamp(0, 255).byte().numpy()
+    return x
+
+
+def mnist_trajectory(rng, num_digits, t, step=0.1):
+    """The original generator's motion: unit-square top-left positions, a constant step along a
+    uniform angle, position updated first, then each coordinate clamped to [0, 1] with its velocity
+    flipped. Returns positions and velocities after each step, both (T, n, 2) as (x, y)."""
+    pos = rng.random((num_digits, 2))
+    theta = rng.random(num_digits) * 2 * np.pi
+    vel = np.stack([np.cos(theta), np.sin(theta)], 1) * step
+    ps = np.empty((t, num_digits, 2))
+    vs = np.empty((t, num_digits, 2))
+    for i in range(t):
+        pos = pos + vel
+        vel = np.where((pos <= 0) | (pos >= 1), -vel, vel)
+        pos = np.clip(pos, 0, 1)
+        ps[i] = pos
+        vs[i] = vel
+    return ps, vs
+
+
+class MovingMNIST(_Synthetic):
+    """Bouncing digits: {"video": (T, 1, res, res), "states": (T, num_digits, 4) box centres}."""
+
+    channels = 1
+
+    def __init__(
+        self,
+        num_samples,
+        sequence_length=20,
+        resolution=64,
+        num_digits=2,
+        digit_size=28,
+        canvas_size=64,
+        max_velocity=0.1,
+        train=True,
+        seed=0,
+        mnist_path=None,
+        split=None,
+    ):
+        split = split or ("train" if train else "test")  # "val": fresh sequences of training digits
+        super().__init__(num_samples, resolution, sequence_length, seed, split)
+        if canvas_size <= digit_size:
+            raise ValueError(
+                f"canvas_size {canvas_size} must be larger than digit_size {digit_size}"
+            )
+        self.k = num_digits
+        self.ds = digit_size
+        self.canvas = canvas_size
+        self.step = max_velocity
+        self.train = split != "test"
+        self.path = None if mnist_path is None else os.path.abspath(mnist_path)
+
+    def make(self, rng):
+        c = self.canvas
+        ds = self.ds
+        pool = digit_pool(self.train, self.path, ds)
+        pos, vel = mnist_trajectory(rng, self.k, self.t, self.step)
+        digits = pool[rng.integers(len(pool), size=self.k)]
+        tl = (pos * (c - ds)).astype(np.int32)
+        frames = np.zeros((self.t, c, c), np.uint8)
+        for f in range(self.t):
+            for k in range(self.k):  # max compositing: overlapping digits pass through each other
+                sl = frames[f, tl[f, k, 1] : tl[f, k, 1] + ds, tl[f, k, 0] : tl[f, k, 0] + ds]
+                np.maximum(sl, digits[k], out=sl)
+        video = torch.from_numpy(frames)[:, None].float() / 255
+        if self.res != c:
+            video = F.interpolate(
+                video, size=(self.res, self.res), mode="bilinear", antialias=True
+            ).clamp(0, 1)
+        states = np.concatenate([tl + ds / 2, vel * (c - ds)], -1) * (self.res / c)
+        return {"video": video, "states": torch.from_numpy(states.astype(np.float32))}
+
+
+def create_moving_mnist_dataset(
+    output_file,
+    num_samples=1000,
+    sequence_length=20,
+    resolution=64,
+    num_digits=2,
+    seed=0,
+    train=True,
+    mnist_path=None,
+):
+    """Write N Moving MNIST sequences as uint8 (N, T, 1, H, W) under "videos" (and "states")."""
+    ds = MovingMNIST(
+        num_samples,
+        sequence_length,
+        resolution,
+        num_digits,
+        train=train,
+        seed=seed,
+        mnist_path=mnist_path,
+    )
+    items = [ds[i] for i in range(num_samples)]
+    videos = to_uint8(torch.stack([it["video"] for it in items]))
+    states = torch.stack([it["states"] for it in items]).numpy()
+    np.savez_compressed(output_file, videos=videos, states=states)
+    return output_file
 
 
 # ----------------------------------------------------------------------------- your own videos
@@ -740,16 +1047,25 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def _frame_files(folder):
-    return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.lower().endswith(IMAGE_EXTS)]
+    return [
+        os.path.join(folder, f)
+        for f in sorted(os.listdir(folder))
+        if f.lower().endswith(IMAGE_EXTS)
+    ]
 
 
 def list_videos(root):
     if not os.path.isdir(root):
         raise FileNotFoundError(f"video folder {root} does not exist")
     paths = [os.path.join(root, n) for n in sorted(os.listdir(root))]
-    found = [p for p in paths if p.lower().endswith(VIDEO_EXTS) or (os.path.isdir(p) and _frame_files(p))]
+    found = [
+        p for p in paths if p.lower().endswith(VIDEO_EXTS) or (os.path.isdir(p) and _frame_files(p))
+    ]
     if not found:
-        raise ValueError(f"no videos in {root}: expected {'/'.join(VIDEO_EXTS)} files or folders of .png/.jpg frames")
+        raise ValueError(
+            f"no videos in {root}: expected {'/'.join(VIDEO_EXTS)} files "
+            "or folders of .png/.jpg frames"
+        )
     return found
 
 
@@ -762,7 +1078,10 @@ def split_files(paths, split):
         groups["train" if b < 8 else "val" if b == 8 else "test"].append(p)
     if len(paths) < 3:
         if split != "train":
-            raise ValueError(f"only {len(paths)} video(s): a {split} split needs at least 3 files (splits are by file)")
+            raise ValueError(
+                f"only {len(paths)} video(s): a {split} split needs at least 3 files "
+                "(splits are by file)"
+            )
         return list(paths)
     for s in ("val", "test", "train"):  # top up empty splits from the largest one
         if not groups[s]:
@@ -770,48 +1089,111 @@ def split_files(paths, split):
     return groups[split]
 
 
+def _to_rgb(frame):
+    """Grey (H, W) or (H, W, 1), RGB, or RGBA -> (H, W, 3)."""
+    if frame.ndim == 2:
+        return np.repeat(frame[..., None], 3, -1)
+    if frame.shape[-1] == 1:
+        return np.repeat(frame, 3, -1)
+    return frame[..., :3]
+
+
+def _decode(iio, path):
+    """All frames of a video file or frame folder as uint8 (T, 3, H, W)."""
+    if os.path.isdir(path):
+        frames = [iio.imread(f) for f in _frame_files(path)]
+    else:
+        with iio.get_reader(path) as reader:
+            frames = [np.asarray(f) for f in reader]
+    return torch.from_numpy(np.stack([_to_rgb(f) for f in frames])).permute(0, 3, 1, 2)
+
+
 def read_video(path, resolution):
     """Decode a video file or frame folder to uint8 (T, 3, res, res): RGB, centre-cropped square."""
     import imageio.v2 as iio
+
     try:
-        if os.path.isdir(path):
-            frames = [iio.imread(f) for f in _frame_files(path)]
-        else:
-            with iio.get_reader(path) as reader:
-                frames = [np.asarray(f) for f in reader]
-        frames = [np.repeat(f[..., None], 3, -1) if f.ndim == 2 else np.repeat(f, 3, -1) if f.shape[-1] == 1
-                  else f[..., :3] for f in frames]  # grey / RGBA -> RGB
-        x = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
+        x = _decode(iio, path)
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"cannot read video {path}: {reason}") from None
     h, w = x.shape[-2:]
     s = min(h, w)
-    x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s].float()
-    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    top = (h - s) // 2
+    left = (w - s) // 2
+    x = x[..., top : top + s, left : left + s].float()
+    x = F.interpolate(
+        x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False
+    )
     return x.round().clamp(0, 255).byte()
 
 
 class VideoFolder(Dataset):
     """Windows of num_frames (every `stride` frames) from a folder of videos, split by file."""
+
     channels = 3
 
-    def __init__(self, root, num_frames=16, resolution=64, stride=None, split="train", num_samples=None):
+    def __init__(
+        self, root, num_frames=16, resolution=64, stride=None, split="train", num_samples=None
+    ):
         _check_size(resolution, num_frames)
         self.files = split_files(list_videos(root), _need(split, SPLITS, "split"))
-        self.clips, self.t = [read_video(p, resolution) for p in self.files], num_frames  # decoded once, uint8
-        self.index = [(k, s) for k, c in enumerate(self.clips)
-                      for s in range(0, len(c) - num_frames + 1, stride or num_frames)][:num_samples]
+        self.clips = [read_video(p, resolution) for p in self.files]  # decoded once, uint8
+        self.t = num_frames
+        step = stride or num_frames
+        windows = [
+            (k, s)
+            for k, c in enumerate(self.clips)
+            for s in range(0, len(c) - num_frames + 1, step)
+        ]
+        self.index = windows[:num_samples]
         if not self.index:
-            raise ValueError(f"the {split} videos in {root} have at most {max(map(len, self.clips))} frames; "
-                             f"num_frames={num_frames} is too many")
+            raise ValueError(
+                f"the {split} videos in {root} have at most {max(map(len, self.clips))} frames; "
+                f"num_frames={num_frames} is too many"
+            )
 
     def __len__(self):
         return len(self.index)
 
     def __getitem__(self, i):
         k, s = self.index[i]
-        return {"video": self.clips[k][s:s + self.t].float() / 255}
+        return {"video": self.clips[k][s : s + self.t].float() / 255}
+
+
+# ----------------------------------------------------------------------------- .npz / .npy files
+def load_videos_file(path):
+    """uint8 videos (N, T, C, H, W) (memory-mapped for .npy) and all arrays, from an .npz with
+    "videos" (as the CLI writes) or the standard time-first Moving MNIST .npy (20, N, 64, 64)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"video file {path} not found (expected a .npz from toy_data.py --out or "
+            "mnist_test_seq.npy)"
+        )
+    try:
+        if path.endswith(".npy"):  # memory-mapped: the Moving MNIST test file is 800 MB
+            arrays = {"videos": np.load(path, mmap_mode="r")}
+        else:
+            with np.load(path) as f:
+                arrays = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    v = arrays.get("videos")
+    if v is None or v.ndim not in (4, 5):
+        raise ValueError(
+            f"{path}: expected 'videos' (N, T, C, H, W) in an .npz or a time first (20, N, 64, 64) "
+            f".npy, found {[(k, a.shape) for k, a in arrays.items()]}"
+        )
+    if v.ndim == 4:  # grey videos: time first in the Moving MNIST .npy
+        v = (v.transpose(1, 0, 2, 3) if path.endswith(".npy") else v)[:, :, None]
+    return v, arrays
+
+
+def load_moving_mnist_test(path, uint8=False):
+    """The standard test file mnist_test_seq.npy (uint8 (20, N, 64, 64), time first) as
+    (N, 20, 1, 64, 64), float in [0, 1] or uint8."""
+    v = torch.from_numpy(np.ascontiguousarray(load_videos_file(path)[0]))
+    return v if uint8 else v.float() / 255
 
 
 class NpzVideos(Dataset):
@@ -820,11 +1202,17 @@ class NpzVideos(Dataset):
 
     def __init__(self, path, num_frames=None, resolution=None, num_samples=None):
         self.videos, arrays = load_videos_file(path)
-        self.prompts, self.states = arrays.get("prompts"), arrays.get("states")
-        self.t, self.res, self.channels = num_frames or self.videos.shape[1], resolution, self.videos.shape[2]
+        self.prompts = arrays.get("prompts")
+        self.states = arrays.get("states")
+        self.t = num_frames or self.videos.shape[1]
+        self.res = resolution
+        self.channels = self.videos.shape[2]
         _check_size(resolution or 8, self.t)
         if self.t > self.videos.shape[1]:
-            raise ValueError(f"{path} has {self.videos.shape[1]} frames per video; num_frames={self.t} is too many")
+            raise ValueError(
+                f"{path} has {self.videos.shape[1]} frames per video; "
+                f"num_frames={self.t} is too many"
+            )
         self.n = min(len(self.videos), num_samples or len(self.videos))
 
     def __len__(self):
@@ -837,7 +1225,9 @@ class NpzVideos(Dataset):
         v = v.float() / 255 if v.dtype == torch.uint8 else v.float()
         if self.res and v.shape[-2:] != (self.res, self.res):
             with _one_thread():
-                v = F.interpolate(v, size=(self.res, self.res), mode="bilinear", antialias=True).clamp(0, 1)
+                v = F.interpolate(
+                    v, size=(self.res, self.res), mode="bilinear", antialias=True
+                ).clamp(0, 1)
         item = {"video": v}
         if self.prompts is not None:
             item["prompt"] = str(self.prompts[i])
@@ -846,25 +1236,97 @@ class NpzVideos(Dataset):
         return item
 
 
+# ----------------------------------------------------------------------------- MNIST IDX files
+def _read_idx(path):
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"cannot read IDX file {path}: {e}") from None
+    if len(data) < 4 or data[:3] != b"\0\0\x08" or len(data) < 4 + 4 * data[3]:
+        raise ValueError(
+            f"{path} is not a uint8 IDX file (bad header); expected MNIST's train-images-idx3-ubyte"
+        )
+    header = 4 + 4 * data[3]
+    dims = struct.unpack(f">{data[3]}I", data[4:header])
+    body = data[header:]
+    if len(body) != math.prod(dims):
+        raise ValueError(
+            f"{path} is truncated or corrupt: header says {dims}, found {len(body)} bytes of data"
+        )
+    return np.frombuffer(body, np.uint8).reshape(dims)
+
+
+def _npz_images(path, key):
+    try:
+        with np.load(path) as z:
+            return z[key]
+    except KeyError:
+        raise ValueError(f"{path} has no array {key!r}; it needs x_train and x_test") from None
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as .npz: {e}") from None
+
+
+def load_mnist_images(path, train=True):
+    """(N, H, W) uint8 images from an MNIST-format folder of IDX files (.gz or raw), one IDX
+    file, or an .npz holding x_train / x_test (Fashion-MNIST works the same way)."""
+    stem = "train-images-idx3-ubyte" if train else "t10k-images-idx3-ubyte"
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"MNIST path {path} does not exist; give a folder with {stem}(.gz) or an .npz "
+            "with x_train/x_test"
+        )
+    if os.path.isdir(path):
+        found = [
+            os.path.join(path, stem + e)
+            for e in (".gz", "")
+            if os.path.exists(os.path.join(path, stem + e))
+        ]
+        if not found:
+            raise FileNotFoundError(f"no {stem} or {stem}.gz in {path}")
+        path = found[0]
+    if path.endswith(".npz"):
+        x = _npz_images(path, "x_train" if train else "x_test")
+    else:
+        x = _read_idx(path)
+    if x.ndim != 3 or len(x) == 0:
+        raise ValueError(f"{path}: expected images (N, H, W), got shape {x.shape}")
+    if x.dtype == np.uint8:
+        return x
+    return np.clip(x * (255 if x.max() <= 1 else 1), 0, 255).astype(np.uint8)
+
+
 # ----------------------------------------------------------------------------- factory and clips
-_PHYSICS = {"bouncing_balls": BouncingBalls, "pendulum": Pendulum, "falling": FallingObjects, "projectile": Projectile}
+_PHYSICS = {
+    "bouncing_balls": BouncingBalls,
+    "pendulum": Pendulum,
+    "falling": FallingObjects,
+    "projectile": Projectile,
+}
 
 
-def make_dataset(kind, num_samples, resolution=64, num_frames=16, seed=0, split="train", data_dir=None):
+def make_dataset(
+    kind, num_samples, resolution=64, num_frames=16, seed=0, split="train", data_dir=None
+):
     """The data set every train script uses. "folder": data_dir is a folder of videos; "npz": a
     file (used for every split) or a folder holding train.npz / val.npz / test.npz;
     "moving_mnist": data_dir optionally holds real MNIST files."""
-    _need(kind, KINDS, "data kind"), _need(split, SPLITS, "split")
+    _need(kind, KINDS, "data kind")
+    _need(split, SPLITS, "split")
     if kind == "shapes":
         return ToyDataset(num_samples, resolution, resolution, num_frames, seed, split)
     if kind in _PHYSICS:
         return _PHYSICS[kind](num_samples, resolution, num_frames, seed, split)
     if kind == "moving_mnist":
-        return MovingMNIST(num_samples, num_frames, resolution, seed=seed, split=split, mnist_path=data_dir)
+        return MovingMNIST(
+            num_samples, num_frames, resolution, seed=seed, split=split, mnist_path=data_dir
+        )
     if kind == "smoke":
         return Smoke(num_samples, resolution, num_frames, seed, split)
     if data_dir is None:
-        raise ValueError(f"data kind {kind!r} needs data_dir: a folder of videos (folder) or a .npz file (npz)")
+        raise ValueError(
+            f"data kind {kind!r} needs data_dir: a folder of videos (folder) or a .npz file (npz)"
+        )
     if kind == "folder":
         return VideoFolder(data_dir, num_frames, resolution, split=split, num_samples=num_samples)
     path = os.path.join(data_dir, f"{split}.npz") if os.path.isdir(data_dir) else data_dir
@@ -875,19 +1337,26 @@ def channels_of(kind, data_dir=None):
     """Channels of a kind's videos ("npz" needs data_dir to look inside the file)."""
     if _need(kind, KINDS, "data kind") == "npz":
         if data_dir is None:
-            raise ValueError("channels_of('npz') needs data_dir, the .npz file, to read its channel count")
+            raise ValueError(
+                "channels_of('npz') needs data_dir, the .npz file, to read its channel count"
+            )
         return make_dataset(kind, 1, data_dir=data_dir).channels
     return 1 if kind == "moving_mnist" else 3
 
 
 def collate(batch):
     """DataLoader collate_fn: stacks tensors, keeps the rest (prompts, attrs with None) as lists."""
-    return {k: torch.stack([b[k] for b in batch]) if torch.is_tensor(batch[0][k]) else [b[k] for b in batch]
-            for k in batch[0]}
+    out = {}
+    for k in batch[0]:
+        values = [b[k] for b in batch]
+        out[k] = torch.stack(values) if torch.is_tensor(batch[0][k]) else values
+    return out
 
 
 def _time_dim(video, dim):
-    return dim if dim is not None else 1 if video.ndim == 5 else 0
+    if dim is not None:
+        return dim
+    return 1 if video.ndim == 5 else 0
 
 
 def split_context_target(video, context, dim=None):
@@ -904,7 +1373,9 @@ def sliding_windows(video, length, stride=1):
     if video.ndim == 5:
         return torch.cat([sliding_windows(v, length, stride) for v in video])
     if not 1 <= length <= video.shape[0] or stride < 1:
-        raise ValueError(f"window length {length} / stride {stride} invalid for a {video.shape[0]}-frame video")
+        raise ValueError(
+            f"window length {length} / stride {stride} invalid for a {video.shape[0]}-frame video"
+        )
     return video.unfold(0, length, stride).permute(0, 4, 1, 2, 3)  # unfold puts the window last
 
 
@@ -923,32 +1394,74 @@ def to_uint8(videos):
 
 # ----------------------------------------------------------------------------- CLI
 def bench(resolution=64, num_frames=16, seconds=1.0):
-    """frames/s of every synthetic kind on one thread; CPU-time figures stay fair on a busy machine."""
+    """frames/s of every synthetic kind on one thread (CPU-time figures stay fair on a busy
+    machine)."""
     torch.set_num_threads(1)
     for kind in KINDS[:7]:
-        ds = make_dataset(kind, 10 ** 6, resolution, num_frames)
+        ds = make_dataset(kind, 10**6, resolution, num_frames)
         ds[0]  # builds lazy caches (digit pools)
-        n, t0, c0 = 0, time.perf_counter(), time.process_time()
+        n = 0
+        t0 = time.perf_counter()
+        c0 = time.process_time()
         while time.perf_counter() - t0 < seconds or n < 3:
             n += 1
             ds[n]
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        print(f"{kind:15s} {n * num_frames / wall:8.0f} frames/s wall {n * num_frames / cpu:8.0f} frames/s CPU "
-              f"({resolution}x{resolution}, {num_frames} frames, 1 thread)")
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - c0
+        print(
+            f"{kind:15s} {n * num_frames / wall:8.0f} frames/s wall "
+            f"{n * num_frames / cpu:8.0f} frames/s CPU "
+            f"({resolution}x{resolution}, {num_frames} frames, 1 thread)"
+        )
+
+
+def _parser():
+    p = argparse.ArgumentParser(
+        description="Write a toy video data set as uint8 .npz, preview it, or benchmark it."
+    )
+    p.add_argument(
+        "command",
+        nargs="?",
+        default="generate",
+        choices=["generate", "bench"],
+        help="generate (default): write --out and/or --preview; "
+        "bench: frames/s of every synthetic kind on one thread",
+    )
+    p.add_argument("--kind", default="shapes", help=f"one of: {', '.join(KINDS)}")
+    p.add_argument("--num", type=int, default=64, help="number of videos")
+    p.add_argument(
+        "--out", help="output .npz: uint8 'videos' (N, T, C, H, W), plus 'prompts' or 'states'"
+    )
+    p.add_argument("--preview", help="animated GIF grid of the first 8 videos")
+    p.add_argument(
+        "--resolution", type=int, default=64, help="frame height and width in pixels (at least 8)"
+    )
+    p.add_argument("--frames", type=int, default=16, help="frames per video")
+    p.add_argument(
+        "--seed", type=int, default=0, help="data seed: sample i of a seed and split never changes"
+    )
+    p.add_argument(
+        "--split", default="train", choices=SPLITS, help="which of the disjoint splits to draw from"
+    )
+    p.add_argument(
+        "--data-dir", help="folder of videos (folder), .npz (npz), or MNIST files (moving_mnist)"
+    )
+    return p
+
+
+def _write_npz(path, items, videos):
+    arrays = {"videos": to_uint8(videos)}
+    if "prompt" in items[0]:
+        arrays["prompts"] = np.array([it["prompt"] for it in items])
+    if "states" in items[0]:
+        arrays["states"] = torch.stack([it["states"] for it in items]).numpy()
+    np.savez_compressed(path, **arrays)
+    extras = "".join(f", {k}" for k in arrays if k != "videos")
+    print(f"wrote {path}: videos {tuple(videos.shape)} uint8" + extras)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write a toy video data set as uint8 .npz, preview it, or benchmark it.")
-    p.add_argument("command", nargs="?", default="generate", choices=["generate", "bench"])
-    p.add_argument("--kind", default="shapes", help=f"one of: {', '.join(KINDS)}")
-    p.add_argument("--num", type=int, default=64, help="number of videos")
-    p.add_argument("--out", help="output .npz: uint8 'videos' (N, T, C, H, W), plus 'prompts' or 'states'")
-    p.add_argument("--preview", help="animated GIF grid of the first 8 videos")
-    p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", default="train", choices=SPLITS)
-    p.add_argument("--data-dir", help="folder of videos (folder), .npz (npz), or MNIST files (moving_mnist)")
+    p = _parser()
     a = p.parse_args(argv)
     if a.command == "bench":
         return bench(a.resolution, a.frames)
@@ -961,17 +1474,12 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     videos = torch.stack([it["video"] for it in items])
     if a.out:
-        arrays = {"videos": to_uint8(videos)}
-        if "prompt" in items[0]:
-            arrays["prompts"] = np.array([it["prompt"] for it in items])
-        if "states" in items[0]:
-            arrays["states"] = torch.stack([it["states"] for it in items]).numpy()
-        np.savez_compressed(a.out, **arrays)
-        print(f"wrote {a.out}: videos {tuple(videos.shape)} uint8" + "".join(f", {k}" for k in arrays if k != "videos"))
+        _write_npz(a.out, items, videos)
     if a.preview:
         import viz  # only here: the data sets themselves need no plotting
-        viz.save_video_grid(videos[:8], a.preview, prompts=[it.get("prompt", f"{a.kind} {i}")
-                                                            for i, it in enumerate(items[:8])])
+
+        prompts = [it.get("prompt", f"{a.kind} {i}") for i, it in enumerate(items[:8])]
+        viz.save_video_grid(videos[:8], a.preview, prompts=prompts)
         print(f"wrote {a.preview}")
 
 

@@ -1,5 +1,6 @@
 """Tests for toy_data.py: shapes, determinism, prompts, physics invariants, Moving MNIST rules,
 loaders, smoke incompressibility, video folders, the factory, clip helpers and the CLI."""
+
 import gzip
 import os
 import struct
@@ -10,7 +11,15 @@ import torch
 
 import toy_data as td
 
-SYNTHETIC = ("shapes", "bouncing_balls", "pendulum", "falling", "projectile", "moving_mnist", "smoke")
+SYNTHETIC = (
+    "shapes",
+    "bouncing_balls",
+    "pendulum",
+    "falling",
+    "projectile",
+    "moving_mnist",
+    "smoke",
+)
 
 
 def centroid(frame):
@@ -36,7 +45,9 @@ def test_shape_dtype_range(kind, res, frames):
             assert item["states"].shape[0] == frames and item["states"].shape[-1] == 4
     with pytest.raises(IndexError):
         ds[3]
-    assert torch.get_num_threads() == threads  # generation runs on one thread, then restores the setting
+    assert (
+        torch.get_num_threads() == threads
+    )  # generation runs on one thread, then restores the setting
 
 
 def test_shapes_non_square_and_single_frame():
@@ -83,7 +94,12 @@ def test_prompts_parse_back_to_attrs():
         seen.add(item["attrs"]["type"])
     assert seen == {"moving", "rotating", "color_transition", "bouncing"}
     assert td.parse_prompt("A red circle moving from left to right") == {
-        "type": "moving", "shape": "circle", "color": "red", "color_to": None, "motion": "left_to_right"}
+        "type": "moving",
+        "shape": "circle",
+        "color": "red",
+        "color_to": None,
+        "motion": "left_to_right",
+    }
     assert td.parse_prompt("Color gradient transitioning from blue to red")["color_to"] == "red"
     with pytest.raises(ValueError, match="cannot parse"):
         td.parse_prompt("a cat playing piano")
@@ -93,9 +109,12 @@ def test_prompts_parse_back_to_attrs():
 
 def test_generator_methods_and_bad_attrs():
     g = td.ToyVideoGenerator(32, 32, 6, seed=0)
-    for video, prompt in (g.generate_moving_shape("triangle", "green", "top_to_bottom"),
-                          g.generate_rotating_shape("square", "blue", "counter-clockwise"),
-                          g.generate_color_transition("blue", "red"), g.generate_bouncing_ball()):
+    for video, prompt in (
+        g.generate_moving_shape("triangle", "green", "top_to_bottom"),
+        g.generate_rotating_shape("square", "blue", "counter-clockwise"),
+        g.generate_color_transition("blue", "red"),
+        g.generate_bouncing_ball(),
+    ):
         assert video.shape == (6, 3, 32, 32) and video.dtype == torch.float32
         assert td.make_prompt(td.parse_prompt(prompt)) == prompt
     assert g.generate_rotating_shape("square", "blue")[1] == "A blue square rotating clockwise"
@@ -114,10 +133,18 @@ def test_moving_shapes_move_as_prompted_and_stay_visible(shape):
         (x0, y0), (x1, y1) = centroid(m[0]), centroid(m[-1])
         dx, dy = td.direction_vector(direction)
         for d, delta in ((dx, x1 - x0), (dy, y1 - y0)):
-            assert (delta > 5 if d > 0 else delta < -5 if d < 0 else abs(delta) < 0.5), (direction, delta)
+            assert delta > 5 if d > 0 else delta < -5 if d < 0 else abs(delta) < 0.5, (
+                direction,
+                delta,
+            )
         mass = m.sum((1, 2))
         assert mass.min() > 0.97 * mass.max()  # never clipped by the frame border
-        assert m[:, 0].max() == 0 and m[:, -1].max() == 0 and m[:, :, 0].max() == 0 and m[:, :, -1].max() == 0
+        assert (
+            m[:, 0].max() == 0
+            and m[:, -1].max() == 0
+            and m[:, :, 0].max() == 0
+            and m[:, :, -1].max() == 0
+        )
 
 
 @pytest.mark.parametrize("shape,fold", [("square", 4), ("triangle", 3)])
@@ -132,14 +159,20 @@ def test_rotation_direction(shape, fold):
                 cx, cy = centroid(f)
                 phase = np.exp(1j * fold * np.arctan2(ys - cy, xs - cx))
                 z.append((f * np.hypot(xs - cx, ys - cy) ** fold * phase).sum())
-            steps = np.angle(np.array(z[1:]) / np.array(z[:-1])) / fold  # y points down: + is clockwise
+            steps = (
+                np.angle(np.array(z[1:]) / np.array(z[:-1])) / fold
+            )  # y points down: + is clockwise
             assert np.all(sign * steps > 0.05) and np.all(np.abs(steps) < 0.25), steps
 
 
 def test_color_transition_goes_from_one_colour_to_the_other():
     video, _ = td.ToyVideoGenerator(32, 32, 9, seed=0).generate_color_transition("blue", "red")
-    assert torch.allclose(video[0], torch.tensor(td.COLORS["blue"])[:, None, None].expand(3, 32, 32), atol=1e-5)
-    assert torch.allclose(video[-1], torch.tensor(td.COLORS["red"])[:, None, None].expand(3, 32, 32), atol=1e-5)
+    assert torch.allclose(
+        video[0], torch.tensor(td.COLORS["blue"])[:, None, None].expand(3, 32, 32), atol=1e-5
+    )
+    assert torch.allclose(
+        video[-1], torch.tensor(td.COLORS["red"])[:, None, None].expand(3, 32, 32), atol=1e-5
+    )
     assert video[4].std(dim=(1, 2)).max() > 0.05  # a spatial gradient in the middle
 
 
@@ -152,9 +185,15 @@ def test_save_prompts(tmp_path):
 
 
 def test_collate_batches_prompted_items():
-    loader = torch.utils.data.DataLoader(td.ToyDataset(6, 16, 16, 3), batch_size=4, collate_fn=td.collate)
+    loader = torch.utils.data.DataLoader(
+        td.ToyDataset(6, 16, 16, 3), batch_size=4, collate_fn=td.collate
+    )
     batch = next(iter(loader))
-    assert batch["video"].shape == (4, 3, 3, 16, 16) and len(batch["prompt"]) == 4 and len(batch["attrs"]) == 4
+    assert (
+        batch["video"].shape == (4, 3, 3, 16, 16)
+        and len(batch["prompt"]) == 4
+        and len(batch["attrs"]) == 4
+    )
 
 
 # ----------------------------------------------------------------------------- physics
@@ -178,7 +217,9 @@ def test_ball_states_in_pixels_with_nan_padding():
         st = ds[i]["states"].numpy()
         present = ~np.isnan(st[0, :, 0])
         counts.add(int(present.sum()))
-        assert np.all(np.isnan(st[:, ~present])) and np.all((st[:, present, :2] > 0) & (st[:, present, :2] < 48))
+        assert np.all(np.isnan(st[:, ~present])) and np.all(
+            (st[:, present, :2] > 0) & (st[:, present, :2] < 48)
+        )
     assert counts - {1, 2, 3, 4, 5} == set() and len(counts) >= 3
     assert td.BouncingBalls(2, num_balls=2)[0]["states"].shape[1] == 2
 
@@ -245,7 +286,9 @@ def test_moving_mnist_states_inside_and_max_compositing():
         layers = np.zeros((2, 20, 64, 64), np.uint8)
         for t in range(20):
             for k in range(2):
-                layers[k, t, tl[t, k, 1]:tl[t, k, 1] + 28, tl[t, k, 0]:tl[t, k, 0] + 28] = digits[k]
+                layers[k, t, tl[t, k, 1] : tl[t, k, 1] + 28, tl[t, k, 0] : tl[t, k, 0] + 28] = (
+                    digits[k]
+                )
         video = (item["video"][:, 0].numpy() * 255).round()
         assert np.array_equal(video, layers.max(0))
         if ((layers[0] > 0) & (layers[1] > 0)).any():
@@ -279,7 +322,9 @@ def test_real_mnist_formats_and_errors(tmp_path):
     assert np.array_equal(td.load_mnist_images(str(tmp_path), train=True), imgs)
     assert np.array_equal(td.load_mnist_images(str(tmp_path), train=False), imgs[:2])
     np.savez(tmp_path / "fashion.npz", x_train=imgs, x_test=imgs[:3].astype(np.float32) / 255)
-    assert np.array_equal(td.load_mnist_images(str(tmp_path / "fashion.npz"), train=False), imgs[:3])
+    assert np.array_equal(
+        td.load_mnist_images(str(tmp_path / "fashion.npz"), train=False), imgs[:3]
+    )
     flat = np.full((3, 28, 28), 77, np.uint8)
     flat[:, :4] = 0
     _write_idx(tmp_path / "flat.gz", flat)
@@ -315,7 +360,10 @@ def test_moving_mnist_test_file_and_npz_writer(tmp_path):
     v = td.load_moving_mnist_test(str(tmp_path / "mnist_test_seq.npy"))
     assert v.shape == (3, 20, 1, 64, 64) and v.dtype == torch.float32
     assert torch.equal((v[1, 7, 0] * 255).round().byte(), torch.from_numpy(a[7, 1]))
-    assert td.load_moving_mnist_test(str(tmp_path / "mnist_test_seq.npy"), uint8=True).dtype == torch.uint8
+    assert (
+        td.load_moving_mnist_test(str(tmp_path / "mnist_test_seq.npy"), uint8=True).dtype
+        == torch.uint8
+    )
     ds = td.NpzVideos(str(tmp_path / "mnist_test_seq.npy"), num_frames=10)
     assert len(ds) == 3 and ds.channels == 1 and torch.equal(ds[1]["video"], v[1, :10])
     np.save(tmp_path / "flat.npy", a[0])
@@ -323,10 +371,14 @@ def test_moving_mnist_test_file_and_npz_writer(tmp_path):
         td.load_moving_mnist_test(str(tmp_path / "flat.npy"))
     with pytest.raises(FileNotFoundError):
         td.load_moving_mnist_test(str(tmp_path / "missing.npy"))
-    out = td.create_moving_mnist_dataset(str(tmp_path / "mm.npz"), num_samples=3, sequence_length=6, resolution=32)
+    out = td.create_moving_mnist_dataset(
+        str(tmp_path / "mm.npz"), num_samples=3, sequence_length=6, resolution=32
+    )
     with np.load(out) as z:
         assert z["videos"].shape == (3, 6, 1, 32, 32) and z["videos"].dtype == np.uint8
-    assert torch.allclose(td.NpzVideos(out)[2]["video"], td.MovingMNIST(3, 6, 32)[2]["video"], atol=0.5 / 255 + 1e-6)
+    assert torch.allclose(
+        td.NpzVideos(out)[2]["video"], td.MovingMNIST(3, 6, 32)[2]["video"], atol=0.5 / 255 + 1e-6
+    )
 
 
 # ----------------------------------------------------------------------------- smoke
@@ -357,24 +409,29 @@ def test_smoke_is_visible_rises_and_moves():
         assert cy < 0.75 * 64  # sources sit below 0.75 of the height: smoke has risen
 
 
-# ----------------------------------------------------------------------------- video folders and npz
+# ------------------------------------------------------------------------- video folders and npz
 def _gif(path, n, color):
     import imageio.v2 as iio
+
     frames = np.zeros((n, 40, 60, 3), np.uint8) + np.array(color, np.uint8)
     for t in range(n):  # a moving square: Pillow merges identical GIF frames
-        frames[t, 10:20, 2 * t:2 * t + 10] = 255 - np.array(color, np.uint8)
+        frames[t, 10:20, 2 * t : 2 * t + 10] = 255 - np.array(color, np.uint8)
     iio.mimsave(path, list(frames), duration=0.1)
 
 
 def test_video_folder_windows_splits_and_errors(tmp_path):
     import imageio.v2 as iio
+
     for k in range(7):
         _gif(tmp_path / f"clip{k}.gif", 10 + k, (40 * k, 100, 200))
     (tmp_path / "frames").mkdir()
     for k in range(9):
         iio.imwrite(tmp_path / "frames" / f"{k:03d}.png", np.full((30, 30), 20 * k, np.uint8))
     (tmp_path / "notes.txt").write_text("ignored")
-    splits = {s: td.VideoFolder(str(tmp_path), num_frames=4, resolution=16, stride=2, split=s) for s in td.SPLITS}
+    splits = {
+        s: td.VideoFolder(str(tmp_path), num_frames=4, resolution=16, stride=2, split=s)
+        for s in td.SPLITS
+    }
     files = [f for s in td.SPLITS for f in splits[s].files]
     assert len(files) == len(set(files)) == 8 and all(splits[s].files for s in td.SPLITS)
     again = td.VideoFolder(str(tmp_path), num_frames=4, resolution=16, stride=2, split="train")
@@ -382,7 +439,11 @@ def test_video_folder_windows_splits_and_errors(tmp_path):
     ds = splits["train"]
     assert len(ds) == sum((len(c) - 4) // 2 + 1 for c in ds.clips)
     item = ds[len(ds) - 1]["video"]
-    assert item.shape == (4, 3, 16, 16) and item.dtype == torch.float32 and 0 <= item.min() <= item.max() <= 1
+    assert (
+        item.shape == (4, 3, 16, 16)
+        and item.dtype == torch.float32
+        and 0 <= item.min() <= item.max() <= 1
+    )
     frames_ds = [s for s in splits.values() if any(f.endswith("frames") for f in s.files)][0]
     k = [i for i, f in enumerate(frames_ds.files) if f.endswith("frames")][0]
     # grey frames become RGB, in file-name order
@@ -406,8 +467,9 @@ def test_split_files_by_name_hash():
     sizes = {s: len(td.split_files(names, s)) for s in td.SPLITS}
     assert sum(sizes.values()) == 400 and 280 <= sizes["train"] <= 360 and 20 <= sizes["val"] <= 60
     moved = [n.replace("/data/", "/elsewhere/") for n in names]  # depends on the file name only
-    assert [os.path.basename(n) for n in td.split_files(moved, "test")] == \
-        [os.path.basename(n) for n in td.split_files(names, "test")]
+    assert [os.path.basename(n) for n in td.split_files(moved, "test")] == [
+        os.path.basename(n) for n in td.split_files(names, "test")
+    ]
 
 
 def test_video_folder_with_few_files(tmp_path):
@@ -431,8 +493,11 @@ def test_clip_helpers():
     a = td.random_window(video, 3, torch.Generator().manual_seed(1))
     b = td.random_window(video, 3, torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and torch.equal(a[1:, 0, 0, 0] - a[:-1, 0, 0, 0], torch.ones(2))
-    for bad in (lambda: td.split_context_target(video, 10), lambda: td.sliding_windows(video, 11),
-                lambda: td.random_window(video, 0)):
+    for bad in (
+        lambda: td.split_context_target(video, 10),
+        lambda: td.sliding_windows(video, 11),
+        lambda: td.random_window(video, 0),
+    ):
         with pytest.raises(ValueError):
             bad()
 
@@ -440,8 +505,24 @@ def test_clip_helpers():
 # ----------------------------------------------------------------------------- CLI
 def test_cli_writes_npz_that_reads_back(tmp_path, capsys):
     out, gif = str(tmp_path / "shapes.npz"), str(tmp_path / "shapes.gif")
-    td.main(["--kind", "shapes", "--num", "3", "--out", out, "--resolution", "16", "--frames", "4",
-             "--seed", "2", "--preview", gif])
+    td.main(
+        [
+            "--kind",
+            "shapes",
+            "--num",
+            "3",
+            "--out",
+            out,
+            "--resolution",
+            "16",
+            "--frames",
+            "4",
+            "--seed",
+            "2",
+            "--preview",
+            gif,
+        ]
+    )
     assert "wrote" in capsys.readouterr().out
     ds, ref = td.NpzVideos(out), td.ToyDataset(3, 16, 16, 4, seed=2)
     assert len(ds) == 3 and ds.channels == 3
@@ -449,9 +530,21 @@ def test_cli_writes_npz_that_reads_back(tmp_path, capsys):
         assert torch.allclose(ds[i]["video"], ref[i]["video"], atol=0.5 / 255 + 1e-6)
         assert ds[i]["prompt"] == ref[i]["prompt"]
     from PIL import Image
+
     with Image.open(gif) as im:
         assert im.n_frames == 4
-    td.main(["--kind", "bouncing_balls", "--num", "2", "--out", str(tmp_path / "b.npz"), "--frames", "3"])
+    td.main(
+        [
+            "--kind",
+            "bouncing_balls",
+            "--num",
+            "2",
+            "--out",
+            str(tmp_path / "b.npz"),
+            "--frames",
+            "3",
+        ]
+    )
     with np.load(tmp_path / "b.npz") as z:
         assert z["videos"].shape == (2, 3, 3, 64, 64) and z["videos"].dtype == np.uint8
         assert z["states"].shape == (2, 3, 5, 4)
@@ -459,7 +552,9 @@ def test_cli_writes_npz_that_reads_back(tmp_path, capsys):
     split_dir.mkdir()
     os.replace(tmp_path / "b.npz", split_dir / "val.npz")
     assert len(td.make_dataset("npz", 10, 32, 2, split="val", data_dir=str(split_dir))) == 2
-    assert td.make_dataset("npz", 10, 32, 2, split="val", data_dir=str(split_dir))[0]["video"].shape == (2, 3, 32, 32)
+    assert td.make_dataset("npz", 10, 32, 2, split="val", data_dir=str(split_dir))[0][
+        "video"
+    ].shape == (2, 3, 32, 32)
     with pytest.raises(SystemExit, match="valid"):
         td.main(["--kind", "cats", "--num", "2", "--out", str(tmp_path / "c.npz")])
     with pytest.raises(FileNotFoundError):
