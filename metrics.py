@@ -19,9 +19,10 @@ MetricUnavailable. The weight-free stand-ins are named for what they are:
 videos; NOT comparable to FVD numbers) and `prompt_alignment` (fraction of the prompt's
 attributes the probe recovers; the toy-data counterpart of a CLIP score).
 
-    python metrics.py train-probe [--steps 1200 --out PATH]  # ~1 min on CPU, cached
+    python train_probe.py          # trains and caches the probe (~1 min on CPU; see its --help)
     python metrics.py fd-check     # fd_probe: real vs real, real vs frame-shuffled
 """
+
 from __future__ import annotations
 
 import math
@@ -41,6 +42,7 @@ class MetricUnavailable(RuntimeError):
 
 # ----------------------------------------------------------------------------- inputs
 
+
 def _tensor(x, name: str) -> torch.Tensor:
     """Tensor from a tensor, numpy array or list of equal-shape videos (stacked)."""
     if isinstance(x, (list, tuple)):
@@ -49,13 +51,17 @@ def _tensor(x, name: str) -> torch.Tensor:
         items = [_tensor(v, name) for v in x]
         shapes = sorted({tuple(v.shape) for v in items})
         if len(shapes) > 1:
-            raise ValueError(f"{name}: videos in a list must share one shape, got {shapes}; "
-                             "resize or crop them first")
+            raise ValueError(
+                f"{name}: videos in a list must share one shape, got {shapes}; "
+                "resize or crop them first"
+            )
         return torch.stack(items)
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not torch.is_tensor(x):
-        raise ValueError(f"{name} must be a tensor, array or list of videos, got {type(x).__name__}")
+        raise ValueError(
+            f"{name} must be a tensor, array or list of videos, got {type(x).__name__}"
+        )
     return x.detach().cpu()
 
 
@@ -65,7 +71,9 @@ def _videos(x, name: str = "videos") -> torch.Tensor:
     if v.ndim == 4:
         v = v.unsqueeze(0)
     if v.ndim != 5:
-        raise ValueError(f"{name} must be (T, C, H, W) or (B, T, C, H, W), got shape {tuple(v.shape)}")
+        raise ValueError(
+            f"{name} must be (T, C, H, W) or (B, T, C, H, W), got shape {tuple(v.shape)}"
+        )
     return v.float() / 255 if v.dtype == torch.uint8 else v.float()
 
 
@@ -80,8 +88,10 @@ def _pair(pred, target) -> tuple[torch.Tensor, torch.Tensor]:
     """Both inputs as float64 tensors of one shape (..., C, H, W)."""
     a, b = _tensor(pred, "pred"), _tensor(target, "target")
     if a.shape != b.shape:
-        raise ValueError(f"pred shape {tuple(a.shape)} does not match target shape "
-                         f"{tuple(b.shape)}; pass videos of the same (T, C, H, W)")
+        raise ValueError(
+            f"pred shape {tuple(a.shape)} does not match target shape "
+            f"{tuple(b.shape)}; pass videos of the same (T, C, H, W)"
+        )
     if a.ndim < 3:
         raise ValueError(f"expected frames (..., C, H, W), got shape {tuple(a.shape)}")
     return a.double(), b.double()
@@ -92,6 +102,7 @@ def _reduce(per: torch.Tensor, per_frame: bool):
 
 
 # ------------------------------------------------------------------ per-frame pixel scores
+
 
 def _err(pred, target, power: int) -> torch.Tensor:
     a, b = _pair(pred, target)
@@ -125,7 +136,7 @@ def psnr(pred, target, data_range: float = 1.0, per_frame: bool = False):
     Clamp model outputs to [0, 1] before scoring, as OpenSTL and PredRNN do.
     """
     err = _err(pred, target, 2).mean((-3, -2, -1)).clamp_min(1e-10)
-    return _reduce(10 * torch.log10(data_range ** 2 / err), per_frame)
+    return _reduce(10 * torch.log10(data_range**2 / err), per_frame)
 
 
 def _gaussian_1d(sigma: float = 1.5, radius: int = 5) -> torch.Tensor:
@@ -153,7 +164,7 @@ def ssim(pred, target, data_range: float = 1.0, per_frame: bool = False, chunk: 
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     out = []
     for i in range(0, x.shape[0], chunk):  # chunks keep float64 maps of big batches in memory
-        xi, yi = x[i:i + chunk], y[i:i + chunk]
+        xi, yi = x[i : i + chunk], y[i : i + chunk]
         z = torch.cat([xi, yi, xi * xi, yi * yi, xi * yi], 1)
         mx, my, mxx, myy, mxy = F.conv2d(F.conv2d(z, gx, groups=5), gy, groups=5).unbind(1)
         vx, vy, cxy = mxx - mx * mx, myy - my * my, mxy - mx * my
@@ -165,6 +176,7 @@ def ssim(pred, target, data_range: float = 1.0, per_frame: bool = False, chunk: 
 
 # ------------------------------------------------------------------- Frechet distances
 
+
 def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     """||mu1-mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64.
 
@@ -173,10 +185,15 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     symmetric form keeps the eigenvalues real, so no complex sqrtm and no scipy.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    s1, s2 = (
+        np.atleast_2d(np.asarray(sigma1, np.float64)),
+        np.atleast_2d(np.asarray(sigma2, np.float64)),
+    )
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"inconsistent statistics: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {s1.shape} vs {s2.shape}")
+        raise ValueError(
+            f"inconsistent statistics: mu {mu1.shape} vs {mu2.shape}, "
+            f"sigma {s1.shape} vs {s2.shape}"
+        )
     w, v = np.linalg.eigh((s1 + s1.T) / 2)
     root1 = (v * np.sqrt(w.clip(min=0))) @ v.T
     m = root1 @ s2 @ root1
@@ -213,16 +230,20 @@ def fvd(real, fake, i3d_path, batch_size: int = 8, device: str = "cpu") -> float
     training domain, so prefer fd_probe for toy data.
     """
     if not i3d_path or not os.path.isfile(str(i3d_path)):
-        raise MetricUnavailable(f"fvd unavailable: I3D TorchScript file {i3d_path!r} not found; it "
-                                "cannot be downloaded here, pass a local path to i3d_torchscript.pt")
+        raise MetricUnavailable(
+            f"fvd unavailable: I3D TorchScript file {i3d_path!r} not found; it "
+            "cannot be downloaded here, pass a local path to i3d_torchscript.pt"
+        )
     i3d = torch.jit.load(str(i3d_path), map_location=device).eval()
 
     def feats(videos, name):
         v, out = _videos(videos, name), []
         for i in range(0, len(v), batch_size):
-            x = _to_rgb(v[i:i + batch_size])
+            x = _to_rgb(v[i : i + batch_size])
             b, t = x.shape[:2]
-            x = F.interpolate(x.flatten(0, 1), size=(224, 224), mode="bilinear", align_corners=False)
+            x = F.interpolate(
+                x.flatten(0, 1), size=(224, 224), mode="bilinear", align_corners=False
+            )
             x = (x.view(b, t, 3, 224, 224).transpose(1, 2) * 2 - 1).to(device)
             with torch.no_grad():
                 out.append(i3d(x, rescale=False, resize=False, return_features=True).cpu())
@@ -232,6 +253,7 @@ def fvd(real, fake, i3d_path, batch_size: int = 8, device: str = "cpu") -> float
 
 
 # --------------------------------------------------------------- weight-free video scores
+
 
 def frame_consistency(videos) -> float:
     """Pixel-space frame consistency: mean cosine similarity of consecutive frames.
@@ -268,11 +290,18 @@ def rotation_rate(videos, folds: int) -> torch.Tensor:
     """
     v = _to_rgb(_videos(videos)).double().mean(2)  # brightness weights, (B, T, H, W)
     if v.shape[1] < 2 or folds < 2:
-        raise ValueError(f"rotation_rate needs >= 2 frames and folds >= 2, got shape {tuple(v.shape)}, folds {folds}")
-    ys, xs = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in v.shape[-2:]), indexing="ij")
+        raise ValueError(
+            f"rotation_rate needs >= 2 frames and folds >= 2, got shape {tuple(v.shape)}, folds {folds}"
+        )
+    ys, xs = torch.meshgrid(
+        *(torch.arange(n, dtype=torch.float64) for n in v.shape[-2:]), indexing="ij"
+    )
     mass = v.sum((-1, -2), keepdim=True).clamp_min(1e-12)
-    z = torch.complex(xs - (v * xs).sum((-1, -2), keepdim=True) / mass, ys - (v * ys).sum((-1, -2), keepdim=True) / mass)
-    angle = torch.angle((v * z ** folds).sum((-1, -2))) / folds
+    z = torch.complex(
+        xs - (v * xs).sum((-1, -2), keepdim=True) / mass,
+        ys - (v * ys).sum((-1, -2), keepdim=True) / mass,
+    )
+    angle = torch.angle((v * z**folds).sum((-1, -2))) / folds
     half = math.pi / folds
     return (torch.remainder(angle.diff(dim=1) + half, 2 * half) - half).mean(1)
 
@@ -284,6 +313,7 @@ def measure_fps(fn, *args, num_frames: int, warmup: int = 1, repeats: int = 3, *
     if it is already initialised, so this never creates a CUDA context. s_per_call is the
     median, robust to a noisy shared machine.
     """
+
     def sync():
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
@@ -298,8 +328,15 @@ def measure_fps(fn, *args, num_frames: int, warmup: int = 1, repeats: int = 3, *
         sync()
         times.append(time.perf_counter() - t0)
     med = float(np.median(times))
-    return {"frames_per_s": num_frames / med, "s_per_call": med, "s_per_call_min": min(times),
-            "times_s": times, "num_frames": num_frames, "warmup": warmup, "repeats": len(times)}
+    return {
+        "frames_per_s": num_frames / med,
+        "s_per_call": med,
+        "s_per_call_min": min(times),
+        "times_s": times,
+        "num_frames": num_frames,
+        "warmup": warmup,
+        "repeats": len(times),
+    }
 
 
 def clip_score(videos, prompts, weights=None, model_name: str = "ViT-B-32") -> float:
@@ -310,16 +347,22 @@ def clip_score(videos, prompts, weights=None, model_name: str = "ViT-B-32") -> f
     try:
         import open_clip
     except ImportError:
-        raise MetricUnavailable("clip_score unavailable: open_clip is not installed "
-                                "(pip install open_clip_torch) and needs local weights") from None
+        raise MetricUnavailable(
+            "clip_score unavailable: open_clip is not installed "
+            "(pip install open_clip_torch) and needs local weights"
+        ) from None
     if not weights or not os.path.isfile(str(weights)):
-        raise MetricUnavailable(f"clip_score unavailable: CLIP weights {weights!r} not found; they "
-                                "cannot be downloaded here, pass weights=/path/to/open_clip.pt")
+        raise MetricUnavailable(
+            f"clip_score unavailable: CLIP weights {weights!r} not found; they "
+            "cannot be downloaded here, pass weights=/path/to/open_clip.pt"
+        )
     model = open_clip.create_model(model_name, pretrained=str(weights)).eval()
     tok = open_clip.get_tokenizer(model_name)
     v, prompts = _to_rgb(_videos(videos)), [prompts] if isinstance(prompts, str) else list(prompts)
     if len(prompts) != len(v):
-        raise ValueError(f"got {len(v)} videos but {len(prompts)} prompts; pass one prompt per video")
+        raise ValueError(
+            f"got {len(v)} videos but {len(prompts)} prompts; pass one prompt per video"
+        )
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
     scores = []
@@ -333,21 +376,42 @@ def clip_score(videos, prompts, weights=None, model_name: str = "ViT-B-32") -> f
 
 
 # ---------------------------------------------------------------------------- the probe
-# A small 3D CNN trained in-repo on toy videos. Its pooled features stand in for I3D's in
-# fd_probe, and its attribute heads read prompts back from videos for prompt_alignment.
+# A small 3D CNN trained in-repo on toy videos (train_probe.py). Its pooled features stand in
+# for I3D's in fd_probe, and its attribute heads read prompts back from videos for
+# prompt_alignment. Here: the network (to rebuild a probe from its checkpoint, as FVD needs
+# I3D), its input, its checkpoint format and the toy videos it is trained and checked on.
 
-PROBE_KINDS = ("shapes", "bouncing_balls", "pendulum", "falling", "projectile", "moving_mnist", "smoke")
+PROBE_KINDS = (
+    "shapes",
+    "bouncing_balls",
+    "pendulum",
+    "falling",
+    "projectile",
+    "moving_mnist",
+    "smoke",
+)
 PROBE_FRAMES, PROBE_SIZE, PROBE_FORMAT = 16, 32, "nanoworld-probe-v1"
 ATTRS = ("type", "shape", "color", "color_to", "motion")  # the attrs a prompt can name
-METRICS = ("psnr", "ssim", "mse", "mae", "mse_frame_sum", "mae_frame_sum",
-           "frame_consistency", "temporal_flicker", "prompt_alignment", "fd_probe")
+METRICS = (
+    "psnr",
+    "ssim",
+    "mse",
+    "mae",
+    "mse_frame_sum",
+    "mae_frame_sum",
+    "frame_consistency",
+    "temporal_flicker",
+    "prompt_alignment",
+    "fd_probe",
+)
 _PROBES: dict = {}  # (path, mtime) -> loaded probe, so repeated metric calls load once
 
 
 def default_probe_path() -> str:
     """$NANOWORLD_PROBE, else ~/.cache/nanoworld/probe.pt."""
     return os.environ.get("NANOWORLD_PROBE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "nanoworld", "probe.pt")
+        os.path.expanduser("~"), ".cache", "nanoworld", "probe.pt"
+    )
 
 
 def probe_input(videos) -> torch.Tensor:
@@ -357,8 +421,9 @@ def probe_input(videos) -> torch.Tensor:
     b, t, _, h, w = v.shape
     x = v[:, torch.linspace(0, t - 1, PROBE_FRAMES).round().long()].flatten(0, 1)
     if (h, w) != (PROBE_SIZE, PROBE_SIZE):
-        x = F.interpolate(x, size=(PROBE_SIZE, PROBE_SIZE), mode="bilinear", antialias=True,
-                          align_corners=False)
+        x = F.interpolate(
+            x, size=(PROBE_SIZE, PROBE_SIZE), mode="bilinear", antialias=True, align_corners=False
+        )
     return x.view(b, PROBE_FRAMES, 3, PROBE_SIZE, PROBE_SIZE).transpose(1, 2).contiguous()
 
 
@@ -370,7 +435,11 @@ class VideoProbe(nn.Module):
         layers, cin = [], 3
         for i, w in enumerate(widths):
             # the first block keeps every frame: motion lives in frame-to-frame changes
-            layers += [nn.Conv3d(cin, w, 3, (1, 2, 2) if i == 0 else 2, 1), nn.BatchNorm3d(w), nn.SiLU()]
+            layers += [
+                nn.Conv3d(cin, w, 3, (1, 2, 2) if i == 0 else 2, 1),
+                nn.BatchNorm3d(w),
+                nn.SiLU(),
+            ]
             cin = w
         # BatchNorm, not GroupNorm: per-clip normalisation erased the colours the heads must read.
         # Metrics always run the probe in eval mode, so features never depend on the batch.
@@ -389,35 +458,19 @@ class VideoProbe(nn.Module):
         return self.classify(self.features(x))
 
 
-def _probe_labels(td) -> dict:
-    return {"kind": list(PROBE_KINDS), "shuffled": ["real", "shuffled"],
-            "type": ["moving", "rotating", "color_transition", "bouncing"],
-            "shape": list(td.SHAPES), "color": list(td.COLORS), "color_to": list(td.COLORS),
-            "motion": list(td.DIRECTIONS) + list(td.ROTATIONS) + ["bouncing", "none"]}
-
-
-def _targets(labels: dict, kind: str, attrs) -> dict:
-    """Class index per head; -100 (ignored by cross_entropy) where a head does not apply."""
-    y = {k: -100 for k in labels}
-    y["kind"], y["shuffled"] = labels["kind"].index(kind), 0
-    for a in ATTRS if attrs else ():
-        val = attrs.get(a)
-        val = "none" if a == "motion" and val is None else val
-        if val in labels[a]:
-            y[a] = labels[a].index(val)
-    return y
-
-
-def _shuffle_frames(x: torch.Tensor, gen: torch.Generator, dim: int = 1) -> torch.Tensor:
-    """Permute the frames (axis dim) of each video independently."""
+def shuffle_frames(x: torch.Tensor, gen: torch.Generator, dim: int = 1) -> torch.Tensor:
+    """Permute the frames (axis dim) of each video independently: the corruption fd_check
+    measures and the probe's 'shuffled' head is trained on."""
     perm = torch.rand(x.shape[0], x.shape[dim], generator=gen).argsort(1)
     shape = [x.shape[0]] + [1] * (x.ndim - 1)
     shape[dim] = x.shape[dim]
     return x.gather(dim, perm.view(shape).expand_as(x))
 
 
-def _toy_videos(td, kind: str, n: int, split: str, seed: int, chunk: int = 64):
-    """n videos of a kind as probe input (uint8, saves 4x memory) and their attrs."""
+def toy_probe_videos(kind: str, n: int, split: str, seed: int, chunk: int = 64):
+    """n toy videos of a kind as probe input (uint8, saves 4x memory) and their attrs."""
+    import toy_data as td
+
     ds = td.make_dataset(kind, n, resolution=64, num_frames=PROBE_FRAMES, seed=seed, split=split)
     xs, attrs = [], []
     for i in range(0, n, chunk):
@@ -427,120 +480,16 @@ def _toy_videos(td, kind: str, n: int, split: str, seed: int, chunk: int = 64):
     return torch.cat(xs), attrs
 
 
-def _probe_set(td, labels, n_per_kind: int, split: str, seed: int):
-    xs, ys = [], []
-    for kind in PROBE_KINDS:
-        n = n_per_kind * (4 if kind == "shapes" else 1)  # shapes feeds five attribute heads
-        x, attrs = _toy_videos(td, kind, n, split, seed)
-        xs.append(x)
-        ys += [_targets(labels, kind, a) for a in attrs]
-    return torch.cat(xs), {k: torch.tensor([y[k] for y in ys]) for k in labels}
-
-
-def _label_maps(labels: dict) -> tuple[torch.Tensor, ...]:
-    """Motion-label index permutations for a clip played backwards and for a mirrored clip."""
-    spin, side = {"clockwise": "counter-clockwise", "counter-clockwise": "clockwise"}, {"left": "right", "right": "left"}
-
-    def backwards(m):  # "a_to_b" -> "b_to_a"
-        return "_to_".join(m.split("_to_")[::-1]) if "_to_" in m else spin.get(m, m)
-
-    def mirrored(m):  # left <-> right
-        return "_".join(side.get(w, w) for w in m.split("_")) if "_to_" in m else spin.get(m, m)
-
-    mot = labels["motion"]
-    return tuple(torch.tensor([mot.index(f(m)) for m in mot]) for f in (backwards, mirrored))
-
-
-def _augment(x: torch.Tensor, y: dict, maps, is_shapes: torch.Tensor, gen: torch.Generator) -> None:
-    """In place: play prompted-shape clips backwards / mirror them and swap labels to match.
-    Doubles the motion examples and forces the motion head to read direction from motion."""
-    for dim, perm in zip((2, 4), maps):  # (B, 3, T, H, W): time, then width
-        m = is_shapes & (torch.rand(len(x), generator=gen) < 0.5)
-        x[m] = x[m].flip(dim)
-        has = m & (y["motion"] >= 0)
-        y["motion"][has] = perm[y["motion"][has]]
-        if dim == 2:  # a colour transition played backwards runs the other way
-            ct = m & (y["color_to"] >= 0)
-            y["color"][ct], y["color_to"][ct] = y["color_to"][ct], y["color"][ct]
-
-
-def _loss(logits: dict, y: dict) -> torch.Tensor:
-    return sum(F.cross_entropy(logits[k], y[k], ignore_index=-100)
-               for k in logits if (y[k] != -100).any())
-
-
-@torch.no_grad()
-def _accuracy(probe: VideoProbe, x: torch.Tensor, y: dict, gen: torch.Generator) -> dict:
-    """Held-out accuracy per head; 'shuffled' is scored on the set plus its shuffled copy."""
-    xf = x.float() / 255
-    logits = {k: torch.cat([probe(xf[i:i + 64])[k] for i in range(0, len(x), 64)]) for k in y}
-    acc = {}
-    for k in y:
-        ok = y[k] != -100
-        if k != "shuffled" and ok.any():
-            acc[k] = float((logits[k].argmax(1)[ok] == y[k][ok]).float().mean())
-    shuf = torch.cat([probe(_shuffle_frames(xf[i:i + 64], gen, dim=2))["shuffled"]
-                      for i in range(0, len(x), 64)])
-    acc["shuffled"] = float(((logits["shuffled"].argmax(1) == 0).float().mean()
-                             + (shuf.argmax(1) == 1).float().mean()) / 2)
-    return acc
-
-
-def train_probe(steps: int = 1200, out: str | None = None, seed: int = 0, batch_size: int = 32,
-                n_per_kind: int = 128, lr: float = 3e-3, verbose: bool = True) -> VideoProbe:
-    """Train the probe on toy videos (train split), print held-out accuracy (val split), save.
-
-    Heads: data kind, real vs frame-shuffled (makes the features sensitive to temporal order,
-    so fd_probe sees broken motion), and for prompted shapes type/shape/colour/motion.
-    """
-    import toy_data as td
-    t0, gen = time.time(), torch.Generator().manual_seed(seed)
-    labels = _probe_labels(td)
-    xtr, ytr = _probe_set(td, labels, n_per_kind, "train", seed)
-    xva, yva = _probe_set(td, labels, max(4, n_per_kind // 4), "val", seed)
-    if verbose:
-        print(f"probe data: {len(xtr)} train / {len(xva)} val videos in {time.time() - t0:.1f}s")
-    with torch.random.fork_rng():  # a seeded init that leaves the caller's global RNG alone
-        torch.manual_seed(seed)
-        probe, maps = VideoProbe(labels).train(), _label_maps(labels)
-    # oversample shapes (five attribute heads) and rotations (direction is the slowest to learn)
-    is_shapes = ytr["kind"] == labels["kind"].index("shapes")
-    weight = (1 + 2 * is_shapes.float()) * (1 + 2 * (ytr["type"] == labels["type"].index("rotating")).float())
-    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.01)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (
-        1 + math.cos(math.pi * min(s, steps) / max(1, steps)))))
-    for step in range(steps):
-        idx = torch.multinomial(weight, batch_size, replacement=True, generator=gen)
-        x, y = xtr[idx].float() / 255, {k: v[idx].clone() for k, v in ytr.items()}
-        _augment(x, y, maps, is_shapes[idx], gen)
-        shuf = torch.rand(batch_size, generator=gen) < 0.25
-        x[shuf] = _shuffle_frames(x[shuf], gen, dim=2)
-        y["shuffled"][shuf] = 1
-        for k in ("type", "motion"):  # undefined once the frame order is gone
-            y[k][shuf] = -100
-        loss = _loss(probe(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if verbose and (step % 100 == 0 or step == steps - 1):
-            print(f"step {step:4d}  loss {loss.item():.3f}  {time.time() - t0:.0f}s")
-    probe.eval()
-    probe.accuracy = _accuracy(probe, xva, yva, gen)
-    if verbose:
-        print("held-out accuracy: " + "  ".join(f"{k} {v:.3f}" for k, v in probe.accuracy.items()))
-    save_probe(probe, out or default_probe_path(), steps=steps, seed=seed)
-    if verbose:
-        print(f"saved {out or default_probe_path()} ({time.time() - t0:.0f}s)")
-    return probe
-
-
 def save_probe(probe: VideoProbe, path: str, **info) -> None:
     """Plain tensors, lists and numbers only, so torch.load(weights_only=True) reads it."""
-    ckpt = {"format": PROBE_FORMAT, "labels": probe.labels, "widths": probe.widths,
-            "state_dict": {k: v.detach().clone() for k, v in probe.state_dict().items()},
-            "accuracy": dict(getattr(probe, "accuracy", {})), **info}
+    ckpt = {
+        "format": PROBE_FORMAT,
+        "labels": probe.labels,
+        "widths": probe.widths,
+        "state_dict": {k: v.detach().clone() for k, v in probe.state_dict().items()},
+        "accuracy": dict(getattr(probe, "accuracy", {})),
+        **info,
+    }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a probe behind
@@ -550,19 +499,25 @@ def load_probe(path: str | None = None) -> VideoProbe:
     """Load (once per file version) the probe from path, $NANOWORLD_PROBE or the cache."""
     path = os.path.abspath(os.path.expanduser(path or default_probe_path()))
     if not os.path.isfile(path):
-        raise MetricUnavailable(f"no probe at {path}; run `python metrics.py train-probe` "
-                                "(about a minute on CPU) or set NANOWORLD_PROBE")
+        raise MetricUnavailable(
+            f"no probe at {path}; run `python train_probe.py` "
+            "(about a minute on CPU) or set NANOWORLD_PROBE"
+        )
     key = (path, os.path.getmtime(path))
     if key not in _PROBES:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             assert isinstance(ckpt, dict) and ckpt.get("format") == PROBE_FORMAT
-            with torch.random.fork_rng(devices=[]):  # a metric must not move the caller's (training) random stream
+            with torch.random.fork_rng(
+                devices=[]
+            ):  # a metric must not move the caller's (training) random stream
                 probe = VideoProbe(ckpt["labels"], ckpt["widths"])
             probe.load_state_dict(ckpt["state_dict"])
         except Exception as e:
-            raise MetricUnavailable(f"{path} is not a readable probe checkpoint ({type(e).__name__}); "
-                                    "run `python metrics.py train-probe` to rebuild it") from None
+            raise MetricUnavailable(
+                f"{path} is not a readable probe checkpoint ({type(e).__name__}); "
+                "run `python train_probe.py` to rebuild it"
+            ) from None
         probe.accuracy = ckpt.get("accuracy", {})
         _PROBES.clear()
         _PROBES[key] = probe.eval()
@@ -577,7 +532,7 @@ def _get_probe(probe) -> VideoProbe:
 def _probe_outputs(videos, probe, batch_size: int = 64) -> tuple[torch.Tensor, dict]:
     v, feats, logits = _videos(videos), [], []
     for i in range(0, len(v), batch_size):
-        f = probe.features(probe_input(v[i:i + batch_size]))
+        f = probe.features(probe_input(v[i : i + batch_size]))
         feats.append(f)
         logits.append(probe.classify(f))
     return torch.cat(feats), {k: torch.cat([d[k] for d in logits]) for k in probe.labels}
@@ -601,10 +556,13 @@ def prompt_alignment(videos, prompts, probe=None, details: bool = False):
     over videos. details=True returns {"score", "per_attribute", "per_video"}."""
     p = _get_probe(probe)  # first, so a missing probe is reported before anything else
     import toy_data as td
+
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     v = _videos(videos)
     if len(prompts) != len(v):
-        raise ValueError(f"got {len(v)} videos but {len(prompts)} prompts; pass one prompt per video")
+        raise ValueError(
+            f"got {len(v)} videos but {len(prompts)} prompts; pass one prompt per video"
+        )
     logits = _probe_outputs(v, p)[1]
     hits, per_video = {a: [] for a in ATTRS}, []
     for i, prompt in enumerate(prompts):
@@ -617,14 +575,23 @@ def prompt_alignment(videos, prompts, probe=None, details: bool = False):
     score = float(np.mean(per_video))  # parse_prompt always names at least type and colour
     if not details:
         return score
-    return {"score": score, "per_video": per_video,
-            "per_attribute": {a: sum(h) / len(h) for a, h in hits.items() if h}}
+    return {
+        "score": score,
+        "per_video": per_video,
+        "per_attribute": {a: sum(h) / len(h) for a, h in hits.items() if h},
+    }
 
 
 # ------------------------------------------------------------------------ all together
 
-_PIXEL = {"psnr": psnr, "ssim": ssim, "mse": mse, "mae": mae,
-          "mse_frame_sum": mse_frame_sum, "mae_frame_sum": mae_frame_sum}
+_PIXEL = {
+    "psnr": psnr,
+    "ssim": ssim,
+    "mse": mse,
+    "mae": mae,
+    "mse_frame_sum": mse_frame_sum,
+    "mae_frame_sum": mae_frame_sum,
+}
 
 
 def evaluate_videos(videos, prompts=None, metrics=METRICS, references=None, probe=None) -> dict:
@@ -642,7 +609,9 @@ def evaluate_videos(videos, prompts=None, metrics=METRICS, references=None, prob
     if prompts is not None:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(v):
-            raise ValueError(f"got {len(v)} videos but {len(prompts)} prompts; pass one prompt per video")
+            raise ValueError(
+                f"got {len(v)} videos but {len(prompts)} prompts; pass one prompt per video"
+            )
     out = {}
     for name in names:
         reason = _why_missing(name, v, ref, prompts)
@@ -653,7 +622,9 @@ def evaluate_videos(videos, prompts=None, metrics=METRICS, references=None, prob
                 per = _PIXEL[name](v, ref, per_frame=True)
                 out[name], out[name + "_per_frame"] = float(per.mean()), per.mean(0).tolist()
             elif name in ("frame_consistency", "temporal_flicker"):
-                out[name] = (frame_consistency if name == "frame_consistency" else temporal_flicker)(v)
+                out[name] = (
+                    frame_consistency if name == "frame_consistency" else temporal_flicker
+                )(v)
             elif name == "fd_probe":
                 out[name] = fd_probe(ref, v, probe)
             else:
@@ -690,45 +661,46 @@ def compute_all_metrics(videos, prompts=None, references=None, probe=None) -> di
 
 # -------------------------------------------------------------------------------- CLI
 
+
 def fd_check(probe=None, n: int = 128, seed: int = 0) -> dict:
     """fd_probe between two disjoint real sets (val vs test split) and between real and
     frame-shuffled videos: the check that the probe's features see temporal order."""
-    import toy_data as td
     p, gen, res = _get_probe(probe), torch.Generator().manual_seed(seed), {}
     for label, kinds in (("shapes", ("shapes",)), ("all kinds", PROBE_KINDS)):
         k = max(2, n // len(kinds))
-        a = torch.cat([_toy_videos(td, kind, k, "val", seed)[0] for kind in kinds])
-        b = torch.cat([_toy_videos(td, kind, k, "test", seed)[0] for kind in kinds])
+        a = torch.cat([toy_probe_videos(kind, k, "val", seed)[0] for kind in kinds])
+        b = torch.cat([toy_probe_videos(kind, k, "test", seed)[0] for kind in kinds])
         # probe inputs are already (B, 3, 16, 32, 32): back to (B, T, C, H, W) videos
         a, b = (x.transpose(1, 2).float() / 255 for x in (a, b))
         fa = probe_features(a, p)
-        real, shuf = (frechet_distance(fa, probe_features(x, p)) for x in (b, _shuffle_frames(b, gen)))
+        real, shuf = (
+            frechet_distance(fa, probe_features(x, p)) for x in (b, shuffle_frames(b, gen))
+        )
         res[label] = {"n": len(a), "real_vs_real": real, "real_vs_shuffled": shuf}
-        print(f"{label:9s} N={len(a):4d}  fd_probe real/real {real:8.3f}   "
-              f"real/shuffled {shuf:8.3f}   ratio {shuf / max(real, 1e-12):6.1f}x")
+        print(
+            f"{label:9s} N={len(a):4d}  fd_probe real/real {real:8.3f}   "
+            f"real/shuffled {shuf:8.3f}   ratio {shuf / max(real, 1e-12):6.1f}x"
+        )
     return res
 
 
 def main(argv=None) -> None:
     import argparse
-    ap = argparse.ArgumentParser(description="nanoworld metrics: train the probe, check fd_probe")
+
+    ap = argparse.ArgumentParser(
+        description="nanoworld metrics: check fd_probe (the probe itself: train_probe.py)"
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
-    tp = sub.add_parser("train-probe", help="train and cache the 3D-CNN probe (~1 min on CPU)")
-    tp.add_argument("--steps", type=int, default=1200)
-    tp.add_argument("--out", help="default: $NANOWORLD_PROBE or ~/.cache/nanoworld/probe.pt")
-    tp.add_argument("--seed", type=int, default=0)
-    # the probe is small: one thread is nearly as fast and never oversubscribes a busy machine
-    tp.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    fc = sub.add_parser("fd-check", help="fd_probe of real vs real and real vs frame-shuffled videos")
+    fc = sub.add_parser(
+        "fd-check", help="fd_probe of real vs real and real vs frame-shuffled videos"
+    )
     fc.add_argument("--probe", help="probe path (default: the cached probe)")
     fc.add_argument("--n", type=int, default=128, help="videos per set")
     args = ap.parse_args(argv)
-    torch.set_num_threads(getattr(args, "threads", 1))
+    # the probe is small: one thread is nearly as fast and never oversubscribes a busy machine
+    torch.set_num_threads(1)
     try:
-        if args.cmd == "train-probe":
-            train_probe(steps=args.steps, out=args.out, seed=args.seed)
-        else:
-            fd_check(args.probe, n=args.n)
+        fd_check(args.probe, n=args.n)
     except MetricUnavailable as e:
         sys.exit(f"error: {e}")
 

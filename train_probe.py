@@ -1,0 +1,690 @@
+"""The probe behind metrics.fd_probe and metrics.prompt_alignment: a small 3D CNN on toy videos.
+
+FVD needs I3D weights and CLIP scores need CLIP weights; neither can be downloaded here, and 64x64
+toy video is far outside their training domain anyway. This script trains their in-repo stand-in,
+metrics.VideoProbe (four Conv3d blocks, BatchNorm, global mean pool, one linear head per label
+set), on the train split of every toy data kind (metrics.PROBE_KINDS), resized to 16 frames of
+32x32 RGB (metrics.probe_input). Its heads name:
+
+- the data kind, and whether the frames are in order: a quarter of each batch is frame-shuffled,
+  which makes the pooled features (what fd_probe compares) sensitive to temporal order, so
+  fd_probe sees broken motion and not only appearance;
+- for prompted shapes, the type, shape, colour, target colour and motion a prompt can name
+  (prompt_alignment reads these heads back).
+
+Prompted-shape clips are played backwards and mirrored at random with their labels swapped to
+match: this doubles the motion examples and forces the motion head to read direction from motion.
+Shapes (five attribute heads) and rotations (direction is the slowest to learn) are oversampled.
+The held-out accuracy of each head (val split) goes into the checkpoint and metrics.json.
+
+The probe defines a metric, so it trains one way: fp32 (--dtype), one process (no torchrun), one
+CPU thread by default. The same seed and steps give the same weights, run after run.
+
+    python train_probe.py                                  # 1-2 min on CPU; ~/.cache/nanoworld/
+    python train_probe.py --steps 300 --out /tmp/probe.pt  # a quick probe somewhere else
+    NANOWORLD_PROBE=/tmp/probe.pt python train_river.py    # the metrics then read that one
+    python train_probe.py --eval-only                      # held-out accuracy of the cached probe
+    python metrics.py fd-check                             # fd_probe: real/real vs real/shuffled
+
+Outputs: the probe at --out (default $NANOWORLD_PROBE, else ~/.cache/nanoworld/probe.pt), in the
+format metrics.load_probe reads, and metrics.json beside it (held-out accuracies, speed). The
+other scripts' --data, --resolution and --frames do not apply: the probe sees every kind at its
+own input size.
+"""
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+import metrics
+import toy_data
+
+
+@dataclass
+class Args:
+    # run
+    steps: int = 1200
+    """training steps"""
+    seed: int = 0
+    """random seed: probe init, data sets, batch order, augmentation"""
+    out: str | None = None
+    """probe to write, metrics.json beside; None: $NANOWORLD_PROBE or ~/.cache/nanoworld/probe.pt"""
+    eval_only: bool = False
+    """measure the held-out accuracy of the probe at --out, write metrics.json, then exit"""
+    log_every: int = 100
+    """print the mean training loss every N steps"""
+    # system
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """auto: CUDA if present, else CPU"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """autocast dtype of training; float32, not auto: the probe defines a metric, so its weights must not depend on the machine's bf16 support (evaluation is always fp32)"""
+    compile: tyro.conf.DisallowNone[bool | None] = None
+    """torch.compile the probe for training; None (unset): on for CUDA, off otherwise"""
+    threads: int = 1
+    """torch CPU threads: one is nearly as fast for this small model and never oversubscribes"""
+    # data
+    n_per_kind: int = 128
+    """training videos per data kind (4x for shapes: five heads); a quarter (at least 4) held out"""
+    # optim
+    batch_size: int = 32
+    """videos per batch"""
+    lr: float = 3e-3
+    """peak learning rate (AdamW) after a linear warm-up over steps/20, cosine-decayed to 0"""
+    weight_decay: float = 0.01
+    """AdamW weight decay"""
+
+
+# ---------------------------------------------------------------------------------- the method
+SPIN = {"clockwise": "counter-clockwise", "counter-clockwise": "clockwise"}
+SIDE = {"left": "right", "right": "left"}
+
+
+def probe_labels():
+    """The classes of each head. They are saved in the checkpoint: metrics reads them from there."""
+    return {
+        "kind": list(metrics.PROBE_KINDS),
+        "shuffled": ["real", "shuffled"],
+        "type": ["moving", "rotating", "color_transition", "bouncing"],
+        "shape": list(toy_data.SHAPES),
+        "color": list(toy_data.COLORS),
+        "color_to": list(toy_data.COLORS),
+        "motion": list(toy_data.DIRECTIONS) + list(toy_data.ROTATIONS) + ["bouncing", "none"],
+    }
+
+
+def targets(labels, kind, attrs):
+    """Class index per head; -100 (ignored by cross_entropy) where a head does not apply."""
+    y = {k: -100 for k in labels}
+    y["kind"] = labels["kind"].index(kind)
+    y["shuffled"] = 0
+    for a in metrics.ATTRS if attrs else ():
+        val = attrs.get(a)
+        val = "none" if a == "motion" and val is None else val
+        if val in labels[a]:
+            y[a] = labels[a].index(val)
+    return y
+
+
+def played_backwards(motion):
+    """The motion label of a clip played backwards: "a_to_b" -> "b_to_a", a spin reversed."""
+    if "_to_" in motion:
+        return "_to_".join(motion.split("_to_")[::-1])
+    return SPIN.get(motion, motion)
+
+
+def mirrored(motion):
+    """The motion label of a clip mirrored left-right: left <-> right, a spin reversed."""
+    if "_to_" in motion:
+        return "_".join(SIDE.get(w, w) for w in motion.split("_"))
+    return SPIN.get(motion, motion)
+
+
+def label_maps(labels):
+    """Motion-label index permutations for a clip played backwards and for a mirrored clip."""
+    mot = labels["motion"]
+    return tuple(torch.tensor([mot.index(f(m)) for m in mot]) for f in (played_backwards, mirrored))
+
+
+def augment(x, y, maps, is_shapes, gen):
+    """In place: play prompted-shape clips backwards / mirror them and swap labels to match.
+    Doubles the motion examples and forces the motion head to read direction from motion."""
+    for dim, perm in zip((2, 4), maps):  # (B, 3, T, H, W): time, then width
+        m = is_shapes & (torch.rand(len(x), generator=gen) < 0.5)
+        x[m] = x[m].flip(dim)
+        has = m & (y["motion"] >= 0)
+        y["motion"][has] = perm[y["motion"][has]]
+        if dim == 2:  # a colour transition played backwards runs the other way
+            ct = m & (y["color_to"] >= 0)
+            y["color"][ct], y["color_to"][ct] = y["color_to"][ct], y["color"][ct]
+
+
+def shuffle_some(x, y, gen, frac=0.25):
+    """In place: shuffle the frames of about frac of the clips and label them so. The 'shuffled'
+    head makes the features sensitive to temporal order, so fd_probe sees broken motion."""
+    shuf = torch.rand(len(x), generator=gen) < frac
+    x[shuf] = metrics.shuffle_frames(x[shuf], gen, dim=2)
+    y["shuffled"][shuf] = 1
+    for k in ("type", "motion"):  # undefined once the frame order is gone
+        y[k][shuf] = -100
+
+
+def probe_loss(logits, y):
+    """Sum over the heads that have a label in the batch of their cross-entropy."""
+    return sum(
+        F.cross_entropy(logits[k], y[k], ignore_index=-100) for k in logits if (y[k] != -100).any()
+    )
+
+
+def forward_loss(model, x, y, amp):
+    """The loss of a batch: the one function the training step and the FLOP count share."""
+    with amp:
+        logits = model(x)
+    return probe_loss(logits, y)
+
+
+def probe_lr(step, total, peak):
+    """Linear warm-up over total/20 steps, then cosine decay to 0 (the fence's lr_at decays to
+    peak/10 and multiplies the two: another curve, so the probe keeps its own)."""
+    warm = max(1, total // 20)
+    return peak * min(
+        (step + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
+    )
+
+
+def train_step(model, opt, scaler, x, y, amp):
+    """One AdamW step on a batch (no gradient clipping) -> the detached loss."""
+    loss = forward_loss(model, x, y, amp)
+    optimizer_step(opt, scaler, loss, model.parameters(), 0)
+    return loss.detach()
+
+
+@torch.no_grad()
+def accuracy(probe, x, y, gen, device):
+    """Held-out accuracy per head; 'shuffled' is scored on the set plus its frame-shuffled copy.
+    fp32 and eval mode, as the metrics run the probe."""
+    real = []
+    shuffled = []
+    for i in range(0, len(x), 64):
+        xb = x[i : i + 64].float() / 255
+        real.append(probe(xb.to(device)))
+        shuffled.append(probe(metrics.shuffle_frames(xb, gen, dim=2).to(device))["shuffled"])
+    logits = {k: torch.cat([r[k] for r in real]).cpu() for k in y}
+    acc = {}
+    for k in y:
+        ok = y[k] != -100
+        if k != "shuffled" and ok.any():
+            acc[k] = float((logits[k].argmax(1)[ok] == y[k][ok]).float().mean())
+    in_order = (logits["shuffled"].argmax(1) == 0).float().mean()
+    caught = (torch.cat(shuffled).cpu().argmax(1) == 1).float().mean()
+    acc["shuffled"] = float((in_order + caught) / 2)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------- data
+def probe_set(labels, n_per_kind, split, seed):
+    """Probe inputs of every kind, uint8 (N, 3, 16, 32, 32), and their targets per head."""
+    xs = []
+    ys = []
+    for kind in metrics.PROBE_KINDS:
+        n = n_per_kind * (4 if kind == "shapes" else 1)  # shapes feeds five attribute heads
+        x, attrs = metrics.toy_probe_videos(kind, n, split, seed)
+        xs.append(x)
+        ys += [targets(labels, kind, a) for a in attrs]
+    return torch.cat(xs), {k: torch.tensor([y[k] for y in ys]) for k in labels}
+
+
+def train_set(labels, n_per_kind, seed):
+    """The training videos with what draw_batch needs: sampling weights and the prompted shapes."""
+    x, y = probe_set(labels, n_per_kind, "train", seed)
+    is_shapes = y["kind"] == labels["kind"].index("shapes")
+    rotating = y["type"] == labels["type"].index("rotating")
+    # oversample shapes (five attribute heads) and rotations (direction is the slowest to learn)
+    weight = (1 + 2 * is_shapes.float()) * (1 + 2 * rotating.float())
+    return {"x": x, "y": y, "weight": weight, "is_shapes": is_shapes, "maps": label_maps(labels)}
+
+
+def draw_batch(data, batch_size, gen):
+    """A training batch in [0, 1]: weighted draw, then time reversal / mirroring of prompted
+    shapes and a quarter of the clips frame-shuffled."""
+    idx = torch.multinomial(data["weight"], batch_size, replacement=True, generator=gen)
+    x = data["x"][idx].float() / 255
+    y = {k: v[idx].clone() for k, v in data["y"].items()}
+    augment(x, y, data["maps"], data["is_shapes"][idx], gen)
+    shuffle_some(x, y, gen)
+    return x, y
+
+
+# ---------------------------------------------------------------------------------- evaluation
+def write_report(out, step, t0, acc, perf, data):
+    """The accuracies on the console and in metrics.json beside the probe -> that file's path."""
+    print("held-out accuracy: " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    report = {
+        "script": SCRIPT,
+        "step": step,
+        "wall_s": round(time.time() - t0, 1),
+        "eval": acc,
+        "perf": perf,
+        "data": data,
+    }
+    path = os.path.join(os.path.dirname(os.path.abspath(out)), "metrics.json")
+    write_json(path, report)
+    return path
+
+
+def evaluate_only(out, args, rt, t0):
+    """--eval-only: held-out accuracy of the probe at out (its frame shuffles drawn anew) ->
+    metrics.json beside it."""
+    if not os.path.isfile(out):
+        raise SystemExit(
+            f"error: --eval-only needs a probe but {out} does not exist; "
+            "train one with `python train_probe.py` or pass --out"
+        )
+    try:
+        probe = metrics.load_probe(out)
+    except metrics.MetricUnavailable as e:
+        raise SystemExit(f"error: {e}")
+    steps = torch.load(out, map_location="cpu", weights_only=True).get("steps")
+    x, y = probe_set(probe.labels, max(4, args.n_per_kind // 4), "val", args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    acc = accuracy(probe.to(rt.device), x, y, gen, rt.device)
+    n_params = sum(p.numel() for p in probe.parameters())
+    perf = {"params": n_params, "device": device_name(rt), "dtype": "float32"}
+    data = {"kinds": list(metrics.PROBE_KINDS), "n_eval": len(x)}
+    path = write_report(out, steps, t0, acc, perf, data)
+    print(f"wrote {path}")
+
+
+# -------------------------------------------------------------------------------------- the loop
+def step_flops(probe, data, batch_size, rt):
+    """FLOPs of one training forward and backward, counted on a copy: a forward in train mode
+    would move the probe's own BatchNorm statistics."""
+    twin = copy.deepcopy(probe)
+    x = (data["x"][:batch_size].float() / 255).to(rt.device)
+    y = {k: v[:batch_size].to(rt.device) for k, v in data["y"].items()}
+    return count_flops(lambda: forward_loss(twin, x, y, rt.amp).backward())
+
+
+def train(probe, data, args, rt, gen):
+    """AdamW, warm-up then cosine; the mean loss every --log-every steps -> the speed summary."""
+    model = torch.compile(probe) if rt.compile else probe
+    opt = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scaler = make_scaler(rt)
+    meter = LossMeter(["loss"], rt.device)
+    peak = peak_flops(rt)
+    speed = SpeedMeter(0, peak)
+    flops = step_flops(probe, data, args.batch_size, rt) if peak else None
+    step = 0
+    while step < args.steps:
+        lr = probe_lr(step, args.steps, args.lr)
+        set_lr([opt], lr)
+        x, y = draw_batch(data, args.batch_size, gen)
+        y = {k: v.to(rt.device) for k, v in y.items()}
+        loss = train_step(model, opt, scaler, x.to(rt.device), y, rt.amp)
+        meter.add(loss.view(1))
+        step += 1
+        speed.tick(step, flops)
+        if step % args.log_every == 0 or step == args.steps:
+            m = meter.means(rt, probe.parameters(), f"before step {step}")
+            meter.reset()
+            speed_text, _ = speed.report(args.batch_size, args.steps - step)
+            losses = f"loss {m['loss']:.3f}"
+            print(f"step {step}/{args.steps} | {losses} | lr {lr:.2e} | {speed_text}", flush=True)
+        speed.lap()
+    return speed.summary(args.batch_size)
+
+
+# ==================================================================================================
+# Infrastructure: byte-identical in every train_*.py (tests/test_infrastructure.py compares them).
+# Device and precision, DDP, seeding, checkpoints, the loss and speed meters, logging, teardown.
+# Skip it to read the method: `diff train_vqvae.py train_river.py` shows the method and little else.
+# ==================================================================================================
+SCRIPT = os.path.basename(__file__)
+WARMUP_STEPS = 3  # first steps of a run (compile, allocator warm-up) stay out of the speed figures
+PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peaks, for MFU
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+@dataclass
+class Runtime:
+    """Where and how this process runs: made once by setup()."""
+
+    device: torch.device
+    dtype: str
+    amp: object  # autocast context (nullcontext in fp32), reused for every forward
+    compile: bool
+    rank: int
+    world: int
+    ddp: bool  # world > 1
+    master: bool  # rank 0: the one that writes
+
+
+def cpu_has_bf16():
+    try:  # Linux only; elsewhere fp32 is the safe default
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_dtype(dev):
+    """bf16 where it is fast (CUDA with bf16, CPUs with native bf16), fp16 on older GPUs, else fp32."""
+    if dev == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if dev == "cpu" and cpu_has_bf16() else "float32"
+
+
+def setup(args):
+    """Device, precision, process group and seeds from the system flags -> Runtime."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    dev = args.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if dev == "cuda" else dev)
+    if dev == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev == "cuda" else "gloo")
+    dtype = args.dtype if args.dtype != "auto" else auto_dtype(dev)
+    ptdtype = getattr(torch, dtype)
+    amp = torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+    use_compile = args.compile if args.compile is not None else dev == "cuda"
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
+    return Runtime(device, dtype, amp, use_compile, rank, world, world > 1, rank == 0)
+
+
+def device_name(rt):
+    return torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else rt.device.type
+
+
+def peak_flops(rt):
+    """The accelerator's dense bf16/fp16 peak in FLOP/s, or None where it is not known."""
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name(rt)), None)
+
+
+def count_flops(fn):
+    """FLOPs of one call of fn() (forward and backward, as fn does them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def make_scaler(rt):
+    """Loss scaling for fp16 only; a no-op otherwise."""
+    return torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == "float16")
+
+
+def lr_at(step, total, peak, warmup, decay=True):
+    """Linear warm-up, then cosine decay to peak/10 at `total` (constant if not decay)."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    progress = min(1.0, step / max(1, total))
+    return peak * warm * ((0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))) if decay else 1.0)
+
+
+def set_lr(optimizers, lr):
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
+def optimizer_step(opt, scaler, loss, params, clip):
+    """Backward, clip the gradient norm (clip > 0), step; the fp16 scaler unscales first."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    scaler.step(opt)
+    scaler.update()
+
+
+def rng_state(data):
+    """Every RNG state as tensors and lists, so the checkpoint loads with weights_only=True."""
+    py = random.getstate()
+    npr = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npr[0], torch.from_numpy(npr[1].astype(np.int64)), *npr[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+        "data": data,
+    }
+
+
+def set_rng_state(s, rank):
+    """Restore rng_state(); -> this rank's data-generator state (None if the world size changed)."""
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    return s["data"][rank] if rank < len(s["data"]) else None
+
+
+def gather_states(state, rt):
+    """This rank's data-generator state -> the list of every rank's (rank 0 saves them all)."""
+    if not rt.ddp:
+        return [state]
+    states = [None] * rt.world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def first_line(e):
+    return str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+
+
+def load_checkpoint(path, arch):
+    """Read a checkpoint of this script with this architecture, or stop with one line."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(
+            f"error: cannot read checkpoint {path} ({type(e).__name__}: {first_line(e)}); "
+            "pass a valid --ckpt or use a new --out-dir"
+        )
+    got = ckpt.get("script", "an unknown script") if isinstance(ckpt, dict) else "an unknown script"
+    if got != SCRIPT:
+        raise SystemExit(
+            f"error: {path} was written by {got}, not {SCRIPT}; "
+            f"pass a {SCRIPT} checkpoint with --ckpt or use another --out-dir"
+        )
+    saved = ckpt.get("arch", {})
+    diff = [f"{k}={saved.get(k)} (now {v})" for k, v in arch.items() if saved.get(k) != v]
+    if diff:
+        raise SystemExit(
+            f"error: {path} has another architecture: {', '.join(diff)}; "
+            "pass the model and data flags it was trained with, or use another --out-dir"
+        )
+    return ckpt
+
+
+def load_weights(module, state, path):
+    """load_state_dict, or stop with one line when the checkpoint does not fit the module."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError) as e:
+        raise SystemExit(
+            f"error: {path} does not match this model ({first_line(e)}); use another --out-dir"
+        )
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a kill mid-write never leaves a broken file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def open_writer(args, step):
+    """Rank 0: samples/ and plots/, args.json, TensorBoard writer with the args table at step 0."""
+    for sub in ("samples", "plots"):
+        os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
+    write_json(os.path.join(args.out_dir, "args.json"), asdict(args))
+    writer = SummaryWriter(args.out_dir)
+    if step == 0:
+        rows = "\n".join(f"| {k} | {v} |" for k, v in asdict(args).items())
+        writer.add_text("args", "| flag | value |\n|---|---|\n" + rows, 0)
+    return writer
+
+
+class LossMeter:
+    """Named loss terms summed between log lines; means() averages them over steps and ranks and
+    stops the run with one line when a term or a weight is not finite."""
+
+    def __init__(self, names, device):
+        self.names = names
+        self.sum = torch.zeros(len(names), device=device)
+        self.n = 0
+
+    def add(self, terms):
+        self.sum += torch.as_tensor(terms, dtype=torch.float32, device=self.sum.device)
+        self.n += 1
+
+    def means(self, rt, params, where):
+        total = self.sum.clone()
+        if rt.ddp:
+            dist.all_reduce(total)
+        values = (total / max(1, self.n * rt.world)).tolist()
+        finite = all(math.isfinite(v) for v in values) and all(p.isfinite().all() for p in params)
+        if not finite:
+            raise SystemExit(
+                f"error: non-finite loss ({dict(zip(self.names, values))}) {where}; lower the "
+                "learning rate or use --dtype float32; the last good checkpoint was kept"
+            )
+        return dict(zip(self.names, values))
+
+    def reset(self):
+        self.sum.zero_()
+        self.n = 0
+
+
+class SpeedMeter:
+    """Training time per step, leaving out the first WARMUP_STEPS of a run and whatever happens
+    between tick() and lap() (evaluation, samples, checkpoints). flops: per step, for MFU."""
+
+    def __init__(self, start, peak):
+        self.start = start
+        self.peak = peak
+        self.t_last = time.perf_counter()
+        self.win = [0.0, 0, 0.0]  # seconds, steps, FLOPs since the last log line
+        self.total = [0.0, 0, 0.0]  # the same over the run
+
+    def tick(self, step, flops=None):
+        """After a training step: count its time unless it is a warm-up step."""
+        if step > self.start + WARMUP_STEPS:
+            self.win[0] += time.perf_counter() - self.t_last
+            self.win[1] += 1
+            self.win[2] += flops or 0.0
+
+    def lap(self):
+        """Restart the clock at the end of an iteration."""
+        self.t_last = time.perf_counter()
+
+    def report(self, samples_per_step, steps_left):
+        """-> (text for the log line, perf scalars); then starts a new window."""
+        seconds, steps, flops = self.win
+        for i in range(3):
+            self.total[i] += self.win[i]
+        self.win = [0.0, 0, 0.0]
+        if not steps:
+            return "warm-up", {}
+        ms = 1000 * seconds / steps
+        perf = {"steps_per_s": 1000 / ms, "samples_per_s": samples_per_step * 1000 / ms}
+        if flops and self.peak:
+            perf["mfu"] = flops / seconds / self.peak
+        mfu = f"{perf['mfu']:.1%}" if "mfu" in perf else "n/a"
+        eta = steps_left * ms / 60000
+        text = f"{ms:.0f} ms/step | {perf['samples_per_s']:.0f} samples/s | MFU {mfu} | ETA {eta:.1f} min"
+        return text, perf
+
+    def summary(self, samples_per_step):
+        """Training speed over the whole run, for metrics.json."""
+        seconds, steps, flops = self.total
+        return {
+            "train_samples_per_s": samples_per_step * steps / seconds if seconds else None,
+            "train_ms_per_step": 1000 * seconds / steps if steps else None,
+            "mfu": flops / seconds / self.peak if flops and self.peak and seconds else None,
+        }
+
+
+def log_scalars(writer, prefix, values, step):
+    for k, v in values.items():
+        if isinstance(v, (int, float)):
+            writer.add_scalar(f"{prefix}/{k}", v, step)
+
+
+def teardown(rt):
+    """Leave the process group together: rank 0 may still be evaluating."""
+    if rt.ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ==================================================================================================
+# End of infrastructure.
+# ==================================================================================================
+
+
+def main(args: Args):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(
+            "error: train_probe.py runs as one process (the probe defines a metric: its weights "
+            "must not depend on the world size); run it without torchrun"
+        )
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    rt = setup(args)
+    out = args.out or metrics.default_probe_path()
+    if args.eval_only:
+        evaluate_only(out, args, rt, t0)
+        return
+    labels = probe_labels()
+    # right after setup() seeded torch, before anything else draws: the init depends on --seed alone
+    probe = metrics.VideoProbe(labels).to(rt.device)
+    data = train_set(labels, args.n_per_kind, args.seed)
+    val_x, val_y = probe_set(labels, max(4, args.n_per_kind // 4), "val", args.seed)
+    n_params = sum(p.numel() for p in probe.parameters())
+    print(
+        f"train_probe: {n_params / 1e3:.0f}k params, {device_name(rt)} {rt.dtype}, "
+        f"compile {rt.compile}; {len(data['x'])} train / {len(val_x)} val videos in "
+        f"{time.time() - t0:.1f}s; {args.steps} steps; writes {out}",
+        flush=True,
+    )
+    gen = torch.Generator().manual_seed(args.seed)  # batches, augmentation, then held-out shuffles
+    try:
+        perf = train(probe, data, args, rt, gen)
+    except KeyboardInterrupt:
+        raise SystemExit(
+            f"interrupted: nothing written, {out} is as it was (a half-trained probe would "
+            "silently change the metrics)"
+        )
+    probe.eval()
+    probe.accuracy = accuracy(probe, val_x, val_y, gen, rt.device)
+    info = {"script": SCRIPT, "steps": args.steps, "seed": args.seed, "args": asdict(args)}
+    metrics.save_probe(probe.cpu(), out, **info)
+    perf.update(params=n_params, device=device_name(rt), dtype=rt.dtype)
+    kinds = list(metrics.PROBE_KINDS)
+    data_info = {"kinds": kinds, "n_train": len(data["x"]), "n_eval": len(val_x)}
+    path = write_report(out, args.steps, t0, probe.accuracy, perf, data_info)
+    print(f"saved {out} and {path} ({time.time() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
