@@ -177,6 +177,14 @@ def ssim(pred, target, data_range: float = 1.0, per_frame: bool = False, chunk: 
 # ------------------------------------------------------------------- Frechet distances
 
 
+def _numerical_zero(eigenvalues):
+    """Eigenvalues below the rounding noise of a symmetric eigensolver set to 0 (as
+    np.linalg.matrix_rank's tolerance): the square root would turn noise of 1e-16 into 1e-8
+    per eigenvalue, and a rank-deficient covariance (N < D) has many of them."""
+    tol = max(eigenvalues.max(initial=0.0), 0.0) * len(eigenvalues) * np.finfo(np.float64).eps
+    return np.where(eigenvalues > tol, eigenvalues, 0.0)
+
+
 def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     """||mu1-mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64.
 
@@ -195,9 +203,9 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
             f"sigma {s1.shape} vs {s2.shape}"
         )
     w, v = np.linalg.eigh((s1 + s1.T) / 2)
-    root1 = (v * np.sqrt(w.clip(min=0))) @ v.T
+    root1 = (v * np.sqrt(_numerical_zero(w))) @ v.T
     m = root1 @ s2 @ root1
-    tr_sqrt = np.sqrt(np.linalg.eigvalsh((m + m.T) / 2).clip(min=0)).sum()
+    tr_sqrt = np.sqrt(_numerical_zero(np.linalg.eigvalsh((m + m.T) / 2))).sum()
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
 
 
