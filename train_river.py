@@ -1,34 +1,41 @@
 """RIVER: video prediction by sparsely conditioned flow matching in the latents of a frozen VQ-VAE.
 
-Each next frame is generated in the latent space of the first stage (`train_vqvae.py`) by integrating a learned
-vector field from noise (t = 0) to data (t = 1). The field sees only three latent frames: the noisy one x_t, the
-previous frame (the reference) and ONE earlier frame drawn at random (the context), plus the index distance from
-the reference to the context. A fresh context is drawn at every network evaluation, so over the ODE solve the
-model sees much of the past, while the cost of a frame never grows with the history. Generated latents join the
-history unquantised; frames are decoded by quantise-then-decode.
+Each next frame is generated in the latent space of the first stage (`train_vqvae.py`) by
+integrating a learned vector field from noise (t = 0) to data (t = 1). The field sees only three
+latent frames: the noisy one x_t, the previous frame (the reference) and ONE earlier frame drawn at
+random (the context), plus the index distance from the reference to the context. A fresh context is
+drawn at every network evaluation, so over the ODE solve the model sees much of the past, while the
+cost of a frame never grows with the history. Generated latents join the history unquantised;
+frames are decoded by quantise-then-decode.
 
-Paper: Davtyan, Sameni, Favaro, "Efficient Video Prediction via Sparsely Conditioned Flow Matching" (RIVER,
-ICCV 2023); path and objective from Lipman et al., "Flow Matching for Generative Modeling" (2023). Faithful to
-the public code: frame sampling, sigma_min 1e-7, closed-form target, MSE, U-ViT regressor (time token, log-distance
-MLP, learned row/column positions, long skips, conv head), fixed-grid RK4 (3/8 rule), warm start, AdamW with
-warm-up then square-root decay, no guidance, no EMA. Deviations: latents are normalised per channel with the
-first stage's statistics (z_e std is ~0.4, far from the unit-variance noise), all clips are encoded once up front,
-the regressor is small, lr 1e-3 with gradient clipping at 1 for a short CPU schedule, the default ODE grid has 10
-points instead of 100 (CPU), and `--past-horizon` uses max where the public code's min made it a no-op.
+Paper: Davtyan, Sameni, Favaro, "Efficient Video Prediction via Sparsely Conditioned Flow Matching"
+(RIVER, ICCV 2023); path and objective from Lipman et al., "Flow Matching for Generative Modeling"
+(2023). Faithful to the public code: frame sampling, sigma_min 1e-7, closed-form target, MSE, U-ViT
+regressor (time token, log-distance MLP, learned row/column positions, long skips, conv head),
+fixed-grid RK4 (3/8 rule), warm start, AdamW with warm-up then square-root decay, no guidance, no
+EMA. Deviations: latents are normalised per channel with the first stage's statistics (z_e std is
+~0.4, far from the unit-variance noise), all clips are encoded once up front, the regressor is
+small, lr 1e-3 with gradient clipping at 1 for a short CPU schedule, the default ODE grid has 10
+points instead of 100 (CPU), and `--past-horizon` uses max where the public code's min made it a
+no-op.
 
-    python train_river.py                                    # CPU: ~6 min on one core, smoke (needs `python train_vqvae.py`)
-    python train_river.py --data shapes --vqvae runs/train_vqvae_shapes   # after train_vqvae.py --data shapes --out-dir ...
-    python train_river.py --width 384 --heads 8 --batch-size 64 --steps 30000 --ode-steps 100   # GPU
+    python train_river.py    # CPU: ~6 min on one core, smoke data; needs `python train_vqvae.py`
+    python train_river.py --data shapes --vqvae runs/train_vqvae_shapes
+                             # after train_vqvae.py --data shapes --out-dir ...
+    python train_river.py --width 384 --heads 8 --batch-size 64 --steps 30000 --ode-steps 100  # GPU
     torchrun --standalone --nproc_per_node=2 train_river.py  # DDP (nccl on CUDA, gloo on CPU)
-    python train_river.py --eval-only --warm-start 0.2 --out-dir runs/river_ws02 --ckpt runs/train_river/ckpt.pt
-    python train_river.py --bench --ckpt runs/train_river/ckpt.pt     # NFE and s/frame for 5-, 20-, 50-frame rollouts
-    python train_river.py --video clip.mp4 --rollout 60       # continue the first --context frames of your video
-    OMP_NUM_THREADS=1 python train_river.py                  # CPU shared with other jobs: far faster than 2 threads
+    python train_river.py --eval-only --warm-start 0.2 --out-dir runs/river_ws02 \\
+        --ckpt runs/train_river/ckpt.pt
+    python train_river.py --bench --ckpt runs/train_river/ckpt.pt
+                             # NFE and s/frame for 5-, 20-, 50-frame rollouts
+    python train_river.py --video clip.mp4 --rollout 60  # continue the first --context frames of it
+    OMP_NUM_THREADS=1 python train_river.py  # CPU shared with other jobs: far faster than 2 threads
 
-Outputs in --out-dir: ckpt.pt, args.json, metrics.json (model, copy_last and the autoencoded truth on the same
-held-out clips; validation loss, also with the context replaced by the reference; NFE and time per frame; bench),
-TensorBoard events (train/{loss,lr}, eval/, perf/, samples/), samples/ (rollout_*.gif: truth | prediction | error
-of --rollout frames, context marked; rollout_latest.png), plots/ (horizon*.png, training_curves.png).
+Outputs in --out-dir: ckpt.pt, args.json, metrics.json (model, copy_last and the autoencoded truth
+on the same held-out clips; validation loss, also with the context replaced by the reference; NFE
+and time per frame; bench), TensorBoard events (train/{loss,lr}, eval/, perf/, samples/), samples/
+(rollout_*.gif: truth | prediction | error of --rollout frames, context marked;
+rollout_latest.png), plots/ (horizon*.png, training_curves.png).
 """
 
 import hashlib
@@ -71,9 +78,11 @@ class Args:
     ckpt: str | None = None
     """checkpoint to resume, evaluate, benchmark or sample from; None: out_dir/ckpt.pt"""
     bench: bool = False
-    """time rollouts of --bench-frames frames with the checkpoint (NFE and seconds per frame), add them to metrics.json, exit"""
+    """time rollouts of --bench-frames frames with the checkpoint (NFE and seconds per frame),
+    add them to metrics.json, exit"""
     video: str | None = None
-    """a video file or frame folder: continue its first --context frames for --rollout frames into samples/, exit"""
+    """a video file or frame folder: continue its first --context frames for --rollout frames
+    into samples/, exit"""
     log_every: int = 50
     """print and log training losses every N steps"""
     eval_every: int = 800
@@ -86,18 +95,22 @@ class Args:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """auto: CUDA if present, else CPU"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """autocast dtype; auto: bf16 on CUDA and bf16-capable CPUs, fp16 + GradScaler on older GPUs, else fp32"""
+    """autocast dtype; auto: bf16 on CUDA and bf16-capable CPUs, fp16 + GradScaler on older GPUs,
+    else fp32"""
     compile: tyro.conf.DisallowNone[bool | None] = None
     """torch.compile the model; None (unset): on for CUDA, off otherwise"""
     # data
     data: str = "smoke"
-    """data kind: smoke, shapes, bouncing_balls, pendulum, falling, projectile, moving_mnist, folder or npz (must match the first stage)"""
+    """data kind: smoke, shapes, bouncing_balls, pendulum, falling, projectile, moving_mnist, folder
+    or npz (must match the first stage)"""
     data_dir: str | None = None
-    """folder of videos (--data folder), .npz file (--data npz) or MNIST files (--data moving_mnist)"""
+    """folder of videos (--data folder), .npz file (--data npz) or MNIST files
+    (--data moving_mnist)"""
     resolution: int = 64
     """frame size in pixels (must match the first stage)"""
     frames: int = 16
-    """frames per training clip (>= 3): targets are frames 2..frames-1 of a clip, contexts any frame before the previous"""
+    """frames per training clip (>= 3): targets are frames 2..frames-1 of a clip, contexts any
+    frame before the previous"""
     context: int = 4
     """observed frames before the prediction starts at evaluation"""
     horizon: int = 12
@@ -109,9 +122,11 @@ class Args:
     eval_clips: int = 32
     """held-out clips (split 'val') of --context + --horizon frames for evaluation"""
     vqvae: str = "runs/train_vqvae"
-    """folder of the frozen first stage written by train_vqvae.py (first_stage.json, first_stage_{encode,decode}.pt2)"""
+    """folder of the frozen first stage written by train_vqvae.py (first_stage.json,
+    first_stage_{encode,decode}.pt2)"""
     latent_cache: str | None = None
-    """folder to keep encoded training latents in, memory-mapped (for big data sets; reused by later runs); None: memory only"""
+    """folder to keep encoded training latents in, memory-mapped (for big data sets; reused by
+    later runs); None: memory only"""
     # model
     width: int = 128
     """transformer width d (RIVER: 768)"""
@@ -127,7 +142,8 @@ class Args:
     batch_size: int = 32
     """training examples (one target frame each) per batch per process"""
     lr: float = 1e-3
-    """peak learning rate (AdamW), after linear warm-up, then decayed with power 0.5 to lr/1000 (RIVER: 1e-4)"""
+    """peak learning rate (AdamW), after linear warm-up, then decayed with power 0.5 to lr/1000
+    (RIVER: 1e-4)"""
     weight_decay: float = 5e-6
     """AdamW weight decay"""
     warmup_steps: int = 100
@@ -140,18 +156,21 @@ class Args:
     solver: Literal["rk4", "euler"] = "rk4"
     """fixed-grid ODE solver: rk4 (the 3/8 rule, 4 evaluations per step, as RIVER) or euler (1)"""
     ode_steps: int = 10
-    """points of the time grid from 0 to 1 (RIVER: 100); NFE per frame = 4 * (int((1 - s) * steps) - 1) for rk4"""
+    """points of the time grid from 0 to 1 (RIVER: 100); NFE per frame = 4 * (int((1 - s) * steps)
+    - 1) for rk4"""
     warm_start: float = 0.0
-    """start the ODE at time s from the noised previous latent instead of from noise at 0 (fewer NFE)"""
+    """start the ODE at time s from the noised previous latent instead of from noise at 0
+    (fewer NFE)"""
     past_horizon: int | None = None
-    """contexts are drawn from the last H frames of the history (H >= 2; 0: all); None: --frames - 1, the farthest seen in training"""
+    """contexts are drawn from the last H frames of the history (H >= 2; 0: all); None: --frames
+    - 1, the farthest seen in training"""
     val_draws: int = 8
     """random (frame, t, noise) draws per held-out clip for the validation loss"""
     bench_frames: tuple[int, ...] = (5, 20, 50)
     """rollout lengths timed by --bench"""
 
 
-# ----------------------------------------------------------------------------- model
+# ------------------------------------------------------------------------------------------ model
 def time_embedding(t, dim, scale=200.0, max_period=1e4):
     """RIVER's sinusoidal code of 200 t: cos half, then sin half."""
     freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
@@ -159,37 +178,47 @@ def time_embedding(t, dim, scale=200.0, max_period=1e4):
     return torch.cat([torch.cos(angles), torch.sin(angles)], -1)
 
 
+def transformer_layer(width, heads, dropout):
+    """RIVER's block: nn.TransformerEncoderLayer, pre-norm, GELU, FFN 4 d."""
+    return nn.TransformerEncoderLayer(
+        width, heads, 4 * width, dropout, "gelu", batch_first=True, norm_first=True
+    )
+
+
 class VectorField(nn.Module):
-    """RIVER's U-ViT-style regressor over one latent frame. Every latent cell is a token made of the channel-
-    concatenated [x_t, reference, context]; learned row/column positions and an MLP of log(distance) are added to
-    every cell token; flow time is one extra token in front. Output block i first joins the input block output
-    saved i-th from last (long skips), and a conv head maps the cell tokens back to the latent grid."""
+    """RIVER's U-ViT-style regressor over one latent frame. Every latent cell is a token made of the
+    channel-concatenated [x_t, reference, context]; learned row/column positions and an MLP of
+    log(distance) are added to every cell token; flow time is one extra token in front. Output
+    block i first joins the input block output saved i-th from last (long skips), and a conv head
+    maps the cell tokens back to the latent grid."""
 
     def __init__(self, channels=4, grid=8, width=128, heads=4, depth=2, mid_depth=2, dropout=0.05):
         super().__init__()
-
-        def layer():
-            return nn.TransformerEncoderLayer(width, heads, 4 * width, dropout, "gelu", batch_first=True, norm_first=True)
-
         self.width = width
         self.inp = nn.Linear(3 * channels, width)
-        self.rows = nn.Parameter(torch.rand(grid, width // 2) * 2 - 1)  # DETR-style tables, U(-1, 1)
+        # DETR-style tables, U(-1, 1)
+        self.rows = nn.Parameter(torch.rand(grid, width // 2) * 2 - 1)
         self.cols = nn.Parameter(torch.rand(grid, width - width // 2) * 2 - 1)
         self.dist = nn.Sequential(nn.Linear(1, 256), nn.ReLU(), nn.Linear(256, width))
-        self.down = nn.ModuleList(layer() for _ in range(depth))
-        self.mid = nn.ModuleList(layer() for _ in range(mid_depth))
-        self.up = nn.ModuleList(layer() for _ in range(depth))
+        self.down = nn.ModuleList(transformer_layer(width, heads, dropout) for _ in range(depth))
+        self.mid = nn.ModuleList(transformer_layer(width, heads, dropout) for _ in range(mid_depth))
+        self.up = nn.ModuleList(transformer_layer(width, heads, dropout) for _ in range(depth))
         self.skip = nn.ModuleList(nn.Linear(2 * width, width) for _ in range(depth))
         self.head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width))
         self.out = nn.Conv2d(width, channels, 3, padding=1)
 
     def forward(self, x, t, ref, ctx, delta):
-        """x_t, reference, context: (B, C, h, w) latents; t: (B,) flow time; delta: (B,) index distance >= 1."""
+        """x_t, reference, context: (B, C, h, w) latents; t: (B,) flow time; delta: (B,) index
+        distance >= 1."""
         B, C, H, W = x.shape
-        tokens = self.inp(torch.cat([x, ref, ctx], 1).flatten(2).transpose(1, 2))  # (B, H*W, d)
-        pos = torch.cat([self.cols[None, :W].expand(H, -1, -1), self.rows[:H, None].expand(-1, W, -1)], -1)
-        tokens = tokens + pos.flatten(0, 1) + self.dist(delta.float().log()[:, None])[:, None]
-        h = torch.cat([time_embedding(t, self.width)[:, None].to(tokens.dtype), tokens], 1)  # H*W + 1 tokens
+        cells = torch.cat([x, ref, ctx], 1).flatten(2).transpose(1, 2)
+        tokens = self.inp(cells)  # (B, H*W, d)
+        cols = self.cols[None, :W].expand(H, -1, -1)
+        rows = self.rows[:H, None].expand(-1, W, -1)
+        pos = torch.cat([cols, rows], -1).flatten(0, 1)
+        tokens = tokens + pos + self.dist(delta.float().log()[:, None])[:, None]
+        time_token = time_embedding(t, self.width)[:, None].to(tokens.dtype)
+        h = torch.cat([time_token, tokens], 1)  # H*W + 1 tokens
         skips = []
         for block in self.down:
             h = block(h)
@@ -202,33 +231,37 @@ class VectorField(nn.Module):
         return self.out(h.transpose(1, 2).reshape(B, -1, H, W))
 
 
-# ----------------------------------------------------------------------------- method
+# ----------------------------------------------------------------------------------------- method
 def flow_path(z1, eps, t, sigma=1e-7):
-    """OT path from noise eps (t = 0) to data z1 (t = 1): x_t = (1 - (1 - sigma) t) eps + t z1, and its target
-    field u = z1 - (1 - sigma) eps. The public code divides, u = (z1 - (1 - sigma) x_t) / (1 - (1 - sigma) t):
-    the same field, but it loses float32 precision as t -> 1. -> (x_t, u)"""
+    """OT path from noise eps (t = 0) to data z1 (t = 1): x_t = (1 - (1 - sigma) t) eps + t z1, and
+    its target field u = z1 - (1 - sigma) eps. The public code divides,
+    u = (z1 - (1 - sigma) x_t) / (1 - (1 - sigma) t): the same field, but it loses float32
+    precision as t -> 1. -> (x_t, u)"""
     tt = t.view(-1, *[1] * (z1.dim() - 1))
-    return (1 - (1 - sigma) * tt) * eps + tt * z1, z1 - (1 - sigma) * eps
+    x_t = (1 - (1 - sigma) * tt) * eps + tt * z1
+    return x_t, z1 - (1 - sigma) * eps
 
 
 def predicted_endpoint(x_t, v, t, sigma=1e-7):
-    """One-step estimate of the data point from x_t and a field value v: equals z1 when v is the target u."""
+    """One-step estimate of the data point from x_t and a field value v: equals z1 when v is the
+    target u."""
     tt = t.view(-1, *[1] * (x_t.dim() - 1))
     return (1 - sigma) * x_t + (1 - (1 - sigma) * tt) * v
 
 
 def training_indices(n, batch, gen=None):
-    """Per batch element of n-frame clips: target tau ~ U{2..n-1}, reference tau - 1, context c ~ U{0..tau-2}
-    (strictly before the reference) and the distance delta = (tau - 1) - c >= 1, from the reference."""
+    """Per batch element of n-frame clips: target tau ~ U{2..n-1}, reference tau - 1, context
+    c ~ U{0..tau-2} (strictly before the reference) and the distance delta = (tau - 1) - c >= 1,
+    from the reference."""
     tau = torch.randint(2, n, (batch,), generator=gen)
     ctx = (torch.rand(batch, generator=gen) * (tau - 1)).long()
     return tau, ctx, tau - 1 - ctx
 
 
 def context_indices(length, batch, horizon=0, gen=None):
-    """Sampling, history of `length` latents: c ~ U{lo..length-2} per batch element, never the newest (the
-    reference), lo = max(0, length - horizon) (the public code's min() let the horizon restrict nothing and could
-    give negative indices). -> (c, delta = length - 1 - c)"""
+    """Sampling, history of `length` latents: c ~ U{lo..length-2} per batch element, never the
+    newest (the reference), lo = max(0, length - horizon) (the public code's min() let the horizon
+    restrict nothing and could give negative indices). -> (c, delta = length - 1 - c)"""
     lo = max(0, length - horizon) if horizon else 0
     c = lo + (torch.rand(batch, generator=gen) * (length - 1 - lo)).long()
     return c, length - 1 - c
@@ -239,7 +272,8 @@ def river_inputs(clips, gen=None, sigma=1e-7):
     -> regressor inputs (x_t, t, reference, context, delta), target field u, target latent z1."""
     B, n, dev = clips.shape[0], clips.shape[1], clips.device
     tau, ctx, delta = training_indices(n, B, gen)
-    t, eps = torch.rand(B, generator=gen), torch.randn(clips[:, 0].shape, generator=gen)
+    t = torch.rand(B, generator=gen)
+    eps = torch.randn(clips[:, 0].shape, generator=gen)
     tau, ctx, delta, t, eps = (v.to(dev) for v in (tau, ctx, delta, t, eps))
     rows = torch.arange(B, device=dev)
     z1 = clips[rows, tau]
@@ -247,16 +281,28 @@ def river_inputs(clips, gen=None, sigma=1e-7):
     return (x_t, t, clips[rows, tau - 1], clips[rows, ctx], delta), u, z1
 
 
+def river_loss(model, clips, gen=None, sigma=1e-7, amp=nullcontext(), reduction="mean"):
+    """THE LOSS: MSE between the field at river_inputs(clips) and the target field u, in fp32.
+    -> (loss, (regressor inputs, u, z1, field v)); validation scores the rest."""
+    inputs, u, z1 = river_inputs(clips, gen, sigma)
+    with amp:
+        v = model(*inputs).float()
+    return F.mse_loss(v, u, reduction=reduction), (inputs, u, z1, v)
+
+
 def time_grid(steps, warm_start=0.0):
-    """RIVER's grid linspace(s, 1, int((1 - s) steps)), at least 2 points: a warm start keeps the step ~1/steps."""
-    return torch.linspace(warm_start, 1, max(2, int((1 - warm_start) * steps)), dtype=torch.float64).tolist()
+    """RIVER's grid linspace(s, 1, int((1 - s) steps)), at least 2 points: a warm start keeps the
+    step ~1/steps."""
+    n = max(2, int((1 - warm_start) * steps))
+    return torch.linspace(warm_start, 1, n, dtype=torch.float64).tolist()
 
 
 def integrate(f, y, grid, solver="rk4"):
-    """Solve dy/dt = f(t, y) over a fixed grid: Euler, or the 4-evaluation RK4 3/8 rule (torchdiffeq's fixed-grid
-    'rk4', which RIVER calls)."""
+    """Solve dy/dt = f(t, y) over a fixed grid: Euler, or the 4-evaluation RK4 3/8 rule
+    (torchdiffeq's fixed-grid 'rk4', which RIVER calls)."""
     for t0, t1 in zip(grid[:-1], grid[1:]):
-        dt, k1 = t1 - t0, f(t0, y)
+        dt = t1 - t0
+        k1 = f(t0, y)
         if solver == "euler":
             y = y + dt * k1
             continue
@@ -268,97 +314,150 @@ def integrate(f, y, grid, solver="rk4"):
 
 
 @torch.no_grad()
-def generate(model, history, n_frames, steps=10, solver="rk4", warm_start=0.0, past_horizon=0, sigma=1e-7,
-             gen=None, amp=nullcontext()):
-    """Roll out n_frames latents after history (B, L, C, h, w). Every network evaluation gets the newest latent as
-    reference and a fresh random earlier one per element as context; a solved latent joins the history as it is
-    (unquantised). One observed frame is duplicated so a context exists, as RIVER does on BAIR.
+def generate(
+    model,
+    history,
+    n_frames,
+    steps=10,
+    solver="rk4",
+    warm_start=0.0,
+    past_horizon=0,
+    sigma=1e-7,
+    gen=None,
+    amp=nullcontext(),
+):
+    """THE SAMPLER. Roll out n_frames latents after history (B, L, C, h, w). Every network
+    evaluation gets the newest latent as reference and a fresh random earlier one per element as
+    context; a solved latent joins the history as it is (unquantised). One observed frame is
+    duplicated so a context exists, as RIVER does on BAIR.
     -> (B, n_frames, C, h, w) fp32 latents, number of network evaluations."""
     B, dev = history.shape[0], history.device
     first = history[:, :1].expand(-1, int(history.shape[1] == 1), -1, -1, -1)
     hist = torch.cat([first, history, history.new_zeros(B, n_frames, *history.shape[2:])], 1)
-    hist = hist.to(torch.promote_types(hist.dtype, torch.float32))  # the solver's dtype: fp32, or fp64 if given
-    length, rows, grid, nfe = hist.shape[1] - n_frames, torch.arange(B, device=dev), time_grid(steps, warm_start), 0
+    # the solver's dtype: fp32, or fp64 if given
+    hist = hist.to(torch.promote_types(hist.dtype, torch.float32))
+    length = hist.shape[1] - n_frames
+    rows = torch.arange(B, device=dev)
+    grid = time_grid(steps, warm_start)
+    nfe = 0
     for _ in range(n_frames):
         ref = hist[:, length - 1]
 
         def field(t, y):
             nonlocal nfe
             c, delta = context_indices(length, B, past_horizon, gen)
-            nfe, t = nfe + 1, torch.full((B,), t, dtype=hist.dtype, device=dev)
+            nfe += 1
+            t = torch.full((B,), t, dtype=hist.dtype, device=dev)
             with amp:
                 return model(y, t, ref, hist[rows, c.to(dev)], delta.to(dev)).to(hist.dtype)
 
         eps = torch.randn(ref.shape, generator=gen).to(dev)
-        y = (1 - (1 - sigma) * grid[0]) * eps + grid[0] * ref  # warm start: the noised previous latent at time s
+        # warm start: the noised previous latent at time s (pure noise at s = 0)
+        y = (1 - (1 - sigma) * grid[0]) * eps + grid[0] * ref
         hist[:, length] = integrate(field, y, grid, solver)
         length += 1
-    return hist[:, length - n_frames:length], nfe
+    return hist[:, length - n_frames : length], nfe
 
 
-def lr_at(step, args):
-    """Linear warm-up, then RIVER's polynomial decay with power 0.5 down to lr/1000."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    left = max(0.0, 1 - (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps))
-    return args.lr * (1e-3 + (1 - 1e-3) * left ** 0.5)
+def river_lr_at(step, total, peak, warmup):
+    """Linear warm-up, then RIVER's polynomial decay with power 0.5 down to peak/1000 (the fenced
+    lr_at decays by a cosine to peak/10)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    left = max(0.0, 1 - (step - warmup) / max(1, total - warmup))
+    return peak * (1e-3 + (1 - 1e-3) * left**0.5)
 
 
-# ----------------------------------------------------------------------------- first stage and data
+# --------------------------------------------------------------------------- first stage and data
 def first_stage_command(args, out):
-    """The train_vqvae.py command that makes a first stage for these --data/--resolution flags in `out`."""
-    flags = [f"--data {args.data}" * (args.data != "smoke"), f"--data-dir {args.data_dir}" * bool(args.data_dir),
-             f"--resolution {args.resolution}" * (args.resolution != 64), f"--out-dir {out}" * (out != "runs/train_vqvae")]
+    """The train_vqvae.py command that makes a first stage for these --data/--resolution flags in
+    `out`."""
+    flags = [
+        f"--data {args.data}" * (args.data != "smoke"),
+        f"--data-dir {args.data_dir}" * bool(args.data_dir),
+        f"--resolution {args.resolution}" * (args.resolution != 64),
+        f"--out-dir {out}" * (out != "runs/train_vqvae"),
+    ]
     return " ".join(["python train_vqvae.py", *filter(None, flags)])
 
 
 def load_first_stage(path, args):
-    """The frozen first stage from train_vqvae.py. -> (encode, decode: fp32 programs, frozen; its per-channel latent
-    mean and std), meta, fingerprint."""
+    """The frozen first stage from train_vqvae.py. -> (encode, decode: fp32 programs, frozen; its
+    per-channel latent mean and std), meta, fingerprint."""
     files = [os.path.join(path, f"first_stage{s}") for s in (".json", "_encode.pt2", "_decode.pt2")]
     if not all(os.path.isfile(f) for f in files):
-        raise SystemExit(f"error: no first stage in {path} (first_stage.json, first_stage_encode.pt2, first_stage_decode.pt2); "
-                         f"make it with `{first_stage_command(args, path)}`")
+        raise SystemExit(
+            f"error: no first stage in {path} (first_stage.json, first_stage_encode.pt2, "
+            f"first_stage_decode.pt2); make it with `{first_stage_command(args, path)}`"
+        )
     with open(files[0], "rb") as f:
         raw = f.read()
     meta = json.loads(raw)
     if (meta.get("data"), meta.get("resolution")) != (args.data, args.resolution):
         new = f"runs/train_vqvae_{args.data}" + f"_{args.resolution}" * (args.resolution != 64)
-        raise SystemExit(f"error: the first stage in {path} was trained on --data {meta.get('data')} at {meta.get('resolution')} px, "
-                         f"not --data {args.data} at {args.resolution} px; make a matching one with "
-                         f"`{first_stage_command(args, new)}` and pass --vqvae {new}")
+        raise SystemExit(
+            f"error: the first stage in {path} was trained on --data {meta.get('data')} at "
+            f"{meta.get('resolution')} px, not --data {args.data} at {args.resolution} px; make a "
+            f"matching one with `{first_stage_command(args, new)}` and pass --vqvae {new}"
+        )
     try:
         encode, decode = (torch.export.load(f).module().requires_grad_(False) for f in files[1:])
-        stats = [torch.tensor(meta[k], dtype=torch.float32).view(1, -1, 1, 1) for k in ("latent_mean", "latent_std")]
+        stats = [
+            torch.tensor(meta[k], dtype=torch.float32).view(1, -1, 1, 1)
+            for k in ("latent_mean", "latent_std")
+        ]
     except Exception as e:
-        raise SystemExit(f"error: cannot load the first stage in {path} ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
-                         f"remake it with `{first_stage_command(args, path)}`")
+        raise SystemExit(
+            f"error: cannot load the first stage in {path} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:100]}); remake it with `{first_stage_command(args, path)}`"
+        )
     return (encode, decode, stats), meta, hashlib.sha256(raw).hexdigest()[:12]
 
 
 def load_clips(args, n_clips, n_frames, split, rank=0, world=1):
-    """Generate clips once into a uint8 (N, T, C, H, W) tensor; rank r keeps clips r, r+world, ..."""
+    """Generate clips once into a uint8 (N, T, C, H, W) tensor; rank r keeps clips r, r+world..."""
     try:
-        ds = toy_data.make_dataset(args.data, n_clips, args.resolution, n_frames, args.seed, split, args.data_dir)
+        ds = toy_data.make_dataset(
+            args.data, n_clips, args.resolution, n_frames, args.seed, split, args.data_dir
+        )
     except (ValueError, FileNotFoundError, OSError) as e:
         raise SystemExit(f"error: {e}")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # per-frame simulation ops are tiny: extra threads only contend (5x slower on a busy CPU)
+    # per-frame simulation ops are tiny: extra threads only contend (5x slower on a busy CPU)
+    torch.set_num_threads(1)
     try:
         clips = [ds[i]["video"] for i in range(rank, min(n_clips, len(ds)), world)]
     finally:
         torch.set_num_threads(threads)
     if not clips:
-        raise SystemExit(f"error: --data {args.data} gave no {split} clips; check --data-dir or raise --train-clips/--eval-clips")
+        raise SystemExit(
+            f"error: --data {args.data} gave no {split} clips; check --data-dir or raise "
+            "--train-clips/--eval-clips"
+        )
     return (torch.stack(clips).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def load_video(args, channels):
+    """--video as a uint8 (1, T, C, H, W) clip at --resolution, grey when the first stage is."""
+    try:
+        video = toy_data.read_video(args.video, args.resolution)[None]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}; pass a video file (.mp4, .gif, ...) or a folder of frames")
+    if channels == 1:
+        video = video.float().mean(2, keepdim=True).round().byte()
+    if video.shape[1] < args.context:
+        raise SystemExit(
+            f"error: {args.video} has {video.shape[1]} frames, fewer than --context {args.context}"
+        )
+    return video
 
 
 @torch.no_grad()
 def encode_clips(encode, clips, stats, batch=256):
-    """uint8 clips (N, T, C, H, W) -> latents (N, T, c, h, w) normalised per channel with the first stage's
-    mean and std (unit scale, like the noise the flow starts from)."""
+    """uint8 clips (N, T, C, H, W) -> latents (N, T, c, h, w) normalised per channel with the first
+    stage's mean and std (unit scale, like the noise the flow starts from)."""
     x = clips.flatten(0, 1)
-    z = torch.cat([encode(x[i:i + batch].float() / 255) for i in range(0, len(x), batch)])
+    z = torch.cat([encode(x[i : i + batch].float() / 255) for i in range(0, len(x), batch)])
     return ((z - stats[0]) / stats[1]).unflatten(0, clips.shape[:2])
 
 
@@ -366,19 +465,21 @@ def encode_clips(encode, clips, stats, batch=256):
 def decode_latents(decode, z, stats, batch=256):
     """Normalised latents (..., c, h, w) -> frames in [0, 1] (quantise, then decode, on the CPU)."""
     flat = z.flatten(0, -4).float().cpu() * stats[1] + stats[0]
-    x = torch.cat([decode(flat[i:i + batch]) for i in range(0, len(flat), batch)])
+    x = torch.cat([decode(flat[i : i + batch]) for i in range(0, len(flat), batch)])
     return x.clamp(0, 1).unflatten(0, z.shape[:-3])
 
 
 def training_latents(args, fs, fs_id, rank=0, world=1):
-    """The latent cache: every training clip encoded once. With --latent-cache it lives on disk and is
-    memory-mapped, so a big data set need not fit in memory and later runs skip generating and encoding."""
-    key = hashlib.sha256(repr((args.data, args.data_dir, args.seed, args.resolution, args.frames, args.train_clips,
-                               rank, world, fs_id)).encode()).hexdigest()[:16]
+    """The latent cache: every training clip encoded once. With --latent-cache it lives on disk and
+    is memory-mapped, so a big data set need not fit in memory and later runs skip generating and
+    encoding."""
+    fields = (args.data, args.data_dir, args.seed, args.resolution, args.frames, args.train_clips)
+    key = hashlib.sha256(repr((*fields, rank, world, fs_id)).encode()).hexdigest()[:16]
     path = os.path.join(args.latent_cache, f"train_{key}.pt") if args.latent_cache else None
     if path and os.path.isfile(path):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    z = encode_clips(fs[0], load_clips(args, args.train_clips, args.frames, "train", rank, world), fs[2])
+    clips = load_clips(args, args.train_clips, args.frames, "train", rank, world)
+    z = encode_clips(fs[0], clips, fs[2])
     if path:
         os.makedirs(args.latent_cache, exist_ok=True)
         torch.save(z, path + f".tmp{rank}")
@@ -386,48 +487,89 @@ def training_latents(args, fs, fs_id, rank=0, world=1):
     return z
 
 
-# ----------------------------------------------------------------------------- evaluation
-SCORES = {"psnr": metrics.psnr, "ssim": metrics.ssim, "mse": metrics.mse, "mse_frame_sum": metrics.mse_frame_sum}
+# ------------------------------------------------------------------------------------- evaluation
+SCORES = {
+    "psnr": metrics.psnr,
+    "ssim": metrics.ssim,
+    "mse": metrics.mse,
+    "mse_frame_sum": metrics.mse_frame_sum,
+}
 
 
 def score(pred, target, context):
-    """Per-frame metrics of predicted frames (N, T) -> means, per-frame curves, raw (N, T) tensors; plus fd_probe
-    of the whole clips (observed context + predicted) against the real ones (None if the probe is missing)."""
-    out, raw = {}, {}
+    """Per-frame metrics of predicted frames (N, T) -> means, per-frame curves, raw (N, T) tensors;
+    plus fd_probe of the whole clips (observed context + predicted) against the real ones (None if
+    the probe is missing)."""
+    out = {}
+    raw = {}
     for name, fn in SCORES.items():
-        raw[name] = per = fn(pred, target, per_frame=True).double()
-        out[name], out[f"{name}_per_frame"] = float(per.mean()), per.mean(0).tolist()
+        per = fn(pred, target, per_frame=True).double()
+        raw[name] = per
+        out[name] = float(per.mean())
+        out[f"{name}_per_frame"] = per.mean(0).tolist()
     try:
-        out["fd_probe"] = metrics.fd_probe(torch.cat([context, target], 1), torch.cat([context, pred], 1))
-    except metrics.MetricUnavailable as e:  # metrics.json says why, as metrics.compute_all_metrics does
-        out["fd_probe"], out["fd_probe_unavailable"] = None, str(e)
+        out["fd_probe"] = metrics.fd_probe(
+            torch.cat([context, target], 1), torch.cat([context, pred], 1)
+        )
+    except metrics.MetricUnavailable as e:  # metrics.json says why, as compute_all_metrics does
+        out["fd_probe"] = None
+        out["fd_probe_unavailable"] = str(e)
     return out, raw
 
 
 @torch.no_grad()
 def validation_losses(model, z_val, args, device, amp, batch=256):
-    """Flow-matching loss on held-out latent clips (fixed draws), also with the context replaced by the reference (higher
-    if the context is used), and the one-step endpoint MSE against copy-last's (copy-last's field error grows as 1/(1-t))."""
-    gen, sums = torch.Generator().manual_seed(args.seed + 1), torch.zeros(4, dtype=torch.float64)
+    """Flow-matching loss on held-out latent clips (fixed draws), also with the context replaced by
+    the reference (higher if the context is used), and the one-step endpoint MSE against
+    copy-last's (copy-last's field error grows as 1/(1-t))."""
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    sums = torch.zeros(4, dtype=torch.float64)
     for _ in range(args.val_draws):
         for i in range(0, len(z_val), batch):
-            (x_t, t, ref, ctx, delta), u, z1 = river_inputs(z_val[i:i + batch].to(device), gen, args.sigma_min)
+            clips = z_val[i : i + batch].to(device)
+            loss, (inputs, u, z1, v) = river_loss(model, clips, gen, args.sigma_min, amp, "sum")
+            x_t, t, ref, _, delta = inputs
             with amp:
-                v, v_ref = model(x_t, t, ref, ctx, delta).float(), model(x_t, t, ref, ref, delta).float()
+                v_ref = model(x_t, t, ref, ref, delta).float()
             x1 = predicted_endpoint(x_t, v, t, args.sigma_min)
-            sums += torch.stack([F.mse_loss(a, b, reduction="sum").double().cpu() for a, b in
-                                 ((v, u), (v_ref, u), (x1, z1), (ref, z1))])
+            terms = [loss] + [
+                F.mse_loss(a, b, reduction="sum") for a, b in ((v_ref, u), (x1, z1), (ref, z1))
+            ]
+            sums += torch.stack([term.double().cpu() for term in terms])
     sums = (sums / (args.val_draws * z_val[:, 0].numel())).tolist()
-    return {"loss": sums[0], "loss_context_is_reference": sums[1], "endpoint_mse": sums[2], "endpoint_mse_copy_last": sums[3]}
+    return {
+        "loss": sums[0],
+        "loss_context_is_reference": sums[1],
+        "endpoint_mse": sums[2],
+        "endpoint_mse_copy_last": sums[3],
+    }
+
+
+def past_horizon(args):
+    """--past-horizon; None: --frames - 1, the farthest context seen in training."""
+    return args.past_horizon if args.past_horizon is not None else args.frames - 1
 
 
 def rollout(model, z_context, n_frames, args, device, amp, gen, batch=64):
-    """Latents of observed frames (N, T, ...) -> n_frames predicted latents (CPU), NFE per frame, seconds."""
-    past = args.past_horizon if args.past_horizon is not None else args.frames - 1
-    out, nfe, t0 = [], 0, time.perf_counter()
+    """Latents of observed frames (N, T, ...) -> n_frames predicted latents (CPU), NFE per frame,
+    seconds."""
+    out = []
+    nfe = 0
+    t0 = time.perf_counter()
     for i in range(0, len(z_context), batch):
-        z, n = generate(model, z_context[i:i + batch].to(device), n_frames, args.ode_steps, args.solver, args.warm_start,
-                        past, args.sigma_min, gen, amp)
+        history = z_context[i : i + batch].to(device)
+        z, n = generate(
+            model,
+            history,
+            n_frames,
+            args.ode_steps,
+            args.solver,
+            args.warm_start,
+            past_horizon(args),
+            args.sigma_min,
+            gen,
+            amp,
+        )
         out.append(z.cpu())
         nfe = n // n_frames
     return torch.cat(out), nfe, time.perf_counter() - t0
@@ -435,66 +577,342 @@ def rollout(model, z_context, n_frames, args, device, amp, gen, batch=64):
 
 @torch.no_grad()
 def evaluate(model, fs, clips, z_val, args, device, amp):
-    """Condition on the first --context frames of held-out clips and predict --horizon frames. -> (model scores,
-    baselines (copy_last; first_stage: the truth encoded and decoded, the best a latent predictor can do), validation
-    terms, per-frame tensors)"""
+    """Condition on the first --context frames of held-out clips and predict --horizon frames.
+    -> (model scores, baselines (copy_last; first_stage: the truth encoded and decoded, the best a
+    latent predictor can do), validation terms, per-frame tensors)"""
     model.eval()
-    c, truth = args.context, clips.float() / 255
+    c = args.context
+    truth = clips.float() / 255
     val = validation_losses(model, z_val, args, device, amp)
-    z, nfe, secs = rollout(model, z_val[:, :c], args.horizon, args, device, amp, torch.Generator().manual_seed(args.seed + 2))
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    z, nfe, secs = rollout(model, z_val[:, :c], args.horizon, args, device, amp, gen)
     model.train()
     pred = decode_latents(fs[1], z, fs[2])
-    val.update(nfe_per_frame=nfe, gen_frames_per_s=z.shape[0] * z.shape[1] / secs, gen_s_per_frame=secs / z.shape[1])
+    val.update(
+        nfe_per_frame=nfe,
+        gen_frames_per_s=z.shape[0] * z.shape[1] / secs,
+        gen_s_per_frame=secs / z.shape[1],
+    )
     ours, ours_raw = score(pred, truth[:, c:], truth[:, :c])
-    base, base_raw = score(truth[:, c - 1:c].expand_as(truth[:, c:]), truth[:, c:], truth[:, :c])
-    auto, auto_raw = score(decode_latents(fs[1], z_val[:, c:], fs[2]), truth[:, c:], truth[:, :c])
+    copy_last = truth[:, c - 1 : c].expand_as(truth[:, c:])
+    base, base_raw = score(copy_last, truth[:, c:], truth[:, :c])
+    autoencoded = decode_latents(fs[1], z_val[:, c:], fs[2])
+    auto, auto_raw = score(autoencoded, truth[:, c:], truth[:, :c])
     curves = {"model": ours_raw, "copy_last": base_raw, "first_stage": auto_raw}
     return ours, {"copy_last": base, "first_stage": auto}, val, curves
 
 
+def run_eval(model, fs, clips, z_val, args, rt, step, writer=None):
+    """evaluate(), printed in one line and logged to TensorBoard (rank 0). -> evaluate()'s tuple"""
+    ours, base, val, curves = evaluate(model, fs, clips, z_val, args, rt.device, rt.amp)
+    copy_last = base["copy_last"]
+    if writer:
+        log_scalars(writer, "eval", ours, step)
+        log_scalars(writer, "eval", {f"copy_last_{k}": v for k, v in copy_last.items()}, step)
+        log_scalars(
+            writer, "eval", {f"val_{k}": v for k, v in val.items() if "_per_" not in k}, step
+        )
+        log_scalars(writer, "perf", {k: v for k, v in val.items() if "_per_" in k}, step)
+    print(
+        f"eval step {step}: PSNR {ours['psnr']:.2f} dB (copy_last {copy_last['psnr']:.2f}, "
+        f"first stage {base['first_stage']['psnr']:.2f})  SSIM {ours['ssim']:.4f} "
+        f"({copy_last['ssim']:.4f}) over {args.horizon} frames | val loss {val['loss']:.4f} "
+        f"(context := reference {val['loss_context_is_reference']:.4f})  endpoint MSE "
+        f"{val['endpoint_mse']:.4f} (copy_last {val['endpoint_mse_copy_last']:.4f}) | "
+        f"{val['nfe_per_frame']} NFE/frame, {val['gen_s_per_frame']:.3f} s/frame for "
+        f"{len(z_val)} clips",
+        flush=True,
+    )
+    return ours, base, val, curves
+
+
 def save_samples(model, fs, demo, args, device, amp, step, writer, name="rollout"):
-    """Long rollouts of demo clips (N, T, C, H, W uint8, T >= --context): truth | prediction | |error| GIF with the
-    context marked, a still strip, and the same comparison in TensorBoard."""
-    c, truth = args.context, demo.float() / 255
+    """Long rollouts of demo clips (N, T, C, H, W uint8, T >= --context): truth | prediction |
+    |error| GIF with the context marked, a still strip, and the same comparison in TensorBoard."""
+    c = args.context
+    truth = demo.float() / 255
     model.eval()
-    z, _, _ = rollout(model, encode_clips(fs[0], demo[:, :c], fs[2]).to(device), args.rollout, args, device, amp,
-                      torch.Generator().manual_seed(args.seed + 3))
+    z_context = encode_clips(fs[0], demo[:, :c], fs[2]).to(device)
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    z, _, _ = rollout(model, z_context, args.rollout, args, device, amp, gen)
     model.train()
     pred = torch.cat([truth[:, :c], decode_latents(fs[1], z, fs[2])], 1)
     tag = f"{name}_{step:06d}" if name == "rollout" else name
-    cmp = viz.create_video_comparison({"truth": truth, "prediction": pred}, os.path.join(args.out_dir, "samples", f"{tag}.gif"),
-                                      context_frames=c)
+    cmp = viz.create_video_comparison(
+        {"truth": truth, "prediction": pred},
+        os.path.join(args.out_dir, "samples", f"{tag}.gif"),
+        context_frames=c,
+    )
     k = max(1, pred.shape[1] // 12)
-    viz.save_video_grid(pred[:, ::k], os.path.join(args.out_dir, "samples", f"{name}_latest.png"),
-                        [f"frames 1-{c} observed, then predicted (one frame in {k})"] * len(pred))
+    viz.save_video_grid(
+        pred[:, ::k],
+        os.path.join(args.out_dir, "samples", f"{name}_latest.png"),
+        [f"frames 1-{c} observed, then predicted (one frame in {k})"] * len(pred),
+    )
     viz.log_video(writer, "samples/truth_prediction_error", np.moveaxis(cmp, -1, 1), step, fps=4)
 
 
 def save_plots(curves, args):
-    for name, label in (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("mse_frame_sum", "MSE per frame (sum over pixels)")):
-        viz.plot_metric_vs_horizon({k: v[name] for k, v in curves.items()},
-                                   os.path.join(args.out_dir, "plots", "horizon.png" if name == "psnr" else f"horizon_{name}.png"),
-                                   metric=label, context=args.context)
+    for name, label in (
+        ("psnr", "PSNR (dB)"),
+        ("ssim", "SSIM"),
+        ("mse_frame_sum", "MSE per frame (sum over pixels)"),
+    ):
+        file = "horizon.png" if name == "psnr" else f"horizon_{name}.png"
+        viz.plot_metric_vs_horizon(
+            {k: v[name] for k, v in curves.items()},
+            os.path.join(args.out_dir, "plots", file),
+            metric=label,
+            context=args.context,
+        )
+
+
+def write_metrics(results, perf, args, step, t_start, n_eval):
+    """Plots and metrics.json from evaluate()'s results (rank 0)."""
+    ours, base, val, curves = results
+    save_plots(curves, args)
+    perf.update({k: val.pop(k) for k in ("nfe_per_frame", "gen_frames_per_s", "gen_s_per_frame")})
+    report = {
+        "script": SCRIPT,
+        "step": step,
+        "wall_s": round(time.time() - t_start, 1),
+        "eval": ours,
+        "baselines": base,
+        "val": val,
+        "perf": perf,
+        "sampler": {
+            "solver": args.solver,
+            "ode_steps": args.ode_steps,
+            "warm_start": args.warm_start,
+            "past_horizon": past_horizon(args),
+        },
+        "data": {
+            "kind": args.data,
+            "resolution": args.resolution,
+            "n_eval": n_eval,
+            "context": args.context,
+            "horizon": args.horizon,
+            "first_stage": args.vqvae,
+        },
+    }
+    write_json(os.path.join(args.out_dir, "metrics.json"), report)
+    print(
+        f"outputs in {args.out_dir} (metrics.json, samples/, plots/); "
+        f"tensorboard --logdir {args.out_dir}"
+    )
 
 
 def bench(model, z_context, args, device, amp):
-    """Constant cost: NFE and wall seconds per frame for rollouts of --bench-frames frames, after a warm-up run; the
-    fastest of 3 runs each, as other jobs on the machine only ever add time."""
+    """Constant cost: NFE and wall seconds per frame for rollouts of --bench-frames frames, after a
+    warm-up run; the fastest of 3 runs each, as other jobs on the machine only ever add time."""
     model.eval()
     rollout(model, z_context, 2, args, device, amp, torch.Generator().manual_seed(0))
     out = {}
     for n in args.bench_frames:
-        runs = [rollout(model, z_context, n, args, device, amp, torch.Generator().manual_seed(args.seed)) for _ in range(3)]
+        runs = []
+        for _ in range(3):
+            gen = torch.Generator().manual_seed(args.seed)
+            runs.append(rollout(model, z_context, n, args, device, amp, gen))
         out[str(n)] = {"nfe_per_frame": runs[0][1], "s_per_frame": min(r[2] for r in runs) / n}
     first = out[str(args.bench_frames[0])]["s_per_frame"]
     out = {n: {**v, "s_per_frame_ratio": v["s_per_frame"] / first} for n, v in out.items()}
-    return {"batch": len(z_context), "solver": args.solver, "ode_steps": args.ode_steps, "warm_start": args.warm_start,
-            "frames": out}
+    return {
+        "batch": len(z_context),
+        "solver": args.solver,
+        "ode_steps": args.ode_steps,
+        "warm_start": args.warm_start,
+        "frames": out,
+    }
 
 
-# ----------------------------------------------------------------------------- boilerplate
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-              "A10": 125e12, "V100": 125e12, "T4": 65e12}  # dense bf16/fp16 tensor-core peaks
+def sample_from_checkpoint(raw, fs, clips, z_val, demo, video, args, rt, step):
+    """--video, --bench, --eval-only (rank 0): outputs of the loaded checkpoint, no training."""
+    for sub in ("samples", "plots"):
+        os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
+    if video is not None:
+        name = os.path.splitext(os.path.basename(args.video.rstrip("/")))[0]
+        save_samples(raw, fs, video, args, rt.device, rt.amp, step, None, name=f"video_{name}")
+        print(
+            f"wrote {args.out_dir}/samples/video_*.gif ({args.rollout} frames after "
+            f"{args.context} of {args.video})"
+        )
+    if args.bench:
+        b = bench(raw, z_val[:8, : args.context].to(rt.device), args, rt.device, rt.amp)
+        path = os.path.join(args.out_dir, "metrics.json")
+        report = {"script": SCRIPT, "step": step}
+        if os.path.isfile(path):  # add to the evaluation already there
+            with open(path) as f:
+                report = json.load(f)
+        write_json(path, {**report, "bench": b})
+        for n, v in b["frames"].items():
+            print(
+                f"bench: {n:>3} frames  {v['nfe_per_frame']} NFE/frame  {v['s_per_frame']:.4f} "
+                f"s/frame (x{v['s_per_frame_ratio']:.2f})  batch {b['batch']}",
+                flush=True,
+            )
+    if args.eval_only:
+        results = run_eval(raw, fs, clips, z_val, args, rt, step)
+        t_start = time.time()
+        save_samples(raw, fs, demo, args, rt.device, rt.amp, step, None)
+        n_params = sum(p.numel() for p in raw.parameters())
+        perf = {"train_samples_per_s": None, "mfu": None, "params": n_params}
+        write_metrics(results, perf, args, step, t_start, len(clips))
+
+
+# ---------------------------------------------------------------------------------------- training
+def check_args(args):
+    """Stop with one line on bad flags, before anything is written. -> (checkpoint path, whether
+    the run only samples from a checkpoint: --eval-only, --bench or --video)"""
+    counts = (args.context, args.horizon, args.rollout, args.ode_steps, args.val_draws)
+    if args.frames < 3 or min(*counts, *args.bench_frames) < 1:
+        raise SystemExit(
+            "error: need --frames >= 3 (target, reference, context) and --context, --horizon, "
+            f"--rollout, --ode-steps, --val-draws, --bench-frames >= 1, got {args.frames}, "
+            f"{args.context}, {args.horizon}, {args.rollout}, {args.ode_steps}, "
+            f"{args.val_draws}, {args.bench_frames}"
+        )
+    if not 0 <= args.warm_start < 1 or args.past_horizon == 1 or (args.past_horizon or 0) < 0:
+        raise SystemExit(
+            "error: need 0 <= --warm-start < 1 and --past-horizon 0 or >= 2 (it counts the "
+            f"reference), got {args.warm_start} and {args.past_horizon}"
+        )
+    if args.data not in toy_data.KINDS:
+        raise SystemExit(
+            f"error: unknown data kind {args.data!r}; use one of {', '.join(toy_data.KINDS)}"
+        )
+    sample_only = args.eval_only or args.bench or args.video is not None
+    ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
+    if args.ckpt and not os.path.isfile(args.ckpt):
+        raise SystemExit(
+            f"error: --ckpt {args.ckpt} does not exist; pass the path of a {SCRIPT} ckpt.pt"
+        )
+    if sample_only and not os.path.isfile(ckpt_path):
+        raise SystemExit(
+            f"error: --eval-only, --bench and --video need a checkpoint but {ckpt_path} does not "
+            "exist; train first or pass --ckpt"
+        )
+    return ckpt_path, sample_only
+
+
+def load_model(args, meta, fs_id, ckpt_path, from_ckpt, rt):
+    """The regressor for these flags and this first stage, with the weights of ckpt_path when
+    from_ckpt and it exists. -> (model, arch, checkpoint or None)"""
+    channels, grid = meta["latent_shape"][:2]
+    arch = dict(
+        channels=channels,
+        grid=grid,
+        width=args.width,
+        heads=args.heads,
+        depth=args.depth,
+        mid_depth=args.mid_depth,
+        dropout=args.dropout,
+        first_stage=fs_id,
+    )
+    ckpt = None
+    if from_ckpt and os.path.isfile(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path, arch)
+    raw = VectorField(**{k: v for k, v in arch.items() if k != "first_stage"}).to(rt.device)
+    if ckpt:
+        load_weights(raw, ckpt["model"], ckpt_path)
+    return raw, arch, ckpt
+
+
+def training_state(raw, ckpt, args, rt):
+    """AdamW, the fp16 loss scaler and this rank's data generator; restored from ckpt, together
+    with every RNG. -> (optimizer, scaler, generator)"""
+    gen = torch.Generator().manual_seed(args.seed + 1000 * rt.rank)
+    opt = torch.optim.AdamW(
+        raw.parameters(),
+        lr=args.lr,
+        betas=(0.9, 0.999),
+        weight_decay=args.weight_decay,
+        fused=rt.device.type == "cuda",
+    )
+    scaler = make_scaler(rt)
+    if ckpt:
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        data_state = set_rng_state(ckpt["rng"], rt.rank)
+        if data_state is not None:
+            gen.set_state(data_state)
+    return opt, scaler, gen
+
+
+def step_flops(raw, pool, args, rt):
+    """FLOPs of one training step (forward and backward of river_loss), for MFU; None where the
+    accelerator's peak is not known (CPU)."""
+    if not peak_flops(rt):
+        return None
+    clips = pool[: args.batch_size].to(rt.device)
+    gen = torch.Generator().manual_seed(0)
+    flops = count_flops(lambda: river_loss(raw, clips, gen, args.sigma_min, rt.amp)[0].backward())
+    raw.zero_grad(set_to_none=True)
+    return flops
+
+
+def save_checkpoint(raw, opt, scaler, gen, arch, args, rt, step):
+    """Every rank calls this (the data-generator states are gathered); rank 0 writes."""
+    gens = gather_states(gen.get_state(), rt)
+    if not rt.master:
+        return
+    ckpt = {
+        "script": SCRIPT,
+        "step": step,
+        "args": asdict(args),
+        "arch": arch,
+        "model": raw.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(gens),
+    }
+    save_atomic(ckpt, os.path.join(args.out_dir, "ckpt.pt"))
+
+
+def log_train(meter, speed, writer, raw, args, rt, step, lr):
+    """The log line: training losses averaged since the last one (all ranks), lr and speed."""
+    m = meter.means(rt, raw.parameters(), f"before step {step}")
+    meter.reset()
+    speed_text, perf = speed.report(args.batch_size * rt.world, args.steps - step)
+    if rt.master:
+        print(
+            f"step {step}/{args.steps} | loss {m['loss']:.4f} | lr {lr:.2e} | {speed_text}",
+            flush=True,
+        )
+        log_scalars(writer, "train", {**m, "lr": lr}, step)
+        log_scalars(writer, "perf", perf, step)
+
+
+# ==================================================================================================
+# Infrastructure: byte-identical in every train_*.py (tests/test_infrastructure.py compares them).
+# Device and precision, DDP, seeding, checkpoints, the loss and speed meters, logging, teardown.
+# Skip it to read the method: `diff train_vqvae.py train_river.py` shows the method and little else.
+# ==================================================================================================
+SCRIPT = os.path.basename(__file__)
+WARMUP_STEPS = 3  # first steps of a run (compile, allocator warm-up) stay out of the speed figures
+PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peaks, for MFU
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+@dataclass
+class Runtime:
+    """Where and how this process runs: made once by setup()."""
+
+    device: torch.device
+    dtype: str
+    amp: object  # autocast context (nullcontext in fp32), reused for every forward
+    compile: bool
+    rank: int
+    world: int
+    ddp: bool  # world > 1
+    master: bool  # rank 0: the one that writes
 
 
 def cpu_has_bf16():
@@ -506,12 +924,99 @@ def cpu_has_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def auto_dtype(dev):
+    """bf16 where it is fast (CUDA with bf16, CPUs with native bf16), fp16 on older GPUs, else fp32."""
+    if dev == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if dev == "cpu" and cpu_has_bf16() else "float32"
+
+
+def setup(args):
+    """Device, precision, process group and seeds from the system flags -> Runtime."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    dev = args.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if dev == "cuda" else dev)
+    if dev == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev == "cuda" else "gloo")
+    dtype = args.dtype if args.dtype != "auto" else auto_dtype(dev)
+    ptdtype = getattr(torch, dtype)
+    amp = torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+    use_compile = args.compile if args.compile is not None else dev == "cuda"
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
+    return Runtime(device, dtype, amp, use_compile, rank, world, world > 1, rank == 0)
+
+
+def device_name(rt):
+    return torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else rt.device.type
+
+
+def peak_flops(rt):
+    """The accelerator's dense bf16/fp16 peak in FLOP/s, or None where it is not known."""
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name(rt)), None)
+
+
+def count_flops(fn):
+    """FLOPs of one call of fn() (forward and backward, as fn does them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def make_scaler(rt):
+    """Loss scaling for fp16 only; a no-op otherwise."""
+    return torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == "float16")
+
+
+def lr_at(step, total, peak, warmup, decay=True):
+    """Linear warm-up, then cosine decay to peak/10 at `total` (constant if not decay)."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    progress = min(1.0, step / max(1, total))
+    return peak * warm * ((0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))) if decay else 1.0)
+
+
+def set_lr(optimizers, lr):
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
+def optimizer_step(opt, scaler, loss, params, clip):
+    """Backward, clip the gradient norm (clip > 0), step; the fp16 scaler unscales first."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    scaler.step(opt)
+    scaler.update()
+
+
 def rng_state(data):
     """Every RNG state as tensors and lists, so the checkpoint loads with weights_only=True."""
-    py, npr = random.getstate(), np.random.get_state()
-    return {"python": [py[0], list(py[1]), py[2]], "numpy": [npr[0], torch.from_numpy(npr[1].astype(np.int64)), *npr[2:]],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-            "data": data}
+    py = random.getstate()
+    npr = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npr[0], torch.from_numpy(npr[1].astype(np.int64)), *npr[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+        "data": data,
+    }
 
 
 def set_rng_state(s, rank):
@@ -524,276 +1029,264 @@ def set_rng_state(s, rank):
     return s["data"][rank] if rank < len(s["data"]) else None
 
 
+def gather_states(state, rt):
+    """This rank's data-generator state -> the list of every rank's (rank 0 saves them all)."""
+    if not rt.ddp:
+        return [state]
+    states = [None] * rt.world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def first_line(e):
+    return str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+
+
 def load_checkpoint(path, arch):
+    """Read a checkpoint of this script with this architecture, or stop with one line."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); pass a valid --ckpt or use a new --out-dir")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != "train_river.py":
-        got = ckpt.get("script", "an unknown script") if isinstance(ckpt, dict) else "an unknown script"
-        raise SystemExit(f"error: {path} was written by {got}, not train_river.py; pass a train_river.py checkpoint with --ckpt or use another --out-dir")
-    diff = [f"{k}={ckpt.get('arch', {}).get(k)} (now {v})" for k, v in arch.items() if ckpt.get("arch", {}).get(k) != v]
+        raise SystemExit(
+            f"error: cannot read checkpoint {path} ({type(e).__name__}: {first_line(e)}); "
+            "pass a valid --ckpt or use a new --out-dir"
+        )
+    got = ckpt.get("script", "an unknown script") if isinstance(ckpt, dict) else "an unknown script"
+    if got != SCRIPT:
+        raise SystemExit(
+            f"error: {path} was written by {got}, not {SCRIPT}; "
+            f"pass a {SCRIPT} checkpoint with --ckpt or use another --out-dir"
+        )
+    saved = ckpt.get("arch", {})
+    diff = [f"{k}={saved.get(k)} (now {v})" for k, v in arch.items() if saved.get(k) != v]
     if diff:
-        raise SystemExit(f"error: {path} has another architecture: {', '.join(diff)}; pass the same model flags/data/--vqvae, or use another --out-dir")
+        raise SystemExit(
+            f"error: {path} has another architecture: {', '.join(diff)}; "
+            "pass the model and data flags it was trained with, or use another --out-dir"
+        )
     return ckpt
 
 
-def main(args: Args):
-    # ---- distributed, device, precision
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    ddp, master = world > 1, rank == 0
-    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if dev == "cuda" else dev)
-    if dev == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if ddp and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev == "cuda" else "gloo")
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if dev == "cuda" else (
-            "bfloat16" if dev == "cpu" and cpu_has_bf16() else "float32")
-    ptdtype = getattr(torch, dtype)
-    amp = torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
-    use_compile = args.compile if args.compile is not None else dev == "cuda"
-    random.seed(args.seed + rank), np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
+def load_weights(module, state, path):
+    """load_state_dict, or stop with one line when the checkpoint does not fit the module."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError) as e:
+        raise SystemExit(
+            f"error: {path} does not match this model ({first_line(e)}); use another --out-dir"
+        )
 
-    # ---- inputs: validate everything before anything is written
-    if args.frames < 3 or min(args.context, args.horizon, args.rollout, args.ode_steps, args.val_draws, *args.bench_frames) < 1:
-        raise SystemExit(f"error: need --frames >= 3 (target, reference, context) and --context, --horizon, --rollout, --ode-steps, "
-                         f"--val-draws, --bench-frames >= 1, got {args.frames}, {args.context}, {args.horizon}, {args.rollout}, "
-                         f"{args.ode_steps}, {args.val_draws}, {args.bench_frames}")
-    if not 0 <= args.warm_start < 1 or args.past_horizon == 1 or (args.past_horizon or 0) < 0:
-        raise SystemExit(f"error: need 0 <= --warm-start < 1 and --past-horizon 0 or >= 2 (it counts the reference), got "
-                         f"{args.warm_start} and {args.past_horizon}")
-    if args.data not in toy_data.KINDS:
-        raise SystemExit(f"error: unknown data kind {args.data!r}; use one of {', '.join(toy_data.KINDS)}")
-    sample_only = args.eval_only or args.bench or args.video is not None
-    ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
-    if args.ckpt and not os.path.isfile(args.ckpt):
-        raise SystemExit(f"error: --ckpt {args.ckpt} does not exist; pass the path of a train_river.py ckpt.pt")
-    if sample_only and not os.path.isfile(ckpt_path):
-        raise SystemExit(f"error: --eval-only, --bench and --video need a checkpoint but {ckpt_path} does not exist; train first or pass --ckpt")
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a kill mid-write never leaves a broken file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def open_writer(args, step):
+    """Rank 0: samples/ and plots/, args.json, TensorBoard writer with the args table at step 0."""
+    for sub in ("samples", "plots"):
+        os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
+    write_json(os.path.join(args.out_dir, "args.json"), asdict(args))
+    writer = SummaryWriter(args.out_dir)
+    if step == 0:
+        rows = "\n".join(f"| {k} | {v} |" for k, v in asdict(args).items())
+        writer.add_text("args", "| flag | value |\n|---|---|\n" + rows, 0)
+    return writer
+
+
+class LossMeter:
+    """Named loss terms summed between log lines; means() averages them over steps and ranks and
+    stops the run with one line when a term or a weight is not finite."""
+
+    def __init__(self, names, device):
+        self.names = names
+        self.sum = torch.zeros(len(names), device=device)
+        self.n = 0
+
+    def add(self, terms):
+        self.sum += torch.as_tensor(terms, dtype=torch.float32, device=self.sum.device)
+        self.n += 1
+
+    def means(self, rt, params, where):
+        total = self.sum.clone()
+        if rt.ddp:
+            dist.all_reduce(total)
+        values = (total / max(1, self.n * rt.world)).tolist()
+        finite = all(math.isfinite(v) for v in values) and all(p.isfinite().all() for p in params)
+        if not finite:
+            raise SystemExit(
+                f"error: non-finite loss ({dict(zip(self.names, values))}) {where}; lower the "
+                "learning rate or use --dtype float32; the last good checkpoint was kept"
+            )
+        return dict(zip(self.names, values))
+
+    def reset(self):
+        self.sum.zero_()
+        self.n = 0
+
+
+class SpeedMeter:
+    """Training time per step, leaving out the first WARMUP_STEPS of a run and whatever happens
+    between tick() and lap() (evaluation, samples, checkpoints). flops: per step, for MFU."""
+
+    def __init__(self, start, peak):
+        self.start = start
+        self.peak = peak
+        self.t_last = time.perf_counter()
+        self.win = [0.0, 0, 0.0]  # seconds, steps, FLOPs since the last log line
+        self.total = [0.0, 0, 0.0]  # the same over the run
+
+    def tick(self, step, flops=None):
+        """After a training step: count its time unless it is a warm-up step."""
+        if step > self.start + WARMUP_STEPS:
+            self.win[0] += time.perf_counter() - self.t_last
+            self.win[1] += 1
+            self.win[2] += flops or 0.0
+
+    def lap(self):
+        """Restart the clock at the end of an iteration."""
+        self.t_last = time.perf_counter()
+
+    def report(self, samples_per_step, steps_left):
+        """-> (text for the log line, perf scalars); then starts a new window."""
+        seconds, steps, flops = self.win
+        for i in range(3):
+            self.total[i] += self.win[i]
+        self.win = [0.0, 0, 0.0]
+        if not steps:
+            return "warm-up", {}
+        ms = 1000 * seconds / steps
+        perf = {"steps_per_s": 1000 / ms, "samples_per_s": samples_per_step * 1000 / ms}
+        if flops and self.peak:
+            perf["mfu"] = flops / seconds / self.peak
+        mfu = f"{perf['mfu']:.1%}" if "mfu" in perf else "n/a"
+        eta = steps_left * ms / 60000
+        text = f"{ms:.0f} ms/step | {perf['samples_per_s']:.0f} samples/s | MFU {mfu} | ETA {eta:.1f} min"
+        return text, perf
+
+    def summary(self, samples_per_step):
+        """Training speed over the whole run, for metrics.json."""
+        seconds, steps, flops = self.total
+        return {
+            "train_samples_per_s": samples_per_step * steps / seconds if seconds else None,
+            "train_ms_per_step": 1000 * seconds / steps if steps else None,
+            "mfu": flops / seconds / self.peak if flops and self.peak and seconds else None,
+        }
+
+
+def log_scalars(writer, prefix, values, step):
+    for k, v in values.items():
+        if isinstance(v, (int, float)):
+            writer.add_scalar(f"{prefix}/{k}", v, step)
+
+
+def teardown(rt):
+    """Leave the process group together: rank 0 may still be evaluating."""
+    if rt.ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ==================================================================================================
+# End of infrastructure.
+# ==================================================================================================
+
+
+def main(args: Args):
+    rt = setup(args)
+    ckpt_path, sample_only = check_args(args)  # before anything is written
     fs, meta, fs_id = load_first_stage(args.vqvae, args)  # (encode, decode, latent statistics)
     eval_clips = load_clips(args, args.eval_clips, args.context + args.horizon, "val")
-    channels, (lc, grid) = eval_clips.shape[2], meta["latent_shape"][:2]
+    video = None
     if args.video is not None:
-        try:
-            video = toy_data.read_video(args.video, args.resolution)[None]
-        except ValueError as e:
-            raise SystemExit(f"error: {e}; pass a video file (.mp4, .gif, ...) or a folder of frames")
-        video = video.float().mean(2, keepdim=True).round().byte() if channels == 1 else video
-        if video.shape[1] < args.context:
-            raise SystemExit(f"error: {args.video} has {video.shape[1]} frames, fewer than --context {args.context}")
-    if master and not (args.bench or args.video) and not os.path.isfile(metrics.default_probe_path()):  # say so now, not after the run
-        print(f"warning: no probe at {metrics.default_probe_path()}, so fd_probe will be None; run `python metrics.py train-probe`", flush=True)
-    arch = dict(channels=lc, grid=grid, width=args.width, heads=args.heads, depth=args.depth, mid_depth=args.mid_depth,
-                dropout=args.dropout, first_stage=fs_id)
-    ckpt = load_checkpoint(ckpt_path, arch) if (args.resume or sample_only) and os.path.isfile(ckpt_path) else None
-    raw = VectorField(**{k: v for k, v in arch.items() if k != "first_stage"}).to(device)
-    if ckpt:
-        try:
-            raw.load_state_dict(ckpt["model"])
-        except (RuntimeError, KeyError) as e:
-            raise SystemExit(f"error: {ckpt_path} does not match this model ({str(e).splitlines()[0][:120]}); use another --out-dir")
+        video = load_video(args, eval_clips.shape[2])
+    probe = metrics.default_probe_path()
+    if rt.master and not (args.bench or args.video) and not os.path.isfile(probe):
+        print(  # say so now, not after the run
+            f"warning: no probe at {probe}, so fd_probe will be None; run `python train_probe.py`",
+            flush=True,
+        )
+    raw, arch, ckpt = load_model(args, meta, fs_id, ckpt_path, args.resume or sample_only, rt)
     step = ckpt["step"] if ckpt else 0
-    n_params = sum(p.numel() for p in raw.parameters())
     z_val = encode_clips(fs[0], eval_clips, fs[2])
-    demo = load_clips(args, min(4, args.eval_clips), args.context + args.rollout, "val")  # long rollouts for the GIFs
-
-    writer = None  # TensorBoard, rank 0 of a training run only
-
-    def run_eval():
-        ours, base, val, curves = evaluate(raw, fs, eval_clips, z_val, args, device, amp)
-        if writer:
-            for k, v in ours.items():
-                if isinstance(v, float):
-                    writer.add_scalar(f"eval/{k}", v, step)
-                    if base["copy_last"][k] is not None:
-                        writer.add_scalar(f"eval/copy_last_{k}", base["copy_last"][k], step)
-            for k, v in val.items():
-                writer.add_scalar(("perf/" if "_per_" in k else "eval/val_") + k, v, step)
-        print(f"eval step {step}: PSNR {ours['psnr']:.2f} dB (copy_last {base['copy_last']['psnr']:.2f}, first stage "
-              f"{base['first_stage']['psnr']:.2f})  SSIM {ours['ssim']:.4f} ({base['copy_last']['ssim']:.4f}) over {args.horizon} "
-              f"frames | val loss {val['loss']:.4f} (context := reference {val['loss_context_is_reference']:.4f})  endpoint MSE "
-              f"{val['endpoint_mse']:.4f} (copy_last {val['endpoint_mse_copy_last']:.4f}) | {val['nfe_per_frame']} NFE/frame, "
-              f"{val['gen_s_per_frame']:.3f} s/frame for {len(z_val)} clips", flush=True)
-        return ours, base, val, curves
-
-    def finish(ours, base, val, curves, perf, t_start):
-        """Final samples, plots and metrics.json (rank 0)."""
-        save_samples(raw, fs, demo, args, device, amp, step, writer)
-        save_plots(curves, args)
-        perf.update({k: val.pop(k) for k in ("nfe_per_frame", "gen_frames_per_s", "gen_s_per_frame")})
-        report = {"script": "train_river.py", "step": step, "wall_s": round(time.time() - t_start, 1), "eval": ours,
-                  "baselines": base, "val": val, "perf": perf,
-                  "sampler": {"solver": args.solver, "ode_steps": args.ode_steps, "warm_start": args.warm_start,
-                              "past_horizon": args.past_horizon if args.past_horizon is not None else args.frames - 1},
-                  "data": {"kind": args.data, "resolution": args.resolution, "n_eval": eval_clips.shape[0],
-                           "context": args.context, "horizon": args.horizon, "first_stage": args.vqvae}}
-        with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"outputs in {args.out_dir} (metrics.json, samples/, plots/); tensorboard --logdir {args.out_dir}")
-
+    # long rollouts for the GIFs
+    demo = load_clips(args, min(4, args.eval_clips), args.context + args.rollout, "val")
     if sample_only:
-        if master:
-            for sub in ("samples", "plots"):
-                os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
-            if args.video is not None:
-                save_samples(raw, fs, video, args, device, amp, step, None, name=f"video_{os.path.splitext(os.path.basename(args.video.rstrip('/')))[0]}")
-                print(f"wrote {args.out_dir}/samples/video_*.gif ({args.rollout} frames after {args.context} of {args.video})")
-            if args.bench:
-                b = bench(raw, z_val[:8, :args.context].to(device), args, device, amp)
-                path = os.path.join(args.out_dir, "metrics.json")
-                report = json.load(open(path)) if os.path.isfile(path) else {"script": "train_river.py", "step": step}
-                with open(path, "w") as f:
-                    json.dump({**report, "bench": b}, f, indent=1)
-                for n, v in b["frames"].items():
-                    print(f"bench: {n:>3} frames  {v['nfe_per_frame']} NFE/frame  {v['s_per_frame']:.4f} s/frame "
-                          f"(x{v['s_per_frame_ratio']:.2f})  batch {b['batch']}", flush=True)
-            if args.eval_only:
-                finish(*run_eval(), {"train_samples_per_s": None, "mfu": None, "params": n_params}, time.time())
-        if ddp:
-            dist.barrier(), dist.destroy_process_group()  # rank 0 may still be evaluating: leave the group together
+        if rt.master:
+            sample_from_checkpoint(raw, fs, eval_clips, z_val, demo, video, args, rt, step)
+        teardown(rt)
         return
 
     # ---- training state
-    pool = training_latents(args, fs, fs_id, rank, world)  # (clips, frames, c, h, w) normalised latents
-    gen = torch.Generator().manual_seed(args.seed + 1000 * rank)
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, fused=dev == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
-    if ckpt:
-        opt.load_state_dict(ckpt["optimizer"]), scaler.load_state_dict(ckpt["scaler"])
-        data_state = set_rng_state(ckpt["rng"], rank)
-        if data_state is not None:
-            gen.set_state(data_state)
+    pool = training_latents(args, fs, fs_id, rt.rank, rt.world)  # (clips, frames, c, h, w)
+    opt, scaler, gen = training_state(raw, ckpt, args, rt)
+    flops = step_flops(raw, pool, args, rt)  # counted once
+    model = torch.compile(raw) if rt.compile else raw
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    writer = None  # TensorBoard, rank 0 only
+    n_params = sum(p.numel() for p in raw.parameters())
+    if rt.master:
+        writer = open_writer(args, step)
+        print(
+            f"train_river: {n_params / 1e6:.2f}M params, {rt.device.type} {rt.dtype}, compile "
+            f"{rt.compile}, world {rt.world}, {len(pool)} training clips/rank of {args.data} as "
+            f"{arch['channels']}x{arch['grid']}x{arch['grid']} latents, from step {step} to "
+            f"{args.steps}; {args.solver} {args.ode_steps}-point grid, warm start "
+            f"{args.warm_start}; outputs in {args.out_dir}",
+            flush=True,
+        )
 
-    def batch():
-        return pool[torch.randint(len(pool), (args.batch_size,), generator=gen)].to(device)
-
-    flops = None  # one forward + backward, counted once, for MFU
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) if dev == "cuda" else None
-    if peak:
-        from torch.utils.flop_counter import FlopCounterMode
-        inputs, u, _ = river_inputs(pool[:args.batch_size].to(device), torch.Generator().manual_seed(0), args.sigma_min)
-        with FlopCounterMode(display=False) as fc:
-            with amp:
-                out = raw(*inputs)
-            F.mse_loss(out.float(), u).backward()
-        flops = fc.get_total_flops()
-        raw.zero_grad(set_to_none=True)
-    wrap = (lambda m: DDP(m, device_ids=[device.index] if dev == "cuda" else None)) if ddp else (lambda m: m)
-    model = wrap(torch.compile(raw) if use_compile else raw)
-
-    def save_checkpoint(step):
-        """All ranks call this (the data-generator states are gathered); rank 0 writes atomically."""
-        gens = [gen.get_state()]
-        if ddp:
-            gens = [None] * world
-            dist.all_gather_object(gens, gen.get_state())
-        if not master:
-            return
-        ck = {"script": "train_river.py", "step": step, "args": asdict(args), "arch": arch, "model": raw.state_dict(),
-              "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(gens)}
-        path = os.path.join(args.out_dir, "ckpt.pt")
-        torch.save(ck, path + ".tmp")
-        os.replace(path + ".tmp", path)
-
-    if master:
-        for sub in ("samples", "plots"):
-            os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
-        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
-        writer = SummaryWriter(args.out_dir)
-        if step == 0:
-            writer.add_text("args", "| flag | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in asdict(args).items()), 0)
-        print(f"train_river: {n_params / 1e6:.2f}M params, {dev} {dtype}, compile {use_compile}, world {world}, "
-              f"{len(pool)} training clips/rank of {args.data} as {lc}x{grid}x{grid} latents, from step {step} to {args.steps}; "
-              f"{args.solver} {args.ode_steps}-point grid, warm start {args.warm_start}; outputs in {args.out_dir}", flush=True)
-
-    # ---- loop
-    WARMUP = 3  # first steps (compile, allocator warm-up) stay out of the speed figures
-    start, t_start, t_last = step, time.time(), time.perf_counter()
-    train_time, train_steps, win_time, win_steps = 0.0, 0, 0.0, 0
-    acc, n_acc, names = torch.zeros(1, device=device), 0, ["loss"]
-
-    def reduced_means():
-        """Mean of the accumulated loss terms over steps and ranks; stops on a non-finite loss or weight."""
-        v = acc.clone()
-        if ddp:
-            dist.all_reduce(v)
-        v = (v / max(1, n_acc * world)).tolist()
-        if not all(math.isfinite(x) for x in v) or not all(p.isfinite().all() for p in raw.parameters()):
-            raise SystemExit(f"error: non-finite loss ({dict(zip(names, v))}) before step {step}; lower --lr (now {args.lr}) "
-                             f"or use --dtype float32; the last good checkpoint was kept")
-        return dict(zip(names, v))
-
+    # ---- the loop
+    meter = LossMeter(["loss"], rt.device)
+    speed = SpeedMeter(step, peak_flops(rt))
+    t_start = time.time()
     try:
         while step < args.steps:
-            lr = lr_at(step, args)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            inputs, u, _ = river_inputs(batch(), gen, args.sigma_min)
-            with amp:
-                v = model(*inputs)
-            loss = F.mse_loss(v.float(), u)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if args.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            acc += loss.detach()
-            n_acc, step = n_acc + 1, step + 1
-
-            if step > start + WARMUP:
-                win_time, win_steps = win_time + time.perf_counter() - t_last, win_steps + 1
+            lr = river_lr_at(step, args.steps, args.lr, args.warmup_steps)
+            set_lr([opt], lr)
+            clips = pool[torch.randint(len(pool), (args.batch_size,), generator=gen)].to(rt.device)
+            loss, _ = river_loss(model, clips, gen, args.sigma_min, rt.amp)
+            optimizer_step(opt, scaler, loss, raw.parameters(), args.grad_clip)
+            meter.add(loss.detach().view(1))
+            step += 1
+            speed.tick(step, flops)
             if step % args.log_every == 0 or step == args.steps:
-                m = reduced_means()
-                ms = 1000 * win_time / max(1, win_steps)
-                mfu = flops * 1000 / ms / peak if flops and win_steps else None
-                if master:
-                    speed = (f"{ms:.0f} ms/step | {args.batch_size * world * 1000 / ms:.0f} samples/s | MFU "
-                             f"{f'{mfu:.1%}' if mfu else 'n/a'} | ETA {(args.steps - step) * ms / 60000:.1f} min") if win_steps else "warm-up"
-                    print(f"step {step}/{args.steps} | loss {m['loss']:.4f} | lr {lr:.2e} | {speed}", flush=True)
-                    for k, v in m.items():
-                        writer.add_scalar(f"train/{k}", v, step)
-                    writer.add_scalar("train/lr", lr, step)
-                    if win_steps:
-                        writer.add_scalar("perf/steps_per_s", 1000 / ms, step)
-                        writer.add_scalar("perf/samples_per_s", args.batch_size * world * 1000 / ms, step)
-                    if mfu:
-                        writer.add_scalar("perf/mfu", mfu, step)
-                acc.zero_()
-                n_acc, train_time, train_steps, win_time, win_steps = 0, train_time + win_time, train_steps + win_steps, 0.0, 0
-            if master and step < args.steps and step % args.eval_every == 0:  # the final one follows the loop
-                run_eval()
-            if master and step < args.steps and step % args.sample_every == 0:
-                save_samples(raw, fs, demo, args, device, amp, step, writer)
+                log_train(meter, speed, writer, raw, args, rt, step, lr)
+            # the final evaluation follows the loop
+            if rt.master and step < args.steps and step % args.eval_every == 0:
+                run_eval(raw, fs, eval_clips, z_val, args, rt, step, writer)
+            if rt.master and step < args.steps and step % args.sample_every == 0:
+                save_samples(raw, fs, demo, args, rt.device, rt.amp, step, writer)
             if step % args.ckpt_every == 0 or step == args.steps:
-                reduced_means()  # never save weights that have gone non-finite since the last log
-                save_checkpoint(step)
-            t_last = time.perf_counter()  # evaluation and checkpoint time stay out of the speed figures
+                # never save weights that have gone non-finite since the last log
+                meter.means(rt, raw.parameters(), f"before step {step}")
+                save_checkpoint(raw, opt, scaler, gen, arch, args, rt, step)
+            speed.lap()
     except KeyboardInterrupt:
-        reduced_means()
-        save_checkpoint(step)
-        raise SystemExit(f"interrupted at step {step}; checkpoint saved in {args.out_dir}, run the same command to resume")
+        meter.means(rt, raw.parameters(), f"before step {step}")
+        save_checkpoint(raw, opt, scaler, gen, arch, args, rt, step)
+        raise SystemExit(
+            f"interrupted at step {step}; checkpoint saved in {args.out_dir}, run the same command "
+            "to resume"
+        )
 
-    if master:
-        results = run_eval()
-        perf = {"train_samples_per_s": args.batch_size * world * train_steps / train_time if train_time else None,
-                "train_ms_per_step": 1000 * train_time / train_steps if train_steps else None,
-                "mfu": flops * train_steps / train_time / peak if flops and train_time else None, "params": n_params,
-                "device": torch.cuda.get_device_name(device) if dev == "cuda" else dev, "dtype": dtype}
-        finish(*results, perf, t_start)
+    if rt.master:
+        results = run_eval(raw, fs, eval_clips, z_val, args, rt, step, writer)
+        save_samples(raw, fs, demo, args, rt.device, rt.amp, step, writer)
+        speeds = speed.summary(args.batch_size * rt.world)
+        perf = {**speeds, "params": n_params, "device": device_name(rt), "dtype": rt.dtype}
+        write_metrics(results, perf, args, step, t_start, len(eval_clips))
         writer.close()
-        viz.plot_training_curves(args.out_dir, os.path.join(args.out_dir, "plots", "training_curves.png"))
-    if ddp:
-        dist.barrier(), dist.destroy_process_group()  # rank 0 may still be evaluating: leave the group together
+        curves_png = os.path.join(args.out_dir, "plots", "training_curves.png")
+        viz.plot_training_curves(args.out_dir, curves_png)
+    teardown(rt)
 
 
 if __name__ == "__main__":
