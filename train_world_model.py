@@ -1,39 +1,47 @@
-"""Latent world model: encoder -> GRU / LSTM / transformer dynamics -> decoder, rolled out on its own predictions.
+"""Latent world model: encoder -> GRU / LSTM / transformer dynamics -> decoder, rolled out on its
+own predictions.
 
-Each frame (64x64) is encoded to a small latent grid (default 4 x 8 x 8 = 256 numbers): a grid, not a pooled
-vector, so the latent keeps where things are. The dynamics model reads the latents of the --context observed
-frames one by one, then predicts each next latent from its own previous prediction (never from the encoded
-truth), --horizon times in training and --rollout times at evaluation, which may go past the training horizon.
-The decoder turns latents back into frames. All three train together on pixel losses: reconstruction of the
-context frames (autoencoding) and of the predicted frames, an image-gradient-difference term for sharpness, and
-a temporal term that matches predicted frame differences to the true ones.
+Each frame (64x64) is encoded to a small latent grid (default 4 x 8 x 8 = 256 numbers): a grid, not
+a pooled vector, so the latent keeps where things are. The dynamics model reads the latents of the
+--context observed frames one by one, then predicts each next latent from its own previous
+prediction (never from the encoded truth), --horizon times in training and --rollout times at
+evaluation, which may go past the training horizon. The decoder turns latents back into frames. All
+three train together on pixel losses: reconstruction of the context frames (autoencoding) and of the
+predicted frames, an image-gradient-difference term for sharpness, and a temporal term that matches
+predicted frame differences to the true ones.
 
-Dynamics (--dynamics): `gru` and `lstm` are convolutional recurrent cells over the latent grid; `transformer`
-is a causal transformer over the latent cells of the last --context frames, with a KV cache and ALiBi biases on
-frame distance instead of time positions, so a rollout can run to any length.
+Dynamics (--dynamics): `gru` and `lstm` are convolutional recurrent cells over the latent grid;
+`transformer` is a causal transformer over the latent cells of the last --context frames, with a KV
+cache and ALiBi biases on frame distance instead of time positions, so a rollout can run to any
+length.
 
-Papers: NVIDIA, "Cosmos World Foundation Model Platform for Physical AI" (2025) and the public Cosmos-inspired
-seed project (chenli-git/cosmo_video_world_model), of which three flaws are fixed here: spatial latents instead
-of a globally pooled vector, a temporal loss that matches true motion instead of penalising all motion, and
-evaluation in the regime of training (latent rollout on own predictions). Shi et al., ConvLSTM (2015); Ballas
-et al., ConvGRU (2016); Mathieu et al., gradient difference loss (2016); Press et al., ALiBi (2022). There is no
-VGG perceptual loss: it needs downloaded ImageNet weights. Training ramps the rollout length from 1 to
---horizon over the first --curriculum fraction of the steps: long rollouts learn slowly while the
-autoencoder is still blurry.
+Papers: NVIDIA, "Cosmos World Foundation Model Platform for Physical AI" (2025) and the public
+Cosmos-inspired seed project (chenli-git/cosmo_video_world_model), of which three flaws are fixed
+here: spatial latents instead of a globally pooled vector, a temporal loss that matches true motion
+instead of penalising all motion, and evaluation in the regime of training (latent rollout on own
+predictions). Shi et al., ConvLSTM (2015); Ballas et al., ConvGRU (2016); Mathieu et al., gradient
+difference loss (2016); Press et al., ALiBi (2022). There is no VGG perceptual loss: it needs
+downloaded ImageNet weights. Training ramps the rollout length from 1 to --horizon over the first
+--curriculum fraction of the steps: long rollouts learn slowly while the autoencoder is still
+blurry.
 
-    python train_world_model.py                                        # CPU: ~9 min on 2 cores, bouncing balls
-    python train_world_model.py --data moving_mnist                    # any toy_data kind
-    python train_world_model.py --data folder --data-dir my_videos/    # your .gif/.mp4/... files or frame folders
-    python train_world_model.py --dynamics transformer                 # or lstm
-    python train_world_model.py --width 32 --hidden 128 --batch-size 64 --steps 20000 --decoder-attn   # GPU
-    torchrun --standalone --nproc_per_node=2 train_world_model.py      # DDP (nccl on CUDA, gloo on CPU)
+    python train_world_model.py                       # CPU: ~9 min on 2 cores, bouncing balls
+    python train_world_model.py --data moving_mnist   # any toy_data kind
+    # your .gif/.mp4/... files or frame folders:
+    python train_world_model.py --data folder --data-dir my_videos/
+    python train_world_model.py --dynamics transformer               # or lstm
+    # GPU:
+    python train_world_model.py --width 32 --hidden 128 --batch-size 64 --steps 20000 --decoder-attn
+    torchrun --standalone --nproc_per_node=2 train_world_model.py  # DDP (nccl on CUDA, gloo on CPU)
     python train_world_model.py --eval-only --ckpt runs/train_world_model/ckpt_best.pt --rollout 60
-    OMP_NUM_THREADS=1 python train_world_model.py                      # CPU shared with other jobs: far faster than 2 threads
+    # a CPU shared with other jobs: far faster than 2 threads
+    OMP_NUM_THREADS=1 python train_world_model.py
 
-Outputs in --out-dir: ckpt.pt, ckpt_best.pt (the weights with the lowest validation loss), args.json,
-metrics.json (model and copy_last baseline on the same held-out clips), TensorBoard events (train/ eval/ perf/
-samples/), samples/ (rollout_*.gif: truth | prediction | error with the context boundary marked;
-rollout_latest.png: frames with per-frame MSE), plots/ (horizon_{psnr,ssim,mse}.png, training_curves.png).
+Outputs in --out-dir: ckpt.pt, ckpt_best.pt (the weights with the lowest validation loss),
+args.json, metrics.json (model and copy_last baseline on the same held-out clips), TensorBoard
+events (train/ eval/ perf/ samples/), samples/ (rollout_*.gif: truth | prediction | error with the
+context boundary marked; rollout_latest.png: frames with per-frame MSE), plots/
+(horizon_{psnr,ssim,mse}.png, training_curves.png).
 """
 
 import json
@@ -86,31 +94,37 @@ class Args:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """auto: CUDA if present, else CPU"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """autocast dtype; auto: bf16 on CUDA and bf16-capable CPUs, fp16 + GradScaler on older GPUs, else fp32"""
+    """autocast dtype; auto: bf16 on CUDA and bf16-capable CPUs, fp16 + GradScaler on older GPUs,
+    else fp32"""
     compile: tyro.conf.DisallowNone[bool | None] = None
     """torch.compile the model (default: on for CUDA, off otherwise)"""
     # data
     data: str = "bouncing_balls"
-    """data kind: shapes, bouncing_balls, pendulum, falling, projectile, moving_mnist, smoke, folder or npz (the last two need --data-dir)"""
+    """data kind: shapes, bouncing_balls, pendulum, falling, projectile, moving_mnist, smoke, folder
+    or npz (the last two need --data-dir)"""
     data_dir: str | None = None
-    """folder of videos (--data folder), .npz file (--data npz) or MNIST files (--data moving_mnist)"""
+    """folder of videos (--data folder), .npz file (--data npz) or MNIST files (--data
+    moving_mnist)"""
     resolution: int = 64
     """frame size in pixels (divisible by 8: the latent grid is resolution/8)"""
     frames: int = 32
-    """frames per training clip; batches cut random windows of --context + --horizon frames from them"""
+    """frames per training clip; batches cut random windows of --context + --horizon frames from
+    them"""
     context: int = 10
     """observed frames before the prediction starts (also the transformer's attention window)"""
     horizon: int = 10
     """frames predicted in training; the headline metrics average this many predicted frames"""
     rollout: int | None = None
-    """frames predicted at evaluation and in the demo (default: 3 x --horizon, past the training horizon)"""
+    """frames predicted at evaluation and in the demo (default: 3 x --horizon, past the training
+    horizon)"""
     train_clips: int = 512
     """clips generated once into memory as the training pool (split 'train')"""
     eval_clips: int = 64
     """held-out clips (split 'val') of --context + --rollout frames for evaluation"""
     # model
     width: int = 16
-    """channels of encoder and decoder at 1/2 resolution; doubled twice on the way down to the latent grid"""
+    """channels of encoder and decoder at 1/2 resolution; doubled twice on the way down to the
+    latent grid"""
     latent_channels: int = 4
     """channels of the latent grid (4 x 8 x 8 = 256 numbers at 64x64)"""
     dynamics: str = "gru"
@@ -142,7 +156,8 @@ class Args:
     temporal_weight: float = 0.5
     """weight of the temporal loss (predicted frame differences vs true frame differences)"""
     curriculum: float = 0.3
-    """fraction of --steps over which the training rollout grows from 1 frame to --horizon (0: full from the start)"""
+    """fraction of --steps over which the training rollout grows from 1 frame to --horizon (0: full
+    from the start)"""
 
 
 # ----------------------------------------------------------------------------- model
@@ -156,16 +171,20 @@ class ResBlock(nn.Module):
     def __init__(self, cin, cout, resample=None):
         super().__init__()
         self.resample = resample
-        self.n1, self.c1 = norm(cin), nn.Conv2d(cin, cout, 3, stride=2 if resample == "down" else 1, padding=1)
-        self.n2, self.c2 = norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.n1 = norm(cin)
+        self.c1 = nn.Conv2d(cin, cout, 3, stride=2 if resample == "down" else 1, padding=1)
+        self.n2 = norm(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
-        h = self.c1(F.silu(self.n1(x)))  # strided on the way down: cheaper than conv + pool at full size
+        # strided on the way down: cheaper than conv + pool at full size
+        h = self.c1(F.silu(self.n1(x)))
         if self.resample == "down":
             x = F.avg_pool2d(x, 2)
         elif self.resample == "up":  # first conv at low resolution, the second after upsampling
-            x, h = F.interpolate(x, scale_factor=2.0), F.interpolate(h, scale_factor=2.0)
+            x = F.interpolate(x, scale_factor=2.0)
+            h = F.interpolate(h, scale_factor=2.0)
         return self.skip(x) + self.c2(F.silu(self.n2(h)))
 
 
@@ -174,7 +193,9 @@ class SelfAttention(nn.Module):
 
     def __init__(self, c):
         super().__init__()
-        self.norm, self.qkv, self.proj = norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        self.norm = norm(c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -184,13 +205,16 @@ class SelfAttention(nn.Module):
 
 
 def zero_init(layer):
-    """An output layer that starts at 0: the dynamics begin as 'nothing moves' (the copy_last baseline)."""
-    nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
+    """An output layer that starts at 0: the dynamics begin as 'nothing moves' (the copy_last
+    baseline)."""
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
     return layer
 
 
 class ConvGRU(nn.Module):
-    """Convolutional GRU over the latent grid (3x3 kernels: a cell sees its neighbours, i.e. +-8 pixels a step)."""
+    """Convolutional GRU over the latent grid (3x3 kernels: a cell sees its neighbours, i.e. +-8
+    pixels a step)."""
 
     def __init__(self, zc, hidden):
         super().__init__()
@@ -227,46 +251,65 @@ class ConvLSTM(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block whose attention reads a frame's own cells and the cached cells of earlier frames."""
+    """Pre-norm transformer block whose attention reads a frame's own cells and the cached cells of
+    earlier frames."""
 
     def __init__(self, d, heads, grid):
         super().__init__()
         self.heads = heads
         sq = torch.arange(1 - grid, grid) ** 2
-        near = (sq[:, None] + sq[None]).flatten().float()  # squared offset (dy, dx) between a query and a key cell
-        self.space = nn.Parameter(-near.repeat(heads, 1))  # a learned bias per offset; starts local, as a conv would
-        self.n1, self.qkv, self.proj = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.n2, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        # squared offset (dy, dx) between a query and a key cell
+        near = (sq[:, None] + sq[None]).flatten().float()
+        # a learned bias per offset; starts local, as a conv would
+        self.space = nn.Parameter(-near.repeat(heads, 1))
+        self.n1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.n2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
     def forward(self, x, cache, slopes, window, offset):
         B, N, D = x.shape
-        q, k, v = self.qkv(self.n1(x)).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        cache = (cache + [(k, v)])[-window:]  # a new list: states stay immutable, so a rollout can be branched
-        keys, values = torch.cat([c[0] for c in cache], 2), torch.cat([c[1] for c in cache], 2)
-        age = torch.arange(len(cache) - 1, -1, -1, device=x.device).repeat_interleave(N)  # frames back, per key
-        bias = -slopes.view(-1, 1, 1) * age.to(slopes.dtype)  # ALiBi: depends on distance only, so any length works
-        bias = bias + self.space[:, offset].repeat(1, 1, len(cache))  # where a cell looks: "one cell to the left"
+        qkv = self.qkv(self.n1(x)).view(B, N, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        # a new list: states stay immutable, so a rollout can be branched
+        cache = (cache + [(k, v)])[-window:]
+        keys = torch.cat([c[0] for c in cache], 2)
+        values = torch.cat([c[1] for c in cache], 2)
+        # frames back, per key
+        age = torch.arange(len(cache) - 1, -1, -1, device=x.device).repeat_interleave(N)
+        # ALiBi: depends on distance only, so any length works
+        bias = -slopes.view(-1, 1, 1) * age.to(slopes.dtype)
+        # where a cell looks: "one cell to the left"
+        bias = bias + self.space[:, offset].repeat(1, 1, len(cache))
         h = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias.to(q.dtype))
         x = x + self.proj(h.transpose(1, 2).reshape(B, N, D))
         return x + self.mlp(self.n2(x)), cache
 
 
 class CausalTransformer(nn.Module):
-    """Causal transformer over latent cells: each step takes one frame's h*w cells as tokens; they attend to each
-    other and to the keys/values cached for the last `window` frames. With ALiBi on frame distance and a learned
-    position per grid cell (space, not time), the same weights serve step 1 and step 1000. A learned bias per
-    spatial offset (as in Swin) and 3x3 convolutions in and out make "move one cell" easy to express."""
+    """Causal transformer over latent cells: each step takes one frame's h*w cells as tokens; they
+    attend to each other and to the keys/values cached for the last `window` frames. With ALiBi on
+    frame distance and a learned position per grid cell (space, not time), the same weights serve
+    step 1 and step 1000. A learned bias per spatial offset (as in Swin) and 3x3 convolutions in and
+    out make "move one cell" easy to express."""
 
     def __init__(self, zc, d, layers, heads, grid, window):
         super().__init__()
         self.window = window
-        self.inp, self.pos = nn.Conv2d(zc, d, 3, padding=1), nn.Parameter(0.02 * torch.randn(1, grid * grid, d))
+        self.inp = nn.Conv2d(zc, d, 3, padding=1)
+        self.pos = nn.Parameter(0.02 * torch.randn(1, grid * grid, d))
         self.blocks = nn.ModuleList(Block(d, heads, grid) for _ in range(layers))
-        self.norm, self.out = nn.LayerNorm(d), zero_init(nn.Conv2d(d, zc, 3, padding=1))
-        self.register_buffer("slopes", 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads), persistent=False)
+        self.norm = nn.LayerNorm(d)
+        self.out = zero_init(nn.Conv2d(d, zc, 3, padding=1))
+        slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)
+        self.register_buffer("slopes", slopes, persistent=False)
         y, x = torch.arange(grid).repeat_interleave(grid), torch.arange(grid).repeat(grid)
-        offset = (y[:, None] - y[None] + grid - 1) * (2 * grid - 1) + (x[:, None] - x[None] + grid - 1)
-        self.register_buffer("offset", offset, persistent=False)  # (query cell, key cell) -> index of (dy, dx)
+        offset = (y[:, None] - y[None] + grid - 1) * (2 * grid - 1) + (
+            x[:, None] - x[None] + grid - 1
+        )
+        # (query cell, key cell) -> index of (dy, dx)
+        self.register_buffer("offset", offset, persistent=False)
 
     def forward(self, z, caches=None):
         B, C, H, W = z.shape
@@ -283,20 +326,52 @@ DYNAMICS = ("gru", "lstm", "transformer")
 
 
 class WorldModel(nn.Module):
-    def __init__(self, channels=3, width=16, latent_channels=4, dynamics="gru", hidden=64, layers=2, heads=4,
-                 decoder_attn=False, grid=8, window=10):
+    def __init__(
+        self,
+        channels=3,
+        width=16,
+        latent_channels=4,
+        dynamics="gru",
+        hidden=64,
+        layers=2,
+        heads=4,
+        decoder_attn=False,
+        grid=8,
+        window=10,
+    ):
         super().__init__()
         c1, c2, c3 = width, 2 * width, 4 * width
         attn = SelfAttention if decoder_attn else (lambda c: nn.Identity())
-        self.encoder = nn.Sequential(  # a strided stem: full-resolution layers are what costs most on a CPU
-            nn.Conv2d(channels, c1, 4, stride=2, padding=1), ResBlock(c1, c2, "down"), ResBlock(c2, c3, "down"),
-            ResBlock(c3, c3), norm(c3), nn.SiLU(), nn.Conv2d(c3, latent_channels, 3, padding=1))
-        self.decoder = nn.Sequential(  # pixel shuffle for the last doubling: sharp edges at 1/2 resolution's cost
-            nn.Conv2d(latent_channels, c3, 3, padding=1), ResBlock(c3, c3), attn(c3), ResBlock(c3, c2, "up"),
-            attn(c2), ResBlock(c2, c1, "up"), norm(c1), nn.SiLU(), nn.Conv2d(c1, 4 * channels, 3, padding=1),
-            nn.PixelShuffle(2))
-        self.dynamics = {"gru": lambda: ConvGRU(latent_channels, hidden), "lstm": lambda: ConvLSTM(latent_channels, hidden),
-                         "transformer": lambda: CausalTransformer(latent_channels, hidden, layers, heads, grid, window)}[dynamics]()
+        # a strided stem: full-resolution layers are what costs most on a CPU
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, c1, 4, stride=2, padding=1),
+            ResBlock(c1, c2, "down"),
+            ResBlock(c2, c3, "down"),
+            ResBlock(c3, c3),
+            norm(c3),
+            nn.SiLU(),
+            nn.Conv2d(c3, latent_channels, 3, padding=1),
+        )
+        # pixel shuffle for the last doubling: sharp edges at 1/2 resolution's cost
+        self.decoder = nn.Sequential(
+            nn.Conv2d(latent_channels, c3, 3, padding=1),
+            ResBlock(c3, c3),
+            attn(c3),
+            ResBlock(c3, c2, "up"),
+            attn(c2),
+            ResBlock(c2, c1, "up"),
+            norm(c1),
+            nn.SiLU(),
+            nn.Conv2d(c1, 4 * channels, 3, padding=1),
+            nn.PixelShuffle(2),
+        )
+        self.dynamics = {
+            "gru": lambda: ConvGRU(latent_channels, hidden),
+            "lstm": lambda: ConvLSTM(latent_channels, hidden),
+            "transformer": lambda: CausalTransformer(
+                latent_channels, hidden, layers, heads, grid, window
+            ),
+        }[dynamics]()
 
     def encode(self, x):
         """x (B, C, H, W) in [0, 1] -> latent grid (B, latent_channels, H/8, W/8)."""
@@ -307,8 +382,9 @@ class WorldModel(nn.Module):
         return (self.decoder(z) + 1) / 2
 
     def rollout(self, z_context, steps):
-        """Latents of the observed frames (B, T, ...) -> `steps` predicted latents (B, steps, ...). The context is
-        read one frame at a time; after it, every step's input is the previous step's prediction."""
+        """Latents of the observed frames (B, T, ...) -> `steps` predicted latents (B, steps, ...).
+        The context is read one frame at a time; after it, every step's input is the previous step's
+        prediction."""
         state = None
         for t in range(z_context.shape[1]):
             z, state = self.dynamics(z_context[:, t], state)
@@ -319,8 +395,8 @@ class WorldModel(nn.Module):
         return torch.stack(preds, 1)
 
     def forward(self, context, steps):
-        """context frames (B, T, C, H, W) -> their reconstructions (B, T, ...), `steps` predicted frames (B, steps, ...)
-        and the predicted latents. Nothing after the context is seen."""
+        """context frames (B, T, C, H, W) -> their reconstructions (B, T, ...), `steps` predicted
+        frames (B, steps, ...) and the predicted latents. Nothing after the context is seen."""
         B, T = context.shape[:2]
         z = self.encode(context.flatten(0, 1)).unflatten(0, (B, T))
         z_pred = self.rollout(z, steps)
@@ -330,8 +406,9 @@ class WorldModel(nn.Module):
 
 # ----------------------------------------------------------------------------- method
 def gradient_difference_loss(pred, target):
-    """Mathieu et al. 2016 (alpha = 1): |(|dx pred| - |dx target|)| + the same along y. A blurred edge has small
-    image gradients where the truth has large ones, so this term pays for sharpness that MSE alone does not."""
+    """Mathieu et al. 2016 (alpha = 1): |(|dx pred| - |dx target|)| + the same along y. A blurred
+    edge has small image gradients where the truth has large ones, so this term pays for sharpness
+    that MSE alone does not."""
     loss = 0.0
     for d in (-1, -2):
         gp, gt = pred.diff(dim=d).abs(), target.diff(dim=d).abs()
@@ -340,415 +417,816 @@ def gradient_difference_loss(pred, target):
 
 
 def temporal_loss(pred, target):
-    """MSE between predicted and true frame differences along T. Zero whenever the prediction moves exactly as the
-    truth does; the seed project's mean |x_{t+1} - x_t| instead penalised all motion and pulled toward stills."""
+    """MSE between predicted and true frame differences along T. Zero whenever the prediction moves
+    exactly as the truth does; the seed project's mean |x_{t+1} - x_t| instead penalised all motion
+    and pulled toward stills."""
     return F.mse_loss(pred.diff(dim=1), target.diff(dim=1))
 
 
+PIXEL_LOSSES = {
+    "mse": F.mse_loss,
+    "l1": F.l1_loss,
+    "mse+l1": lambda a, b: F.mse_loss(a, b) + F.l1_loss(a, b),
+}
+LOSS_NAMES = ["loss", "rec", "pred", "gdl", "temporal"]
+
+
 def world_model_losses(context, target, rec, pred, kind="mse", gdl_weight=0.1, temporal_weight=0.5):
-    """context (B, T, ...), target (B, k, ...): true frames; rec, pred: the model's. Reduced in fp32.
-    -> total, stacked [total, reconstruction, prediction, gradient difference, temporal]."""
+    """context (B, T, ...), target (B, k, ...): true frames; rec, pred: the model's. Reduced in
+    fp32. -> total, stacked [total, reconstruction, prediction, gradient difference, temporal]."""
     rec, pred = rec.float(), pred.float()
-    pix = {"mse": F.mse_loss, "l1": F.l1_loss, "mse+l1": lambda a, b: F.mse_loss(a, b) + F.l1_loss(a, b)}[kind]
+    pix = PIXEL_LOSSES[kind]
     l_rec, l_pred = pix(rec, context), pix(pred, target)
     l_gdl = gradient_difference_loss(torch.cat([rec, pred], 1), torch.cat([context, target], 1))
     # the last context frame (reconstructed | true) anchors the first predicted difference
-    l_tmp = temporal_loss(torch.cat([rec[:, -1:], pred], 1), torch.cat([context[:, -1:], target], 1))
+    l_tmp = temporal_loss(
+        torch.cat([rec[:, -1:], pred], 1), torch.cat([context[:, -1:], target], 1)
+    )
     total = l_rec + l_pred + gdl_weight * l_gdl + temporal_weight * l_tmp
     return total, torch.stack([total, l_rec, l_pred, l_gdl, l_tmp]).detach()
+
+
+def rollout_losses(model, x, k, args, amp, steps=None):
+    """THE loss, for training, validation and the FLOP count: encode the --context frames of clips x
+    (B, T, C, H, W) in [0, 1], roll out `steps` frames (default k) on the model's own latents, and
+    score the reconstruction and the first k predicted frames against x.
+    -> total, stacked terms (LOSS_NAMES), reconstructed frames, predicted frames."""
+    c = args.context
+    with amp:
+        rec, pred, _ = model(x[:, :c], steps or k)
+    target = x[:, c : c + k]
+    total, terms = world_model_losses(
+        x[:, :c], target, rec, pred[:, :k], args.recon_loss, args.gdl_weight, args.temporal_weight
+    )
+    return total, terms, rec, pred
 
 
 def rollout_len(step, args):
     """Training rollout length: 1 -> --horizon over the first --curriculum fraction of the steps."""
     ramp = args.curriculum * args.steps
-    return args.horizon if ramp <= 0 else max(1, min(args.horizon, math.ceil(args.horizon * (step + 1) / ramp)))
+    if ramp <= 0:
+        return args.horizon
+    return max(1, min(args.horizon, math.ceil(args.horizon * (step + 1) / ramp)))
 
 
-def lr_at(step, args):
-    warm = min(1.0, (step + 1) / max(1, args.warmup_steps))
-    progress = min(1.0, step / max(1, args.steps))
-    return args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def eval_rollout(args):
+    """Frames predicted at evaluation and in the samples: --rollout, by default 3 x --horizon."""
+    return args.rollout or 3 * args.horizon
+
+
+def train_step(model, opt, scaler, x, k, args, amp):
+    """One AdamW step on a batch x at rollout length k -> the loss terms (LOSS_NAMES)."""
+    loss, terms, _, _ = rollout_losses(model, x, k, args, amp)
+    optimizer_step(opt, scaler, loss, model.parameters(), args.grad_clip)
+    return terms
 
 
 # ----------------------------------------------------------------------------- data
 def load_clips(args, n_clips, n_frames, split, rank=0, world=1):
-    """Generate clips once into a uint8 (N, T, C, H, W) tensor; rank r keeps clips r, r+world, ..."""
+    """Generate clips once into a uint8 (N, T, C, H, W) tensor;
+    rank r keeps clips r, r+world, ..."""
     try:
-        ds = toy_data.make_dataset(args.data, n_clips, args.resolution, n_frames, args.seed, split, args.data_dir)
+        ds = toy_data.make_dataset(
+            args.data, n_clips, args.resolution, n_frames, args.seed, split, args.data_dir
+        )
     except (ValueError, FileNotFoundError, OSError) as e:
-        hint = " (training clips have --frames frames, held-out ones --context + --rollout)" if "too many" in str(e) else ""
+        hint = ""
+        if "too many" in str(e):
+            hint = " (training clips have --frames frames, held-out ones --context + --rollout)"
         raise SystemExit(f"error: {e}{hint}")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # per-frame simulation ops are tiny: extra threads only contend (5x slower on a busy CPU)
+    # per-frame simulation ops are tiny: extra threads only contend (5x slower on a busy CPU)
+    torch.set_num_threads(1)
     try:
         clips = [ds[i]["video"] for i in range(rank, min(n_clips, len(ds)), world)]
     finally:
         torch.set_num_threads(threads)
     if not clips:
-        raise SystemExit(f"error: --data {args.data} gave no {split} clips; check --data-dir or raise --train-clips/--eval-clips")
+        raise SystemExit(
+            f"error: --data {args.data} gave no {split} clips; check --data-dir or raise "
+            "--train-clips/--eval-clips"
+        )
     return (torch.stack(clips).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+def sample_batch(pool, gen, args, device):
+    """Random windows of --context + --horizon frames from random pool clips, in [0, 1]."""
+    span = args.context + args.horizon
+    i = torch.randint(len(pool), (args.batch_size,), generator=gen)
+    s = torch.randint(pool.shape[1] - span + 1, (args.batch_size,), generator=gen)
+    return pool[i[:, None], s[:, None] + torch.arange(span)].to(device).float() / 255
+
+
 # ----------------------------------------------------------------------------- evaluation
-SCORES = {"psnr": metrics.psnr, "ssim": metrics.ssim, "mse": metrics.mse, "mse_frame_sum": metrics.mse_frame_sum}
+SCORES = {
+    "psnr": metrics.psnr,
+    "ssim": metrics.ssim,
+    "mse": metrics.mse,
+    "mse_frame_sum": metrics.mse_frame_sum,
+}
 
 
 def score(pred, target, horizon):
-    """Per-frame metrics (N, T) -> scalars over the first `horizon` frames (the training regime), over the whole
-    rollout (*_rollout) and the per-frame curve (*_per_frame), plus the raw (N, T) tensors for plots."""
+    """Per-frame metrics (N, T) -> scalars over the first `horizon` frames (the training regime),
+    over the whole rollout (*_rollout) and the per-frame curve (*_per_frame), plus the raw (N, T)
+    tensors for plots."""
     out, raw = {}, {}
     for name, fn in SCORES.items():
         raw[name] = per = fn(pred, target, per_frame=True).double()
-        out[name], out[f"{name}_rollout"] = float(per[:, :horizon].mean()), float(per.mean())
+        out[name] = float(per[:, :horizon].mean())
+        out[f"{name}_rollout"] = float(per.mean())
         out[f"{name}_per_frame"] = per.mean(0).tolist()
     return out, raw
 
 
 @torch.no_grad()
 def evaluate(model, clips, args, device, amp, batch=32):
-    """Roll out held-out clips exactly as in training: encode --context frames, then predict the rest from the
-    model's own latents. -> (model scores, copy_last scores, validation terms, per-frame tensors, frames)."""
+    """Roll out held-out clips exactly as in training: encode --context frames, then predict the
+    rest from the model's own latents. -> (model scores, copy_last scores, validation terms,
+    per-frame tensors, frames)."""
     model.eval()
     c = args.context
-    steps, terms, outs, t0 = clips.shape[1] - c, torch.zeros(5), [], time.perf_counter()
+    steps = clips.shape[1] - c
+    h = min(args.horizon, steps)  # the validation loss covers the trained horizon
+    terms = torch.zeros(5)
+    outs = []
+    t0 = time.perf_counter()
     for i in range(0, len(clips), batch):
-        x = clips[i:i + batch].to(device).float() / 255
-        with amp:
-            rec, pred, _ = model(x[:, :c], steps)
-        h = min(args.horizon, steps)
-        terms += world_model_losses(x[:, :c], x[:, c:c + h], rec, pred[:, :h], args.recon_loss, args.gdl_weight,
-                                    args.temporal_weight)[1].cpu() * len(x)
+        x = clips[i : i + batch].to(device).float() / 255
+        _, batch_terms, rec, pred = rollout_losses(model, x, h, args, amp, steps)
+        terms += batch_terms.cpu() * len(x)
         outs.append(torch.cat([rec, pred], 1).float().clamp(0, 1).cpu())
     fps = len(clips) * steps / (time.perf_counter() - t0)
     model.train()
-    frames, truth = torch.cat(outs), clips.float() / 255
+    frames = torch.cat(outs)
+    truth = clips.float() / 255
     ours, ours_raw = score(frames[:, c:], truth[:, c:], args.horizon)
-    base, base_raw = score(truth[:, c - 1:c].expand_as(truth[:, c:]), truth[:, c:], args.horizon)
-    terms = (terms / len(clips)).tolist()
-    val = {"loss": terms[0], "rec": terms[1], "pred": terms[2], "gdl": terms[3], "temporal": terms[4],
-           "recon_psnr": metrics.psnr(frames[:, :c], truth[:, :c]), "gen_frames_per_s": fps}
+    copy_last = truth[:, c - 1 : c].expand_as(truth[:, c:])
+    base, base_raw = score(copy_last, truth[:, c:], args.horizon)
+    val = dict(zip(LOSS_NAMES, (terms / len(clips)).tolist()))
+    val["recon_psnr"] = metrics.psnr(frames[:, :c], truth[:, :c])
+    val["gen_frames_per_s"] = fps
     return ours, base, val, {"model": ours_raw, "copy_last": base_raw}, frames
 
 
 def save_samples(clips, frames, curves, args, step, writer):
-    """truth | prediction | |error| GIF with the context boundary marked, a still strip with per-frame MSE
-    (sum over pixels) under each predicted row, and the same comparison in TensorBoard."""
+    """truth | prediction | |error| GIF with the context boundary marked, a still strip with
+    per-frame MSE (sum over pixels) under each predicted row, and the same comparison in
+    TensorBoard."""
     truth, pred = clips[:4].float() / 255, frames[:4]
-    cmp = viz.create_video_comparison({"truth": truth, "prediction": pred},
-                                      os.path.join(args.out_dir, "samples", f"rollout_{step:06d}.gif"), context_frames=args.context)
+    gif = os.path.join(args.out_dir, "samples", f"rollout_{step:06d}.gif")
+    videos = {"truth": truth, "prediction": pred}
+    cmp = viz.create_video_comparison(videos, gif, context_frames=args.context)
     rows, captions = [], []
     for i in range(min(2, len(truth))):
         mse = " ".join(f"{m:.0f}" for m in curves["model"]["mse_frame_sum"][i].tolist())
         rows += [truth[i], pred[i]]
-        captions += [f"clip {i}: truth (frames 1-{args.context} are the context)",
-                     f"clip {i}: context reconstructed, then predicted; MSE per predicted frame: {mse}"]
-    viz.save_video_grid(torch.stack(rows), os.path.join(args.out_dir, "samples", "rollout_latest.png"), captions)
+        captions += [
+            f"clip {i}: truth (frames 1-{args.context} are the context)",
+            f"clip {i}: context reconstructed, then predicted; MSE per predicted frame: {mse}",
+        ]
+    strip = os.path.join(args.out_dir, "samples", "rollout_latest.png")
+    viz.save_video_grid(torch.stack(rows), strip, captions)
     viz.log_video(writer, "samples/truth_prediction_error", np.moveaxis(cmp, -1, 1), step, fps=4)
 
 
 def save_plots(curves, args):
-    for name, label in (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("mse_frame_sum", "MSE per frame (sum over pixels)")):
-        viz.plot_metric_vs_horizon({k: v[name] for k, v in curves.items()},
-                                   os.path.join(args.out_dir, "plots", "horizon.png" if name == "psnr" else f"horizon_{name}.png"),
-                                   metric=label, context=args.context, train_horizon=args.horizon)
+    labels = {
+        "psnr": "PSNR (dB)",
+        "ssim": "SSIM",
+        "mse_frame_sum": "MSE per frame (sum over pixels)",
+    }
+    for name, label in labels.items():
+        file = "horizon.png" if name == "psnr" else f"horizon_{name}.png"
+        viz.plot_metric_vs_horizon(
+            {k: v[name] for k, v in curves.items()},
+            os.path.join(args.out_dir, "plots", file),
+            metric=label,
+            context=args.context,
+            train_horizon=args.horizon,
+        )
 
 
-# ----------------------------------------------------------------------------- boilerplate
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-              "A10": 125e12, "V100": 125e12, "T4": 65e12}  # dense bf16/fp16 tensor-core peaks
+def run_eval(raw, eval_clips, args, rt, step, writer):
+    """Evaluate on the held-out clips, print the eval line and log it (rank 0)."""
+    ours, base, val, curves, frames = evaluate(raw, eval_clips, args, rt.device, rt.amp)
+    if writer:
+        for k, v in ours.items():
+            if isinstance(v, float):
+                writer.add_scalar(f"eval/{k}", v, step)
+                writer.add_scalar(f"eval/copy_last_{k}", base[k], step)
+        for k, v in val.items():
+            writer.add_scalar(("perf/" if k.endswith("_per_s") else "eval/val_") + k, v, step)
+    rollout = eval_rollout(args)
+    print(
+        f"eval step {step}: PSNR {ours['psnr']:.2f} dB (copy_last {base['psnr']:.2f})  "
+        f"SSIM {ours['ssim']:.4f} ({base['ssim']:.4f})  MSE/frame {ours['mse_frame_sum']:.1f} "
+        f"({base['mse_frame_sum']:.1f}) over {args.horizon} frames; {rollout} frames: "
+        f"PSNR {ours['psnr_rollout']:.2f} ({base['psnr_rollout']:.2f})  val loss {val['loss']:.4f}"
+        f"  recon PSNR {val['recon_psnr']:.2f}",
+        flush=True,
+    )
+    return ours, base, val, curves, frames
+
+
+def eval_and_keep_best(raw, eval_clips, args, rt, arch, step, best, writer):
+    """run_eval; when the validation loss is the lowest yet, write ckpt_best.pt with the weights
+    only (what --eval-only needs). -> (evaluation, best validation loss)."""
+    results = run_eval(raw, eval_clips, args, rt, step, writer)
+    val_loss = results[2]["loss"]
+    if not val_loss < best:
+        return results, best
+    ckpt = {
+        "script": SCRIPT,
+        "step": step,
+        "args": asdict(args),
+        "arch": arch,
+        "model": raw.state_dict(),
+        "val_loss": val_loss,
+    }
+    save_atomic(ckpt, os.path.join(args.out_dir, "ckpt_best.pt"))
+    return results, val_loss
+
+
+def write_metrics(results, perf, args, step, best, eval_clips, writer, t_start):
+    """Final samples, plots and metrics.json (rank 0)."""
+    ours, base, val, curves, frames = results
+    save_samples(eval_clips, frames, curves, args, step, writer)
+    save_plots(curves, args)
+    perf["gen_frames_per_s"] = val.pop("gen_frames_per_s")
+    data = {
+        "kind": args.data,
+        "resolution": args.resolution,
+        "n_eval": eval_clips.shape[0],
+        "context": args.context,
+        "horizon": args.horizon,
+        "rollout": eval_rollout(args),
+    }
+    report = {
+        "script": SCRIPT,
+        "step": step,
+        "wall_s": round(time.time() - t_start, 1),
+        "eval": ours,
+        "baselines": {"copy_last": base},
+        "val": {**val, "best_loss": best if math.isfinite(best) else None},
+        "perf": perf,
+        "data": data,
+    }
+    write_json(os.path.join(args.out_dir, "metrics.json"), report)
+    print(
+        f"outputs in {args.out_dir} (metrics.json, samples/, plots/); "
+        f"tensorboard --logdir {args.out_dir}"
+    )
+
+
+# ----------------------------------------------------------------------------- training loop
+def check_args(args, ckpt_path):
+    """Stop with one line on flags the model or the data cannot take, before anything is written."""
+    if args.resolution % 8 or args.resolution < 8:
+        raise SystemExit(
+            f"error: --resolution {args.resolution} is not a positive multiple of 8 (the encoder "
+            "halves it 3 times); use e.g. 64"
+        )
+    if args.dynamics not in DYNAMICS:
+        raise SystemExit(
+            f"error: unknown --dynamics {args.dynamics!r}; use one of {', '.join(DYNAMICS)}"
+        )
+    rollout = eval_rollout(args)
+    if min(args.context, args.horizon, rollout) < 1 or args.frames < args.context + args.horizon:
+        raise SystemExit(
+            "error: need --context, --horizon, --rollout >= 1 and --frames >= --context + "
+            f"--horizon, got {args.context}, {args.horizon}, {rollout}, {args.frames}; "
+            "raise --frames"
+        )
+    if args.ckpt and not os.path.isfile(args.ckpt):
+        raise SystemExit(
+            f"error: --ckpt {args.ckpt} does not exist; pass the path of a {SCRIPT} ckpt.pt"
+        )
+    if args.eval_only and not os.path.isfile(ckpt_path):
+        raise SystemExit(
+            f"error: --eval-only needs a checkpoint but {ckpt_path} does not exist; train first or "
+            "pass --ckpt"
+        )
+
+
+def model_arch(args, channels):
+    """WorldModel's arguments: what a checkpoint must match to be resumed or evaluated."""
+    return dict(
+        channels=channels,
+        width=args.width,
+        latent_channels=args.latent_channels,
+        dynamics=args.dynamics,
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        decoder_attn=args.decoder_attn,
+        grid=args.resolution // 8,
+        window=args.context,
+    )
+
+
+def step_flops(raw, args, rt, channels):
+    """FLOPs of one training step per rollout length k, for MFU (None where the peak is unknown).
+    Counted at k = 1 and at --horizon; the cost is affine in k in between."""
+    if not peak_flops(rt):
+        return None
+    size = args.resolution
+    x = torch.zeros(
+        args.batch_size, args.context + args.horizon, channels, size, size, device=rt.device
+    )
+    ends = []
+    for k in (1, args.horizon):
+        ends.append(count_flops(lambda: rollout_losses(raw, x, k, args, rt.amp)[0].backward()))
+    raw.zero_grad(set_to_none=True)
+    slope = ends[1] - ends[0]
+    return {
+        k: ends[0] + slope * (k - 1) / max(1, args.horizon - 1) for k in range(1, args.horizon + 1)
+    }
+
+
+def wrap_model(raw, rt):
+    """The module the training step calls: compiled per-frame parts, in DDP when distributed."""
+    if rt.compile:  # per-frame parts only: the rollout loop's length changes with the curriculum
+        for part in (raw.encoder, raw.decoder, raw.dynamics):
+            part.compile()  # in place: the state_dict keeps its plain keys
+    if not rt.ddp:
+        return raw
+    return DDP(raw, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+
+def save_checkpoint(raw, opt, scaler, gen, args, arch, step, best, rt):
+    """All ranks call this (the data-generator states are gathered); rank 0 writes atomically."""
+    gens = gather_states(gen.get_state(), rt)
+    if not rt.master:
+        return
+    ckpt = {
+        "script": SCRIPT,
+        "step": step,
+        "args": asdict(args),
+        "arch": arch,
+        "model": raw.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(gens),
+        "best_val": best,
+    }
+    save_atomic(ckpt, os.path.join(args.out_dir, "ckpt.pt"))
+
+
+def log_train(meter, speed, rt, raw, args, step, lr, k, writer):
+    """The console line and train/ perf/ scalars for the steps since the last one."""
+    m = meter.means(rt, raw.parameters(), f"before step {step}")
+    meter.reset()
+    speed_text, perf = speed.report(args.batch_size * rt.world, args.steps - step)
+    if not rt.master:
+        return
+    losses = " ".join(f"{name} {v:.4f}" for name, v in m.items())
+    print(
+        f"step {step}/{args.steps} | {losses} | rollout {k} | lr {lr:.2e} | {speed_text}",
+        flush=True,
+    )
+    log_scalars(writer, "train", {**m, "lr": lr, "rollout": k}, step)
+    log_scalars(writer, "perf", perf, step)
+
+
+def eval_only(raw, eval_clips, args, rt, step, best):
+    """--eval-only: metrics.json, samples and plots of the checkpoint (rank 0); no checkpoint,
+    args.json or events are written."""
+    if rt.master:
+        for sub in ("samples", "plots"):
+            os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
+        results = run_eval(raw, eval_clips, args, rt, step, None)
+        n_params = sum(p.numel() for p in raw.parameters())
+        perf = {"train_samples_per_s": None, "mfu": None, "params": n_params}
+        write_metrics(results, perf, args, step, best, eval_clips, None, time.time())
+    teardown(rt)
+
+
+def make_optimizer(raw, args, rt, ckpt):
+    """AdamW, the fp16 loss scaler and this rank's data generator, restored from ckpt to resume."""
+    gen = torch.Generator().manual_seed(args.seed + 1000 * rt.rank)
+    opt = torch.optim.AdamW(
+        raw.parameters(),
+        lr=args.lr,
+        betas=(0.9, 0.99),
+        weight_decay=args.weight_decay,
+        fused=rt.device.type == "cuda",
+    )
+    scaler = make_scaler(rt)
+    if ckpt:
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        data_state = set_rng_state(ckpt["rng"], rt.rank)
+        if data_state is not None:
+            gen.set_state(data_state)
+    return opt, scaler, gen
+
+
+# ==================================================================================================
+# Infrastructure: byte-identical in every train_*.py (tests/test_infrastructure.py compares them).
+# Device and precision, DDP, seeding, checkpoints, the loss and speed meters, logging, teardown.
+# Skip it to read the method: `diff train_vqvae.py train_river.py` shows the method and little else.
+# ==================================================================================================
+SCRIPT = os.path.basename(__file__)
+WARMUP_STEPS = 3  # first steps of a run (compile, allocator warm-up) stay out of the speed figures
+PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peaks, for MFU
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+@dataclass
+class Runtime:
+    """Where and how this process runs: made once by setup()."""
+
+    device: torch.device
+    dtype: str
+    amp: object  # autocast context (nullcontext in fp32), reused for every forward
+    compile: bool
+    rank: int
+    world: int
+    ddp: bool  # world > 1
+    master: bool  # rank 0: the one that writes
 
 
 def cpu_has_bf16():
     try:  # Linux only; elsewhere fp32 is the safe default
-        return any(flag in open("/proc/cpuinfo").read() for flag in ("avx512_bf16", "amx_bf16"))
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
     except OSError:
         return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def rng_state(gen):
-    np_state = np.random.get_state()
-    return {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-            "data": gen}
+def auto_dtype(dev):
+    """bf16 where it is fast (CUDA with bf16, CPUs with native bf16), fp16 on older GPUs, else fp32."""
+    if dev == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if dev == "cpu" and cpu_has_bf16() else "float32"
+
+
+def setup(args):
+    """Device, precision, process group and seeds from the system flags -> Runtime."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    dev = args.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if dev == "cuda" else dev)
+    if dev == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev == "cuda" else "gloo")
+    dtype = args.dtype if args.dtype != "auto" else auto_dtype(dev)
+    ptdtype = getattr(torch, dtype)
+    amp = torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+    use_compile = args.compile if args.compile is not None else dev == "cuda"
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
+    return Runtime(device, dtype, amp, use_compile, rank, world, world > 1, rank == 0)
+
+
+def device_name(rt):
+    return torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else rt.device.type
+
+
+def peak_flops(rt):
+    """The accelerator's dense bf16/fp16 peak in FLOP/s, or None where it is not known."""
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name(rt)), None)
+
+
+def count_flops(fn):
+    """FLOPs of one call of fn() (forward and backward, as fn does them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def make_scaler(rt):
+    """Loss scaling for fp16 only; a no-op otherwise."""
+    return torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == "float16")
+
+
+def lr_at(step, total, peak, warmup, decay=True):
+    """Linear warm-up, then cosine decay to peak/10 at `total` (constant if not decay)."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    progress = min(1.0, step / max(1, total))
+    return peak * warm * ((0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))) if decay else 1.0)
+
+
+def set_lr(optimizers, lr):
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
+def optimizer_step(opt, scaler, loss, params, clip):
+    """Backward, clip the gradient norm (clip > 0), step; the fp16 scaler unscales first."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    scaler.step(opt)
+    scaler.update()
+
+
+def rng_state(data):
+    """Every RNG state as tensors and lists, so the checkpoint loads with weights_only=True."""
+    py = random.getstate()
+    npr = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npr[0], torch.from_numpy(npr[1].astype(np.int64)), *npr[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+        "data": data,
+    }
 
 
 def set_rng_state(s, rank):
+    """Restore rng_state(); -> this rank's data-generator state (None if the world size changed)."""
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-    n = s["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_initialized():
         torch.cuda.set_rng_state_all(s["cuda"])
     return s["data"][rank] if rank < len(s["data"]) else None
 
 
+def gather_states(state, rt):
+    """This rank's data-generator state -> the list of every rank's (rank 0 saves them all)."""
+    if not rt.ddp:
+        return [state]
+    states = [None] * rt.world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def first_line(e):
+    return str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+
+
 def load_checkpoint(path, arch):
+    """Read a checkpoint of this script with this architecture, or stop with one line."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); pass a valid --ckpt or use a new --out-dir")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != "train_world_model.py":
-        got = ckpt.get("script", "an unknown script") if isinstance(ckpt, dict) else "an unknown script"
-        raise SystemExit(f"error: {path} was written by {got}, not train_world_model.py; pass a train_world_model.py checkpoint with --ckpt or use another --out-dir")
-    diff = [f"{k}={ckpt.get('arch', {}).get(k)} (now {v})" for k, v in arch.items() if ckpt.get("arch", {}).get(k) != v]
+        raise SystemExit(
+            f"error: cannot read checkpoint {path} ({type(e).__name__}: {first_line(e)}); "
+            "pass a valid --ckpt or use a new --out-dir"
+        )
+    got = ckpt.get("script", "an unknown script") if isinstance(ckpt, dict) else "an unknown script"
+    if got != SCRIPT:
+        raise SystemExit(
+            f"error: {path} was written by {got}, not {SCRIPT}; "
+            f"pass a {SCRIPT} checkpoint with --ckpt or use another --out-dir"
+        )
+    saved = ckpt.get("arch", {})
+    diff = [f"{k}={saved.get(k)} (now {v})" for k, v in arch.items() if saved.get(k) != v]
     if diff:
-        raise SystemExit(f"error: {path} has another architecture: {', '.join(diff)}; pass the same model flags/data, or use another --out-dir")
+        raise SystemExit(
+            f"error: {path} has another architecture: {', '.join(diff)}; "
+            "pass the model and data flags it was trained with, or use another --out-dir"
+        )
     return ckpt
 
 
-def main(args: Args):
-    # ---- distributed, device, precision
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    ddp, master = world > 1, rank == 0
-    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if dev == "cuda" else dev)
-    if dev == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if ddp and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev == "cuda" else "gloo")
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if dev == "cuda" else (
-            "bfloat16" if dev == "cpu" and cpu_has_bf16() else "float32")
-    ptdtype = getattr(torch, dtype)
-    amp = torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
-    use_compile = args.compile if args.compile is not None else dev == "cuda"
-    random.seed(args.seed + rank), np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
+def load_weights(module, state, path):
+    """load_state_dict, or stop with one line when the checkpoint does not fit the module."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError) as e:
+        raise SystemExit(
+            f"error: {path} does not match this model ({first_line(e)}); use another --out-dir"
+        )
 
-    # ---- inputs: validate everything before anything is written
-    if args.resolution % 8 or args.resolution < 8:
-        raise SystemExit(f"error: --resolution {args.resolution} is not a positive multiple of 8 (the encoder halves it 3 times); use e.g. 64")
-    if args.dynamics not in DYNAMICS:
-        raise SystemExit(f"error: unknown --dynamics {args.dynamics!r}; use one of {', '.join(DYNAMICS)}")
-    rollout = args.rollout or 3 * args.horizon
-    if min(args.context, args.horizon, rollout) < 1 or args.frames < args.context + args.horizon:
-        raise SystemExit(f"error: need --context, --horizon, --rollout >= 1 and --frames >= --context + --horizon, got "
-                         f"{args.context}, {args.horizon}, {rollout}, {args.frames}; raise --frames")
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a kill mid-write never leaves a broken file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def open_writer(args, step):
+    """Rank 0: samples/ and plots/, args.json, TensorBoard writer with the args table at step 0."""
+    for sub in ("samples", "plots"):
+        os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
+    write_json(os.path.join(args.out_dir, "args.json"), asdict(args))
+    writer = SummaryWriter(args.out_dir)
+    if step == 0:
+        rows = "\n".join(f"| {k} | {v} |" for k, v in asdict(args).items())
+        writer.add_text("args", "| flag | value |\n|---|---|\n" + rows, 0)
+    return writer
+
+
+class LossMeter:
+    """Named loss terms summed between log lines; means() averages them over steps and ranks and
+    stops the run with one line when a term or a weight is not finite."""
+
+    def __init__(self, names, device):
+        self.names = names
+        self.sum = torch.zeros(len(names), device=device)
+        self.n = 0
+
+    def add(self, terms):
+        self.sum += torch.as_tensor(terms, dtype=torch.float32, device=self.sum.device)
+        self.n += 1
+
+    def means(self, rt, params, where):
+        total = self.sum.clone()
+        if rt.ddp:
+            dist.all_reduce(total)
+        values = (total / max(1, self.n * rt.world)).tolist()
+        finite = all(math.isfinite(v) for v in values) and all(p.isfinite().all() for p in params)
+        if not finite:
+            raise SystemExit(
+                f"error: non-finite loss ({dict(zip(self.names, values))}) {where}; lower the "
+                "learning rate or use --dtype float32; the last good checkpoint was kept"
+            )
+        return dict(zip(self.names, values))
+
+    def reset(self):
+        self.sum.zero_()
+        self.n = 0
+
+
+class SpeedMeter:
+    """Training time per step, leaving out the first WARMUP_STEPS of a run and whatever happens
+    between tick() and lap() (evaluation, samples, checkpoints). flops: per step, for MFU."""
+
+    def __init__(self, start, peak):
+        self.start = start
+        self.peak = peak
+        self.t_last = time.perf_counter()
+        self.win = [0.0, 0, 0.0]  # seconds, steps, FLOPs since the last log line
+        self.total = [0.0, 0, 0.0]  # the same over the run
+
+    def tick(self, step, flops=None):
+        """After a training step: count its time unless it is a warm-up step."""
+        if step > self.start + WARMUP_STEPS:
+            self.win[0] += time.perf_counter() - self.t_last
+            self.win[1] += 1
+            self.win[2] += flops or 0.0
+
+    def lap(self):
+        """Restart the clock at the end of an iteration."""
+        self.t_last = time.perf_counter()
+
+    def report(self, samples_per_step, steps_left):
+        """-> (text for the log line, perf scalars); then starts a new window."""
+        seconds, steps, flops = self.win
+        for i in range(3):
+            self.total[i] += self.win[i]
+        self.win = [0.0, 0, 0.0]
+        if not steps:
+            return "warm-up", {}
+        ms = 1000 * seconds / steps
+        perf = {"steps_per_s": 1000 / ms, "samples_per_s": samples_per_step * 1000 / ms}
+        if flops and self.peak:
+            perf["mfu"] = flops / seconds / self.peak
+        mfu = f"{perf['mfu']:.1%}" if "mfu" in perf else "n/a"
+        eta = steps_left * ms / 60000
+        text = f"{ms:.0f} ms/step | {perf['samples_per_s']:.0f} samples/s | MFU {mfu} | ETA {eta:.1f} min"
+        return text, perf
+
+    def summary(self, samples_per_step):
+        """Training speed over the whole run, for metrics.json."""
+        seconds, steps, flops = self.total
+        return {
+            "train_samples_per_s": samples_per_step * steps / seconds if seconds else None,
+            "train_ms_per_step": 1000 * seconds / steps if steps else None,
+            "mfu": flops / seconds / self.peak if flops and self.peak and seconds else None,
+        }
+
+
+def log_scalars(writer, prefix, values, step):
+    for k, v in values.items():
+        if isinstance(v, (int, float)):
+            writer.add_scalar(f"{prefix}/{k}", v, step)
+
+
+def teardown(rt):
+    """Leave the process group together: rank 0 may still be evaluating."""
+    if rt.ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ==================================================================================================
+# End of infrastructure.
+# ==================================================================================================
+
+
+def main(args: Args):
+    rt = setup(args)
     ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
-    if args.ckpt and not os.path.isfile(args.ckpt):
-        raise SystemExit(f"error: --ckpt {args.ckpt} does not exist; pass the path of a train_world_model.py ckpt.pt")
-    if args.eval_only and not os.path.isfile(ckpt_path):
-        raise SystemExit(f"error: --eval-only needs a checkpoint but {ckpt_path} does not exist; train first or pass --ckpt")
-    eval_clips = load_clips(args, args.eval_clips, args.context + rollout, "val")
-    channels = eval_clips.shape[2]
-    arch = dict(channels=channels, width=args.width, latent_channels=args.latent_channels, dynamics=args.dynamics,
-                hidden=args.hidden, layers=args.layers, heads=args.heads, decoder_attn=args.decoder_attn,
-                grid=args.resolution // 8, window=args.context)
-    ckpt = load_checkpoint(ckpt_path, arch) if (args.resume or args.eval_only) and os.path.isfile(ckpt_path) else None
+    check_args(args, ckpt_path)  # validate everything before anything is written
+    eval_clips = load_clips(args, args.eval_clips, args.context + eval_rollout(args), "val")
+    arch = model_arch(args, eval_clips.shape[2])
+    ckpt = None
+    if (args.resume or args.eval_only) and os.path.isfile(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path, arch)
     if ckpt and not args.eval_only and "optimizer" not in ckpt:
-        raise SystemExit(f"error: {ckpt_path} holds best weights only; resume from ckpt.pt or evaluate it with --eval-only")
-    raw = WorldModel(**arch).to(device)
+        raise SystemExit(
+            f"error: {ckpt_path} holds best weights only; resume from ckpt.pt or evaluate it with "
+            "--eval-only"
+        )
+    raw = WorldModel(**arch).to(rt.device)
     if ckpt:
-        try:
-            raw.load_state_dict(ckpt["model"])
-        except (RuntimeError, KeyError) as e:
-            raise SystemExit(f"error: {ckpt_path} does not match this model ({str(e).splitlines()[0][:120]}); use another --out-dir")
+        load_weights(raw, ckpt["model"], ckpt_path)
     step = ckpt["step"] if ckpt else 0
     best = ckpt.get("best_val", math.inf) if ckpt else math.inf
-    n_params = sum(p.numel() for p in raw.parameters())
-
-    writer = None  # TensorBoard, rank 0 of a training run only
-
-    def run_eval():
-        nonlocal best
-        ours, base, val, curves, frames = evaluate(raw, eval_clips, args, device, amp)
-        if writer:
-            for k, v in ours.items():
-                if isinstance(v, float):
-                    writer.add_scalar(f"eval/{k}", v, step)
-                    writer.add_scalar(f"eval/copy_last_{k}", base[k], step)
-            for k, v in val.items():
-                writer.add_scalar(("perf/" if k.endswith("_per_s") else "eval/val_") + k, v, step)
-        print(f"eval step {step}: PSNR {ours['psnr']:.2f} dB (copy_last {base['psnr']:.2f})  SSIM {ours['ssim']:.4f} "
-              f"({base['ssim']:.4f})  MSE/frame {ours['mse_frame_sum']:.1f} ({base['mse_frame_sum']:.1f}) over {args.horizon} "
-              f"frames; {rollout} frames: PSNR {ours['psnr_rollout']:.2f} ({base['psnr_rollout']:.2f})  val loss {val['loss']:.4f}"
-              f"  recon PSNR {val['recon_psnr']:.2f}", flush=True)
-        if not args.eval_only and val["loss"] < best:  # weights only: what --eval-only needs
-            best = val["loss"]
-            ck = {"script": "train_world_model.py", "step": step, "args": asdict(args), "arch": arch,
-                  "model": raw.state_dict(), "val_loss": best}
-            path = os.path.join(args.out_dir, "ckpt_best.pt")
-            torch.save(ck, path + ".tmp")
-            os.replace(path + ".tmp", path)
-        return ours, base, val, curves, frames
-
-    def finish(ours, base, val, curves, frames, perf, t_start):
-        """Final samples, plots and metrics.json (rank 0)."""
-        save_samples(eval_clips, frames, curves, args, step, writer)
-        save_plots(curves, args)
-        perf["gen_frames_per_s"] = val.pop("gen_frames_per_s")
-        report = {"script": "train_world_model.py", "step": step, "wall_s": round(time.time() - t_start, 1), "eval": ours,
-                  "baselines": {"copy_last": base}, "val": {**val, "best_loss": best if math.isfinite(best) else None},
-                  "perf": perf, "data": {"kind": args.data, "resolution": args.resolution, "n_eval": eval_clips.shape[0],
-                                         "context": args.context, "horizon": args.horizon, "rollout": rollout}}
-        with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"outputs in {args.out_dir} (metrics.json, samples/, plots/); tensorboard --logdir {args.out_dir}")
-
     if args.eval_only:
-        if master:
-            for sub in ("samples", "plots"):
-                os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
-            finish(*run_eval(), {"train_samples_per_s": None, "mfu": None, "params": n_params}, time.time())
-        if ddp:
-            dist.barrier(), dist.destroy_process_group()  # rank 0 may still be evaluating: leave the group together
+        eval_only(raw, eval_clips, args, rt, step, best)
         return
 
     # ---- training state
-    pool = load_clips(args, args.train_clips, args.frames, "train", rank, world)  # (clips, frames, C, H, W) uint8
-    gen = torch.Generator().manual_seed(args.seed + 1000 * rank)
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay, fused=dev == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
-    if ckpt:
-        opt.load_state_dict(ckpt["optimizer"]), scaler.load_state_dict(ckpt["scaler"])
-        data_state = set_rng_state(ckpt["rng"], rank)
-        if data_state is not None:
-            gen.set_state(data_state)
-    span = args.context + args.horizon
-
-    def batch():
-        """Random windows of --context + --horizon frames from random pool clips."""
-        i = torch.randint(len(pool), (args.batch_size,), generator=gen)
-        s = torch.randint(pool.shape[1] - span + 1, (args.batch_size,), generator=gen)
-        return pool[i[:, None], s[:, None] + torch.arange(span)].to(device).float() / 255
-
-    def losses(model, x, k):
-        c = args.context
-        with amp:
-            rec, pred, _ = model(x[:, :c], k)
-        return world_model_losses(x[:, :c], x[:, c:c + k], rec, pred, args.recon_loss, args.gdl_weight, args.temporal_weight)
-
-    flops = None  # one forward + backward at rollout 1 and at --horizon (the cost is affine in it), for MFU
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) if dev == "cuda" else None
-    if peak:
-        from torch.utils.flop_counter import FlopCounterMode
-        x, flops = torch.zeros(args.batch_size, span, channels, args.resolution, args.resolution, device=device), []
-        for k in (1, args.horizon):
-            with FlopCounterMode(display=False) as fc:
-                losses(raw, x, k)[0].backward()
-            flops.append(fc.get_total_flops())
-        raw.zero_grad(set_to_none=True)
-    if use_compile:  # per-frame parts only: the rollout loop's length changes with the curriculum
-        for part in (raw.encoder, raw.decoder, raw.dynamics):
-            part.compile()  # in place: the state_dict keeps its plain keys
-    model = DDP(raw, device_ids=[device.index] if dev == "cuda" else None) if ddp else raw
-
-    def save_checkpoint(step):
-        """All ranks call this (the data-generator states are gathered); rank 0 writes atomically."""
-        gens = [gen.get_state()]
-        if ddp:
-            gens = [None] * world
-            dist.all_gather_object(gens, gen.get_state())
-        if not master:
-            return
-        ck = {"script": "train_world_model.py", "step": step, "args": asdict(args), "arch": arch, "model": raw.state_dict(),
-              "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(gens), "best_val": best}
-        path = os.path.join(args.out_dir, "ckpt.pt")
-        torch.save(ck, path + ".tmp")
-        os.replace(path + ".tmp", path)
-
-    if master:
-        for sub in ("samples", "plots"):
-            os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
-        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
-        writer = SummaryWriter(args.out_dir)
-        if step == 0:
-            writer.add_text("args", "| flag | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in asdict(args).items()), 0)
-        print(f"train_world_model: {n_params / 1e6:.2f}M params, {args.dynamics} dynamics, {dev} {dtype}, compile {use_compile}, "
-              f"world {world}, {len(pool)} training clips/rank of {args.data}, from step {step} to {args.steps}; "
-              f"outputs in {args.out_dir}", flush=True)
+    # (clips, frames, C, H, W) uint8
+    pool = load_clips(args, args.train_clips, args.frames, "train", rt.rank, rt.world)
+    opt, scaler, gen = make_optimizer(raw, args, rt, ckpt)
+    flops = step_flops(raw, args, rt, eval_clips.shape[2])  # on the eager model, before compiling
+    model = wrap_model(raw, rt)
+    n_params = sum(p.numel() for p in raw.parameters())
+    writer = None  # TensorBoard, rank 0 only
+    if rt.master:
+        writer = open_writer(args, step)
+        print(
+            f"train_world_model: {n_params / 1e6:.2f}M params, {args.dynamics} dynamics, "
+            f"{rt.device.type} {rt.dtype}, compile {rt.compile}, world {rt.world}, {len(pool)} "
+            f"training clips/rank of {args.data}, from step {step} to {args.steps}; "
+            f"outputs in {args.out_dir}",
+            flush=True,
+        )
 
     # ---- loop
-    WARMUP = 3  # first steps (compile, allocator warm-up) stay out of the speed figures
-    start, t_start, t_last = step, time.time(), time.perf_counter()
-    train_time, train_steps, win_time, win_steps, win_flops, train_flops = 0.0, 0, 0.0, 0, 0.0, 0.0
-    acc, n_acc, names = torch.zeros(5, device=device), 0, ["loss", "rec", "pred", "gdl", "temporal"]
-
-    def reduced_means():
-        """Mean of the accumulated loss terms over steps and ranks; stops on a non-finite loss or weight."""
-        v = acc.clone()
-        if ddp:
-            dist.all_reduce(v)
-        v = (v / max(1, n_acc * world)).tolist()
-        if not all(math.isfinite(x) for x in v) or not all(p.isfinite().all() for p in raw.parameters()):
-            raise SystemExit(f"error: non-finite loss ({dict(zip(names, v))}) before step {step}; lower --lr (now {args.lr}) "
-                             f"or use --dtype float32; the last good checkpoint was kept")
-        return dict(zip(names, v))
-
+    meter = LossMeter(LOSS_NAMES, rt.device)
+    speed = SpeedMeter(step, peak_flops(rt))
+    t_start = time.time()
     results = None
     try:
         while step < args.steps:
-            lr = lr_at(step, args)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = lr_at(step, args.steps, args.lr, args.warmup_steps)
+            set_lr([opt], lr)
             k = rollout_len(step, args)
-            loss, terms = losses(model, batch(), k)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if args.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            acc += terms
-            n_acc, step = n_acc + 1, step + 1
-
-            if step > start + WARMUP:
-                win_time, win_steps = win_time + time.perf_counter() - t_last, win_steps + 1
-                if flops:
-                    win_flops += flops[0] + (flops[1] - flops[0]) * (k - 1) / max(1, args.horizon - 1)
-            if step % args.log_every == 0 or step == args.steps:
-                m = reduced_means()
-                ms = 1000 * win_time / max(1, win_steps)
-                mfu = win_flops / win_time / peak if flops and win_steps else None
-                if master:
-                    speed = (f"{ms:.0f} ms/step | {args.batch_size * world * 1000 / ms:.0f} samples/s | MFU "
-                             f"{f'{mfu:.1%}' if mfu else 'n/a'} | ETA {(args.steps - step) * ms / 60000:.1f} min") if win_steps else "warm-up"
-                    print(f"step {step}/{args.steps} | loss {m['loss']:.4f} rec {m['rec']:.4f} pred {m['pred']:.4f} gdl {m['gdl']:.4f} "
-                          f"temporal {m['temporal']:.4f} | rollout {k} | lr {lr:.2e} | {speed}", flush=True)
-                    for key, v in m.items():
-                        writer.add_scalar(f"train/{key}", v, step)
-                    writer.add_scalar("train/lr", lr, step)
-                    writer.add_scalar("train/rollout", k, step)
-                    if win_steps:
-                        writer.add_scalar("perf/steps_per_s", 1000 / ms, step)
-                        writer.add_scalar("perf/samples_per_s", args.batch_size * world * 1000 / ms, step)
-                    if mfu:
-                        writer.add_scalar("perf/mfu", mfu, step)
-                acc.zero_()
-                n_acc, train_time, train_steps, win_time, win_steps = 0, train_time + win_time, train_steps + win_steps, 0.0, 0
-                train_flops, win_flops = train_flops + win_flops, 0.0
-            if master and (step % args.eval_every == 0 or step == args.steps):  # before the checkpoint: it holds best_val
-                results = run_eval()
-            if master and step < args.steps and step % args.sample_every == 0:
-                _, _, _, curves, frames = evaluate(raw, eval_clips[:4], args, device, amp)
+            x = sample_batch(pool, gen, args, rt.device)
+            meter.add(train_step(model, opt, scaler, x, k, args, rt.amp))
+            step += 1
+            speed.tick(step, flops[k] if flops else None)
+            last = step == args.steps
+            if step % args.log_every == 0 or last:
+                log_train(meter, speed, rt, raw, args, step, lr, k, writer)
+            # before the checkpoint: it holds best_val
+            if rt.master and (step % args.eval_every == 0 or last):
+                results, best = eval_and_keep_best(
+                    raw, eval_clips, args, rt, arch, step, best, writer
+                )
+            if rt.master and not last and step % args.sample_every == 0:
+                _, _, _, curves, frames = evaluate(raw, eval_clips[:4], args, rt.device, rt.amp)
                 save_samples(eval_clips, frames, curves, args, step, writer)
-            if step % args.ckpt_every == 0 or step == args.steps:
-                reduced_means()  # never save weights that have gone non-finite since the last log
-                save_checkpoint(step)
-            t_last = time.perf_counter()  # evaluation and checkpoint time stay out of the speed figures
+            if step % args.ckpt_every == 0 or last:
+                # never save weights that have gone non-finite since the last log
+                meter.means(rt, raw.parameters(), f"before step {step}")
+                save_checkpoint(raw, opt, scaler, gen, args, arch, step, best, rt)
+            speed.lap()  # evaluation and checkpoint time stay out of the speed figures
     except KeyboardInterrupt:
-        reduced_means()
-        save_checkpoint(step)
-        raise SystemExit(f"interrupted at step {step}; checkpoint saved in {args.out_dir}, run the same command to resume")
+        meter.means(rt, raw.parameters(), f"before step {step}")
+        save_checkpoint(raw, opt, scaler, gen, args, arch, step, best, rt)
+        raise SystemExit(
+            f"interrupted at step {step}; checkpoint saved in {args.out_dir}, run the same command "
+            "to resume"
+        )
 
-    if master:
-        results = results or run_eval()  # none yet when resuming a finished run
-        perf = {"train_samples_per_s": args.batch_size * world * train_steps / train_time if train_time else None,
-                "train_ms_per_step": 1000 * train_time / train_steps if train_steps else None,
-                "mfu": train_flops / train_time / peak if flops and train_time else None, "params": n_params,
-                "device": torch.cuda.get_device_name(device) if dev == "cuda" else dev, "dtype": dtype}
-        finish(*results, perf, t_start)
+    if rt.master:
+        if results is None:  # none yet when resuming a finished run
+            results, best = eval_and_keep_best(raw, eval_clips, args, rt, arch, step, best, writer)
+        perf = speed.summary(args.batch_size * rt.world)
+        perf.update(params=n_params, device=device_name(rt), dtype=rt.dtype)
+        write_metrics(results, perf, args, step, best, eval_clips, writer, t_start)
         writer.close()
-        viz.plot_training_curves(args.out_dir, os.path.join(args.out_dir, "plots", "training_curves.png"))
-    if ddp:
-        dist.barrier(), dist.destroy_process_group()  # rank 0 may still be evaluating: leave the group together
+        curves_png = os.path.join(args.out_dir, "plots", "training_curves.png")
+        viz.plot_training_curves(args.out_dir, curves_png)
+    teardown(rt)
 
 
 if __name__ == "__main__":
