@@ -177,6 +177,48 @@ def ssim(pred, target, data_range: float = 1.0, per_frame: bool = False, chunk: 
 # ------------------------------------------------------------------- Frechet distances
 
 
+PREDICTION_SCORES = {"psnr": psnr, "ssim": ssim, "mse": mse, "mse_frame_sum": mse_frame_sum}
+
+
+def prediction_scores(pred, target, horizon=None) -> tuple[dict, dict]:
+    """Per-frame scores of predicted frames against the truth, both (N, T, C, H, W) in [0, 1].
+
+    -> (summary, per_frame). summary: for each of PREDICTION_SCORES its mean over the first
+    `horizon` frames (all frames if None), `<name>_per_frame` (the mean over clips of each frame)
+    and, with a horizon, `<name>_rollout` (the mean over all frames); per_frame: the (N, T)
+    float64 tensors, for plots.
+    """
+    summary, per_frame = {}, {}
+    for name, score in PREDICTION_SCORES.items():
+        per = score(pred, target, per_frame=True).double()
+        per_frame[name] = per
+        summary[name] = float(per[:, :horizon].mean())
+        if horizon is not None:
+            summary[f"{name}_rollout"] = float(per.mean())
+        summary[f"{name}_per_frame"] = per.mean(0).tolist()
+    return summary, per_frame
+
+
+def copy_last(context, n_frames) -> torch.Tensor:
+    """The copy-last baseline: the last observed frame of each clip, repeated n_frames times."""
+    return context[:, -1:].expand(-1, n_frames, *context.shape[2:])
+
+
+def score_prediction(pred, context, target, horizon=None) -> tuple[dict, dict]:
+    """A prediction and the copy-last baseline scored on exactly the same frames.
+
+    context (N, Tc, ...) observed frames, pred and target (N, T, ...) the frames after them.
+    -> ({"model": summary, "copy_last": summary}, {"model": per_frame, "copy_last": per_frame})
+    with prediction_scores' summaries and per-frame tensors.
+    """
+    ours, ours_per_frame = prediction_scores(pred, target, horizon)
+    base, base_per_frame = prediction_scores(copy_last(context, target.shape[1]), target, horizon)
+    return {"model": ours, "copy_last": base}, {
+        "model": ours_per_frame,
+        "copy_last": base_per_frame,
+    }
+
+
 def _numerical_zero(eigenvalues):
     """Eigenvalues below the rounding noise of a symmetric eigensolver set to 0 (as
     np.linalg.matrix_rank's tolerance): the square root would turn noise of 1e-16 into 1e-8

@@ -488,25 +488,9 @@ def training_latents(args, fs, fs_id, rank=0, world=1):
 
 
 # ------------------------------------------------------------------------------------- evaluation
-SCORES = {
-    "psnr": metrics.psnr,
-    "ssim": metrics.ssim,
-    "mse": metrics.mse,
-    "mse_frame_sum": metrics.mse_frame_sum,
-}
-
-
-def score(pred, target, context):
-    """Per-frame metrics of predicted frames (N, T) -> means, per-frame curves, raw (N, T) tensors;
-    plus fd_probe of the whole clips (observed context + predicted) against the real ones (None if
-    the probe is missing)."""
-    out = {}
-    raw = {}
-    for name, fn in SCORES.items():
-        per = fn(pred, target, per_frame=True).double()
-        raw[name] = per
-        out[name] = float(per.mean())
-        out[f"{name}_per_frame"] = per.mean(0).tolist()
+def fd_probe_score(out, pred, target, context):
+    """Add fd_probe of the whole clips (observed context + predicted) against the real ones to a
+    prediction summary (None and the reason if the probe is missing)."""
     try:
         out["fd_probe"] = metrics.fd_probe(
             torch.cat([context, target], 1), torch.cat([context, pred], 1)
@@ -514,7 +498,7 @@ def score(pred, target, context):
     except metrics.MetricUnavailable as e:  # metrics.json says why, as compute_all_metrics does
         out["fd_probe"] = None
         out["fd_probe_unavailable"] = str(e)
-    return out, raw
+    return out
 
 
 @torch.no_grad()
@@ -593,13 +577,18 @@ def evaluate(model, fs, clips, z_val, args, device, amp):
         gen_frames_per_s=z.shape[0] * z.shape[1] / secs,
         gen_s_per_frame=secs / z.shape[1],
     )
-    ours, ours_raw = score(pred, truth[:, c:], truth[:, :c])
-    copy_last = truth[:, c - 1 : c].expand_as(truth[:, c:])
-    base, base_raw = score(copy_last, truth[:, c:], truth[:, :c])
+    context, target = truth[:, :c], truth[:, c:]
+    scores, curves = metrics.score_prediction(pred, context, target)
     autoencoded = decode_latents(fs[1], z_val[:, c:], fs[2])
-    auto, auto_raw = score(autoencoded, truth[:, c:], truth[:, :c])
-    curves = {"model": ours_raw, "copy_last": base_raw, "first_stage": auto_raw}
-    return ours, {"copy_last": base, "first_stage": auto}, val, curves
+    scores["first_stage"], curves["first_stage"] = metrics.prediction_scores(autoencoded, target)
+    for name, video in (
+        ("model", pred),
+        ("copy_last", metrics.copy_last(context, len(target[0]))),
+        ("first_stage", autoencoded),
+    ):
+        fd_probe_score(scores[name], video, target, context)
+    ours = scores.pop("model")
+    return ours, scores, val, curves
 
 
 def run_eval(model, fs, clips, z_val, args, rt, step, writer=None):

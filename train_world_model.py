@@ -518,27 +518,6 @@ def sample_batch(pool, gen, args, device):
 
 
 # ----------------------------------------------------------------------------- evaluation
-SCORES = {
-    "psnr": metrics.psnr,
-    "ssim": metrics.ssim,
-    "mse": metrics.mse,
-    "mse_frame_sum": metrics.mse_frame_sum,
-}
-
-
-def score(pred, target, horizon):
-    """Per-frame metrics (N, T) -> scalars over the first `horizon` frames (the training regime),
-    over the whole rollout (*_rollout) and the per-frame curve (*_per_frame), plus the raw (N, T)
-    tensors for plots."""
-    out, raw = {}, {}
-    for name, fn in SCORES.items():
-        raw[name] = per = fn(pred, target, per_frame=True).double()
-        out[name] = float(per[:, :horizon].mean())
-        out[f"{name}_rollout"] = float(per.mean())
-        out[f"{name}_per_frame"] = per.mean(0).tolist()
-    return out, raw
-
-
 @torch.no_grad()
 def evaluate(model, clips, args, device, amp, batch=32):
     """Roll out held-out clips exactly as in training: encode --context frames, then predict the
@@ -560,13 +539,13 @@ def evaluate(model, clips, args, device, amp, batch=32):
     model.train()
     frames = torch.cat(outs)
     truth = clips.float() / 255
-    ours, ours_raw = score(frames[:, c:], truth[:, c:], args.horizon)
-    copy_last = truth[:, c - 1 : c].expand_as(truth[:, c:])
-    base, base_raw = score(copy_last, truth[:, c:], args.horizon)
+    scores, curves = metrics.score_prediction(
+        frames[:, c:], truth[:, :c], truth[:, c:], args.horizon
+    )
     val = dict(zip(LOSS_NAMES, (terms / len(clips)).tolist()))
     val["recon_psnr"] = metrics.psnr(frames[:, :c], truth[:, :c])
     val["gen_frames_per_s"] = fps
-    return ours, base, val, {"model": ours_raw, "copy_last": base_raw}, frames
+    return scores["model"], scores["copy_last"], val, curves, frames
 
 
 def save_samples(clips, frames, curves, args, step, writer):

@@ -400,3 +400,27 @@ def test_prompt_alignment_counts_named_attributes():
     )
     assert out["prompt_alignment"] is None and "parse" in out["prompt_alignment_unavailable"]
     assert out["fd_probe"] is not None and out["fd_probe"] >= -1e-9
+
+
+def test_score_prediction_scores_model_and_copy_last_on_the_same_frames():
+    gen = torch.Generator().manual_seed(0)
+    context = torch.rand(3, 4, 1, 12, 12, generator=gen)
+    target = torch.rand(3, 5, 1, 12, 12, generator=gen)
+    pred = (target + 0.1 * torch.randn(target.shape, generator=gen)).clamp(0, 1)
+    scores, per_frame = M.score_prediction(pred, context, target, horizon=2)
+    # independent: copy-last is frame 3 of the context, repeated; MSE written out per frame
+    last = context[:, 3]
+    base_mse = torch.stack([((last - target[:, t]) ** 2).mean((1, 2, 3)) for t in range(5)], 1)
+    model_mse = ((pred - target) ** 2).mean((2, 3, 4))
+    assert torch.allclose(per_frame["copy_last"]["mse"], base_mse.double(), atol=1e-7)
+    assert torch.allclose(per_frame["model"]["mse"], model_mse.double(), atol=1e-7)
+    assert scores["copy_last"]["mse"] == pytest.approx(float(base_mse[:, :2].mean()), rel=1e-6)
+    assert scores["copy_last"]["mse_rollout"] == pytest.approx(float(base_mse.mean()), rel=1e-6)
+    assert scores["model"]["mse_per_frame"] == pytest.approx(model_mse.mean(0).tolist(), rel=1e-6)
+    psnr_0 = float((10 * torch.log10(1 / model_mse[:, 0])).mean())
+    assert scores["model"]["psnr_per_frame"][0] == pytest.approx(psnr_0, rel=1e-6)
+    assert scores["model"]["mse_frame_sum"] == pytest.approx(float(model_mse[:, :2].mean()) * 144)
+    assert set(scores["model"]) == set(scores["copy_last"])
+    everything, _ = M.score_prediction(pred, context, target)  # no horizon: all frames, no _rollout
+    assert everything["model"]["mse"] == pytest.approx(float(model_mse.mean()), rel=1e-6)
+    assert "mse_rollout" not in everything["model"]
