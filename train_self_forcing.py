@@ -1,26 +1,33 @@
-"""Self Forcing: a block-causal video diffusion model trained on its own KV-cached rollouts with DMD.
+r"""Self Forcing: a block-causal video diffusion model trained on its own KV-cached rollouts, DMD.
 
-A small DiT writes prompted toy videos (32x32, 12 frames) in chunks of 3 frames, each denoised in 4 steps while it
-attends to a KV cache of the clean earlier chunks. Self Forcing trains it on its *own* rollouts, made by the function
-used at inference (`rollout`), scored whole by distribution matching distillation (DMD) against a bidirectional
-teacher: training sees the context inference will see. Stages (--stage; default all, in order; each writes
-ckpt_<stage>.pt and its metrics.json row): teacher (flow matching, 10% null prompts for CFG); ode (the causal student,
-initialised from the teacher, regresses its CFG ODE trajectories at the few-step sigmas); self_forcing (DMD on rollouts,
-one random exit step with gradient, detached cache, frozen teacher with CFG as real score, 5 critic updates per
-generator update); tf, df (the TF+DMD and DF+DMD ablation: one step per chunk from a noised real chunk, real context).
+A small DiT writes prompted toy videos (32x32, 12 frames) in chunks of 3 frames, each denoised in
+4 steps while it attends to a KV cache of the clean earlier chunks. Self Forcing trains it on its
+*own* rollouts, made by the function used at inference (`rollout`), scored whole by distribution
+matching distillation (DMD) against a bidirectional teacher: training sees the context inference
+will see.
+Stages (--stage; default all, in order; each writes ckpt_<stage>.pt and its metrics.json row):
+teacher (flow matching, 10% null prompts for CFG); ode (the causal student, initialised from the
+teacher, regresses its CFG ODE trajectories at the few-step sigmas); self_forcing (DMD on rollouts,
+one random exit step with gradient, detached cache, frozen teacher with CFG as real score, 5 critic
+updates per generator update); tf, df (the TF+DMD and DF+DMD ablation: one step per chunk from a
+noised real chunk, real context).
 
-Paper: Huang, Li, He, Zhou, Shechtman, "Self Forcing: Bridging the Train-Test Gap in Autoregressive Video Diffusion"
-(2025); DMD: Yin et al. (2024); CausVid: Yin et al. (2025). Simplified: pixels, not VAE latents (tokens read and write
-16x16 windows at stride 8: no seams); word embeddings mapped linearly, not umT5; a dense mask, not FlexAttention; no attention sinks;
-x0 prediction, not velocity; TF/DF through the KV cache (same attention and gradients as a parallel mask). See --explain.
+Paper: Huang, Li, He, Zhou, Shechtman, "Self Forcing: Bridging the Train-Test Gap in Autoregressive
+Video Diffusion" (2025); DMD: Yin et al. (2024); CausVid: Yin et al. (2025). Simplified: pixels, not
+VAE latents (tokens read and write 16x16 windows at stride 8: no seams); word embeddings mapped
+linearly, not umT5; a dense mask, not FlexAttention; no attention sinks; x0 prediction, not
+velocity; TF/DF through the KV cache (same attention and gradients as a parallel mask).
+See --explain.
 
-    python train_self_forcing.py                                     # CPU: every stage, 24-29 min on 2 cores
+    python train_self_forcing.py                  # CPU: every stage, 24-29 min on 2 cores
     python train_self_forcing.py --generate "A red circle moving from left to right" --frames 48
-    python train_self_forcing.py --width 256 --depth 8 --batch-size 64 --teacher-steps 20000 --steps 1000  # GPU
-    torchrun --standalone --nproc_per_node=2 train_self_forcing.py   # DDP (nccl on CUDA, gloo on CPU)
+    python train_self_forcing.py --width 256 --depth 8 --batch-size 64 \
+        --teacher-steps 20000 --steps 1000        # GPU
+    torchrun --standalone --nproc_per_node=2 train_self_forcing.py  # DDP (nccl CUDA, gloo CPU)
 
-Outputs in --out-dir: ckpt_<stage>.pt, args.json, metrics.json ("eval": Self Forcing; "baselines": teacher, ode, tf,
-df, real videos), samples/, plots/ (attention masks, drift), TensorBoard events (train/ eval/ perf/ samples/ <stage>/*).
+Outputs in --out-dir: ckpt_<stage>.pt, args.json, metrics.json ("eval": Self Forcing; "baselines":
+teacher, ode, tf, df, real videos), samples/, plots/ (attention masks, drift), TensorBoard events
+(train/ eval/ perf/ samples/ <stage>/*).
 """
 
 import copy
@@ -52,7 +59,8 @@ class Args:
     stage: Literal["all", "teacher", "ode", "self_forcing", "tf", "df"] = "all"
     """stage to run: all (teacher, ode, self_forcing, tf, df in order) or one of them"""
     steps: int = 120
-    """generator updates of the self_forcing stage, and of tf and df (the ablation gives each the same number)"""
+    """generator updates of the self_forcing stage, and of tf and df (the ablation gives each the
+    same number)"""
     teacher_steps: int = 5000
     """flow-matching steps of the teacher"""
     ode_steps: int = 400
@@ -62,13 +70,17 @@ class Args:
     out_dir: str = "runs/train_self_forcing"
     """folder for ckpt_<stage>.pt, metrics.json, TensorBoard events, samples/ and plots/"""
     resume: bool = True
-    """continue each stage from out_dir/ckpt_<stage>.pt when it exists (a finished stage is skipped)"""
+    """continue each stage from out_dir/ckpt_<stage>.pt when it exists (a finished stage is
+    skipped)"""
     eval_only: bool = False
-    """evaluate --ckpt, or every stage checkpoint in out_dir, write metrics.json, samples and plots, then exit"""
+    """evaluate --ckpt, or every stage checkpoint in out_dir, write metrics.json, samples and plots,
+    then exit"""
     ckpt: str | None = None
-    """checkpoint to evaluate or generate with; None: every stage in out_dir (--generate: ckpt_self_forcing.pt)"""
+    """checkpoint to evaluate or generate with; None: every stage in out_dir (--generate:
+    ckpt_self_forcing.pt)"""
     generate: tuple[str, ...] = ()
-    """prompts to generate, streaming chunk by chunk, --frames long, into out_dir/generated.gif, then exit"""
+    """prompts to generate, streaming chunk by chunk, --frames long, into out_dir/generated.gif,
+    then exit"""
     explain: bool = False
     """print how the pieces of the method fit together, then exit"""
     log_every: int = 50
@@ -83,7 +95,8 @@ class Args:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """auto: CUDA if present, else CPU"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """autocast dtype; auto: bf16 on CUDA and bf16-capable CPUs, fp16 + GradScaler on older GPUs, else fp32"""
+    """autocast dtype; auto: bf16 on CUDA and bf16-capable CPUs, fp16 + GradScaler on older GPUs,
+    else fp32"""
     compile: tyro.conf.DisallowNone[bool | None] = None
     """torch.compile the model; None (unset): on for CUDA, off otherwise"""
     # data
@@ -92,13 +105,16 @@ class Args:
     data_dir: str | None = None
     """unused by shapes; kept so every script takes the same flags"""
     resolution: int = 32
-    """frame size in pixels (divisible by 8: a token per 8x8 patch, reading and writing the 16x16 window around it)"""
+    """frame size in pixels (divisible by 8: a token per 8x8 patch, reading and writing the 16x16
+    window around it)"""
     frames: int = 12
     """frames per video (a multiple of --chunk): the training length"""
     train_clips: int = 4096
-    """prompted clips generated once into memory as the training pool (split 'train', HOLDOUT prompts removed)"""
+    """prompted clips generated once into memory as the training pool (split 'train', HOLDOUT
+    prompts removed)"""
     eval_clips: int = 128
-    """evaluation clips: the HOLDOUT prompts (never trained on) in turn, each with a random layout, generated for and compared to"""
+    """evaluation clips: the HOLDOUT prompts (never trained on) in turn, each with a random layout,
+    generated for and compared to"""
     # model
     width: int = 128
     """transformer width (heads of 32 dims)"""
@@ -107,363 +123,1229 @@ class Args:
     chunk: int = 3
     """frames per autoregressive chunk (denoised together, bidirectional inside, causal across)"""
     window: int = 9
-    """student's attention window in frames, its own chunk included (0: all); below --frames, so training rolls"""
+    """student's attention window in frames, its own chunk included (0: all); below --frames, so
+    training rolls"""
     # optim
     batch_size: int = 16
-    """videos per batch per process (teacher, ODE regression; the DMD stages roll out half as many)"""
+    """videos per batch per process (teacher, ODE regression; the DMD stages roll out half as
+    many)"""
     lr: float = 1e-3
-    """teacher peak learning rate (AdamW; ODE regression: lr/3), after 100 warm-up steps, cosine-decayed to lr/10"""
+    """teacher peak learning rate (AdamW; ODE regression: lr/3), after 100 warm-up steps,
+    cosine-decayed to lr/10"""
     gen_lr: float = 1e-4
-    """generator and critic learning rate of the DMD stages (constant after 10 warm-up steps; AdamW betas (0, 0.999))"""
+    """generator and critic learning rate of the DMD stages (constant after 10 warm-up steps; AdamW
+    betas (0, 0.999))"""
     # method
     shift: float = 5.0
     """timestep shift k of the sigma grid: sigma = k s / (1 + (k - 1) s)"""
     denoise_steps: int = 4
     """few-step schedule: uniform timesteps [1000, 750, 500, 250] warped through the shifted grid"""
     guidance: float = 1.0
-    """classifier-free guidance of the teacher in x0 space: x0 = c + guidance (c - u) (real score, ODE pairs); the paper's 3 gives this small teacher holes and colour fringes"""
+    """classifier-free guidance of the teacher in x0 space: x0 = c + guidance (c - u) (real score,
+    ODE pairs); the paper's 3 gives this small teacher holes and colour fringes"""
     critic_updates: int = 5
     """critic updates per generator update (dfake_gen_update_ratio)"""
 
 
 STAGES = ("teacher", "ode", "self_forcing", "tf", "df")
-HOLDOUT = ("A red circle moving from left to right", "A blue square moving from top to bottom", "A yellow square rotating clockwise",
-           "A green triangle moving from bottom right to top left", "Color gradient transitioning from cyan to orange",
-           "An orange circle moving from right to left", "A white ball bouncing")  # never trained on
-VOCAB = ["<null>"] + sorted({*"a an moving from to rotating color gradient transitioning ball bouncing".split(), *toy_data.COLORS,
-                             *toy_data.SHAPES, *(w for d in toy_data.DIRECTIONS for w in d.split("_")), *toy_data.ROTATIONS})
+DMD_STAGES = ("self_forcing", "tf", "df")
+HOLDOUT = (  # never trained on
+    "A red circle moving from left to right",
+    "A blue square moving from top to bottom",
+    "A yellow square rotating clockwise",
+    "A green triangle moving from bottom right to top left",
+    "Color gradient transitioning from cyan to orange",
+    "An orange circle moving from right to left",
+    "A white ball bouncing",
+)
+VOCAB = ["<null>"] + sorted(
+    {
+        *"a an moving from to rotating color gradient transitioning ball bouncing".split(),
+        *toy_data.COLORS,
+        *toy_data.SHAPES,
+        *(w for d in toy_data.DIRECTIONS for w in d.split("_")),
+        *toy_data.ROTATIONS,
+    }
+)
 MAX_WORDS = 10  # "An orange triangle moving from bottom right to top left"
-PATCH, ODE_EULER, ODE_PAIRS, EMA_DECAY, GRAD_CLIP = 8, 16, 512, 0.99, 10.0  # teacher ODE: 16 Euler steps; EMA, clip: the paper's
+PATCH = 8
+ODE_EULER = 16  # Euler steps of the teacher's ODE (ODE pairs, teacher samples)
+ODE_PAIRS = 512
+EMA_DECAY = 0.99  # the paper's
+GRAD_CLIP = 10.0  # the paper's
 
 
 def encode_prompt(prompt):
-    """'A red circle ...' -> MAX_WORDS word ids (0 pads; all zeros is the null prompt). Unknown words stop the script."""
+    """'A red circle ...' -> MAX_WORDS word ids (0 pads; all zeros is the null prompt). Unknown
+    words stop the script."""
     words = prompt.strip().rstrip(".").lower().split()
     bad = [w for w in words if w not in VOCAB]
     if bad or len(words) > MAX_WORDS:
-        raise SystemExit(f"error: prompt {prompt!r}: " + (f"unknown word(s) {', '.join(bad)}" if bad else f"more than {MAX_WORDS} words")
-                         + f"; the vocabulary is: {' '.join(VOCAB[1:])}")
+        why = f"unknown word(s) {', '.join(bad)}" if bad else f"more than {MAX_WORDS} words"
+        raise SystemExit(
+            f"error: prompt {prompt!r}: {why}; the vocabulary is: {' '.join(VOCAB[1:])}"
+        )
     return [VOCAB.index(w) for w in words] + [0] * (MAX_WORDS - len(words))
 
 
 # ----------------------------------------------------------------------------- model
 def frame_mask(frames, chunk, window=0, device=None, cached=0):
-    """Block-causal attention by frame, True where visible: a query in chunk b sees the keys of frames [end - window, end), end =
-    the end of chunk b (window 0: from frame 0); the keys start with `cached` earlier frames (a KV cache). -> (frames, cached + frames)"""
+    """Block-causal attention by frame, True where visible: a query in chunk b sees the keys of
+    frames [end - window, end), end = the end of chunk b (window 0: from frame 0); the keys start
+    with `cached` earlier frames (a KV cache). -> (frames, cached + frames)"""
     end = cached + (torch.arange(frames, device=device) // chunk + 1) * chunk
     f = torch.arange(cached + frames, device=device)
     return (f[None] < end[:, None]) & (f[None] >= (end[:, None] - window if window else 0))
 
 
 def attention(q, k, v, mask):
-    """Softmax attention, mask True where a query may look; written out with gradient (CPU SDPA's backward is slow here: a training step ~1.3x faster), SDPA without."""
+    """Softmax attention, mask True where a query may look; written out with gradient (CPU SDPA's
+    backward is slow here: a training step ~1.3x faster), SDPA without."""
     if not torch.is_grad_enabled():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     a = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-    return (a if mask is None else a.masked_fill(~mask, -math.inf)).softmax(-1) @ v
+    if mask is not None:
+        a = a.masked_fill(~mask, -math.inf)
+    return a.softmax(-1) @ v
+
+
+def rope(u, cos, sin):
+    """RoPE: turn dims [0, 2r) of each head (r = cos.shape[-1]) by the angles; the rest pass."""
+    r = cos.shape[-1]
+    a = u[..., :r]
+    b = u[..., r : 2 * r]
+    return torch.cat([a * cos - b * sin, a * sin + b * cos, u[..., 2 * r :]], -1)
 
 
 class Block(nn.Module):
-    """adaLN-Zero block, per-frame modulation; attention over its frames plus cached keys/values of earlier frames. 3D RoPE
-    (Wan's): half of each head's dims turn with the frame index, a quarter each with the patch row and column."""
+    """adaLN-Zero block, per-frame modulation; attention over its frames plus cached keys/values of
+    earlier frames. 3D RoPE (Wan's): half of each head's dims turn with the frame index, a quarter
+    each with the patch row and column."""
 
     def __init__(self, d, heads):
         super().__init__()
-        self.heads, self.n1, self.qkv, self.proj = heads, nn.LayerNorm(d, elementwise_affine=False), nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.n2, self.mod = nn.LayerNorm(d, elementwise_affine=False), nn.Linear(d, 6 * d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
-        nn.init.zeros_(self.mod.weight), nn.init.zeros_(self.mod.bias)  # every block starts as the identity
+        self.heads = heads
+        self.n1 = nn.LayerNorm(d, elementwise_affine=False)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.n2 = nn.LayerNorm(d, elementwise_affine=False)
+        self.mod = nn.Linear(d, 6 * d)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d)
+        )
+        nn.init.zeros_(self.mod.weight)  # every block starts as the identity
+        nn.init.zeros_(self.mod.bias)
 
     def forward(self, x, c, cos, sin, mask, kv):
         B, T, N, D = x.shape
-        sh1, sc1, g1, sh2, sc2, g2 = self.mod(c).unsqueeze(2).chunk(6, -1)  # (B, T, 1, D): one set per frame
-        q, k, v = self.qkv(self.n1(x) * (1 + sc1) + sh1).view(B, T * N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        r = cos.shape[-1]  # RoPE on dims [0, 2r): keys are rotated to their absolute place before they are cached
-        q, k = (torch.cat([u[..., :r] * cos - u[..., r:2 * r] * sin, u[..., :r] * sin + u[..., r:2 * r] * cos, u[..., 2 * r:]], -1).to(v.dtype) for u in (q, k))
+        # (B, T, 1, D) each: one set per frame
+        sh1, sc1, g1, sh2, sc2, g2 = self.mod(c).unsqueeze(2).chunk(6, -1)
+        qkv = self.qkv(self.n1(x) * (1 + sc1) + sh1)
+        q, k, v = qkv.view(B, T * N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        # keys are turned to their absolute place before they are cached
+        q = rope(q, cos, sin).to(v.dtype)
+        k = rope(k, cos, sin).to(v.dtype)
         new = (k, v)  # this call's keys/values, for the caller's cache
-        k, v = (k, v) if kv is None else (torch.cat([kv[0], k], 2), torch.cat([kv[1], v], 2))
+        if kv is not None:
+            k = torch.cat([kv[0], k], 2)
+            v = torch.cat([kv[1], v], 2)
         h = attention(q, k, v, mask)
         x = x + g1 * self.proj(h.transpose(1, 2).reshape(B, T, N, D))
         return x + g2 * self.mlp(self.n2(x) * (1 + sc2) + sh2), new
 
 
 class DiT(nn.Module):
-    """One transformer for every role: teacher, critic (no mask: bidirectional), causal student in parallel (frame mask)
-    or chunk by chunk (kv: the cache of earlier chunks). Noisy frames, a noise level per frame, word ids -> x0. Each frame is
-    modulated by its noise level, the prompt and its absolute index (sin-cos; the RoPE of attention is only relative)."""
+    """One transformer for every role: teacher, critic (no mask: bidirectional), causal student in
+    parallel (frame mask) or chunk by chunk (kv: the cache of earlier chunks). Noisy frames, a noise
+    level per frame, word ids -> x0. Each frame is modulated by its noise level, the prompt and its
+    absolute index (sin-cos; the RoPE of attention is only relative)."""
 
-    def __init__(self, channels=3, resolution=32, patch=8, width=128, depth=4, chunk=3, window=9, vocab=len(VOCAB), words=MAX_WORDS):
+    def __init__(
+        self,
+        channels=3,
+        resolution=32,
+        patch=8,
+        width=128,
+        depth=4,
+        chunk=3,
+        window=9,
+        vocab=len(VOCAB),
+        words=MAX_WORDS,
+    ):
         super().__init__()
-        self.patch, self.chunk, self.window, self.tokens = patch, chunk, window, (resolution // patch) ** 2
-        self.inp = nn.Linear(channels * 4 * patch * patch, width)  # overlapping patches: 2p x 2p windows at stride p
-        rc = torch.stack([torch.arange(self.tokens) // (resolution // patch), torch.arange(self.tokens) % (resolution // patch)], 1)
-        a = rc[:, :, None] * 100.0 ** -(torch.arange(width // 4) / (width // 4))  # fixed 2D sin-cos (DiT), as loud as a noisy patch
-        self.register_buffer("space", torch.cat([a.sin(), a.cos()], -1).flatten(1), persistent=False)  # (learned 0.02 ones drown)
+        self.patch = patch
+        self.chunk = chunk
+        self.window = window
+        side = resolution // patch
+        self.tokens = side**2
+        self.inp = nn.Linear(channels * 4 * patch * patch, width)  # overlapping 2p x 2p at stride p
+        rc = torch.stack([torch.arange(self.tokens) // side, torch.arange(self.tokens) % side], 1)
+        # fixed 2D sin-cos (DiT), as loud as a noisy patch (learned 0.02 ones drown)
+        a = rc[:, :, None] * 100.0 ** -(torch.arange(width // 4) / (width // 4))
+        self.register_buffer(
+            "space", torch.cat([a.sin(), a.cos()], -1).flatten(1), persistent=False
+        )
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-        self.frame = nn.Linear(width, width)  # absolute frame index: where a "left to right" object should be now
-        self.word, self.word_pos = nn.Embedding(vocab, 32), nn.Parameter(0.02 * torch.randn(words, 32))
-        self.text = nn.Linear(words * 32, width)  # linear in the words (by slot): an unseen prompt is a sum of seen parts
+        self.frame = nn.Linear(width, width)  # absolute frame index: where "left to right" is now
+        self.word = nn.Embedding(vocab, 32)
+        self.word_pos = nn.Parameter(0.02 * torch.randn(words, 32))
+        # linear in the words (by slot): an unseen prompt is a sum of seen parts
+        self.text = nn.Linear(words * 32, width)
         self.blocks = nn.ModuleList(Block(width, width // 32) for _ in range(depth))
-        self.norm, self.final_mod = nn.LayerNorm(width, elementwise_affine=False), nn.Linear(width, 2 * width)
-        self.out = nn.Linear(width, channels * 4 * patch * patch)  # 2p x 2p windows again, summed where they overlap
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.final_mod = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, channels * 4 * patch * patch)  # 2p x 2p, summed on overlaps
         for layer in (self.final_mod, self.out):
-            nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
-        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(8) / 8), persistent=False)  # frame: 16 of 32 head dims
-        self.register_buffer("space_ang", (rc[:, :, None] * 10.0 ** -(torch.arange(4) / 4)).flatten(1), persistent=False)  # row, column
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        # RoPE: the frame turns 16 of a head's 32 dims, the patch row and column 8 each
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(8) / 8), persistent=False)
+        space_ang = (rc[:, :, None] * 10.0 ** -(torch.arange(4) / 4)).flatten(1)
+        self.register_buffer("space_ang", space_ang, persistent=False)
 
     def forward(self, x, sigma, words, pos=0, mask=None, kv=None):
-        """x (B, T, C, H, W), sigma (B, T), words (B, MAX_WORDS); pos: absolute index of the first frame; mask: (T, K)
-        frame mask or None; kv: per block (K, V) of earlier frames or None. -> x0, per block (K, V) of x."""
+        """x (B, T, C, H, W), sigma (B, T), words (B, MAX_WORDS); pos: absolute index of the first
+        frame; mask: (T, K) frame mask or None; kv: per block (K, V) of earlier frames or None.
+        -> x0, per block (K, V) of x."""
         B, T, C, H, W = x.shape
-        p, half = self.patch, self.time[0].in_features // 2
-        h = self.inp(F.unfold(x.reshape(B * T, C, H, W), 2 * p, padding=p // 2, stride=p).transpose(1, 2)).view(B, T, self.tokens, -1) + self.space
+        p = self.patch
+        half = self.time[0].in_features // 2
+        patches = F.unfold(x.reshape(B * T, C, H, W), 2 * p, padding=p // 2, stride=p)
+        h = self.inp(patches.transpose(1, 2)).view(B, T, self.tokens, -1) + self.space
         text = self.text((self.word(words) + self.word_pos).flatten(1))
-        k, when = torch.arange(half, device=x.device) / half, (pos + torch.arange(T, device=x.device)).float()[:, None]  # absolute frames
-        t, f = 1000 * sigma.float()[..., None] * torch.exp(-math.log(10000) * k), when * torch.exp(-math.log(1000) * k)
-        c = F.silu(self.time(torch.cat([t.cos(), t.sin()], -1)) + text[:, None] + self.frame(torch.cat([f.cos(), f.sin()], -1)))  # (B, T, D)
-        ang = torch.cat([(when * self.inv_freq).repeat_interleave(self.tokens, 0), self.space_ang.repeat(T, 1)], 1)  # (T * tokens, 16): when, row, column
-        mask = None if mask is None else mask.repeat_interleave(self.tokens, 0).repeat_interleave(self.tokens, 1)  # frames -> tokens
-        cos, sin, new = ang.cos(), ang.sin(), [None] * len(self.blocks)  # once, not per block
+        k = torch.arange(half, device=x.device) / half
+        when = (pos + torch.arange(T, device=x.device)).float()[:, None]  # absolute frames
+        t = 1000 * sigma.float()[..., None] * torch.exp(-math.log(10000) * k)
+        f = when * torch.exp(-math.log(1000) * k)
+        t_emb = self.time(torch.cat([t.cos(), t.sin()], -1))
+        f_emb = self.frame(torch.cat([f.cos(), f.sin()], -1))
+        c = F.silu(t_emb + text[:, None] + f_emb)  # (B, T, D)
+        # (T * tokens, 16) angles: frame, row, column; once, not per block
+        frame_ang = (when * self.inv_freq).repeat_interleave(self.tokens, 0)
+        ang = torch.cat([frame_ang, self.space_ang.repeat(T, 1)], 1)
+        if mask is not None:  # frames -> tokens
+            mask = mask.repeat_interleave(self.tokens, 0).repeat_interleave(self.tokens, 1)
+        cos = ang.cos()
+        sin = ang.sin()
+        new = []
         for i, block in enumerate(self.blocks):
-            h, new[i] = block(h, c, cos, sin, mask, kv[i] if kv else None)
+            h, block_kv = block(h, c, cos, sin, mask, kv[i] if kv else None)
+            new.append(block_kv)
         sh, sc = self.final_mod(c).unsqueeze(2).chunk(2, -1)
-        out = self.out(self.norm(h) * (1 + sc) + sh).view(B * T, self.tokens, -1).transpose(1, 2).float()
-        return F.fold(out, (H, W), 2 * p, padding=p // 2, stride=p).view(B, T, C, H, W), new  # no seams at patch edges
+        out = self.out(self.norm(h) * (1 + sc) + sh).view(B * T, self.tokens, -1).transpose(1, 2)
+        x0 = F.fold(out.float(), (H, W), 2 * p, padding=p // 2, stride=p)  # no seams at patch edges
+        return x0.view(B, T, C, H, W), new
 
 
-# ----------------------------------------------------------------------------- method: schedule and losses
+# ---------------------------------------------------------------- method: schedule and losses
 def shift_sigma(s, shift):
     """The shifted sigma grid: more of the steps at high noise."""
     return shift * s / (1 + (shift - 1) * s)
 
 
 def few_step_sigmas(steps=4, shift=5.0):
-    """warp_denoising_step: timesteps [1000, 750, 500, 250] looked up in the shifted grid: [1000, 937.5, 833.3, 625]."""
-    return shift_sigma(torch.linspace(1, 0, 1001)[1000 - torch.linspace(1000, 0, steps + 1)[:-1].round().long()], shift)
+    """warp_denoising_step: timesteps [1000, 750, 500, 250] looked up in the shifted grid:
+    [1000, 937.5, 833.3, 625]."""
+    timesteps = torch.linspace(1000, 0, steps + 1)[:-1].round().long()
+    return shift_sigma(torch.linspace(1, 0, 1001)[1000 - timesteps], shift)
 
 
 def sample_sigma(n, shift, gen, device, lo=0.0, hi=1.0):
     """sigma of a random grid entry (t ~ U{0..999} then shifted), clamped to [lo, hi]; (n,)."""
-    return shift_sigma(torch.linspace(1, 0, 1001, device=device)[torch.randint(1000, (n,), generator=gen, device=device)], shift).clamp(lo, hi)
+    t = torch.randint(1000, (n,), generator=gen, device=device)
+    return shift_sigma(torch.linspace(1, 0, 1001, device=device)[t], shift).clamp(lo, hi)
 
 
 def predict_x0(model, x, sigma, words, pos=0, mask=None, kv=None):
-    """The clean video in fp32; sigma: a number, (B,) or (B, T). -> x0, this call's keys/values. The network predicts x0, not
-    the velocity v = (x_t - x0) / sigma: with 8x8x3-pixel tokens wider than the model, v (mostly noise) cannot pass."""
+    """The clean video in fp32; sigma: a number, (B,) or (B, T). -> x0, this call's keys/values.
+    The network predicts x0, not the velocity v = (x_t - x0) / sigma: with 8x8x3-pixel tokens
+    wider than the model, v (mostly noise) cannot pass."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-    sigma = sigma.expand(x.shape[:2]) if sigma.ndim == 0 else sigma[:, None].expand(x.shape[:2]) if sigma.ndim == 1 else sigma
+    if sigma.ndim == 0:
+        sigma = sigma.expand(x.shape[:2])
+    elif sigma.ndim == 1:
+        sigma = sigma[:, None].expand(x.shape[:2])
     x0, new = model(x, sigma, words, pos, mask, kv)
     return x0.float(), new
 
 
 def cfg_x0(model, x, sigma, words, guidance):
-    """Classifier-free guidance in x0 space, conditional and null prompt in one batch: c + g (c - u)."""
+    """Classifier-free guidance in x0 space, conditional and null prompt in one batch:
+    c + g (c - u)."""
     sigma = sigma.repeat(2) if torch.is_tensor(sigma) else sigma
-    c, u = predict_x0(model, torch.cat([x, x]), sigma, torch.cat([words, torch.zeros_like(words)]))[0].chunk(2)
+    both = torch.cat([words, torch.zeros_like(words)])
+    c, u = predict_x0(model, torch.cat([x, x]), sigma, both)[0].chunk(2)
     return c + guidance * (c - u)
 
 
 def flow_matching_loss(model, x0, words, sigma, noise):
-    """Teacher and critic: mean ||x0_hat(x_t) - x0||^2 at x_t = (1 - sigma) x0 + sigma noise, sigma (B,): flow matching's
-    velocity loss weighted by sigma^2."""
-    return F.mse_loss(predict_x0(model, x0 + sigma.view(-1, 1, 1, 1, 1) * (noise - x0), sigma, words)[0], x0)
+    """Teacher and critic: mean ||x0_hat(x_t) - x0||^2 at x_t = (1 - sigma) x0 + sigma noise,
+    sigma (B,): flow matching's velocity loss weighted by sigma^2."""
+    xt = x0 + sigma.view(-1, 1, 1, 1, 1) * (noise - x0)
+    return F.mse_loss(predict_x0(model, xt, sigma, words)[0], x0)
 
 
 def dmd_loss(x, teacher, critic, words, sigma, noise, guidance):
-    """DMD on whole videos x: noise x to sigma (one per video); the frozen teacher with CFG (real score) and the critic (fake
-    score) denoise it; g = (x0_fake - x0_real) / mean|x - x0_real|. -> 0.5 mse(x, sg(x - g)), gradient g/numel, and g."""
+    """DMD on whole videos x: noise x to sigma (one per video); the frozen teacher with CFG (real
+    score) and the critic (fake score) denoise it; g = (x0_fake - x0_real) / mean|x - x0_real|.
+    -> 0.5 mse(x, sg(x - g)), gradient g/numel, and g."""
     with torch.no_grad():
         xt = x.detach() + sigma.view(-1, 1, 1, 1, 1) * (noise - x.detach())
         x0_real = cfg_x0(teacher, xt, sigma, words, guidance)
         x0_fake = predict_x0(critic, xt, sigma, words)[0]
-        g = torch.nan_to_num((x0_fake - x0_real) / (x.detach() - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True))
+        norm = (x.detach() - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+        g = torch.nan_to_num((x0_fake - x0_real) / norm)
     return 0.5 * F.mse_loss(x.double(), (x.double() - g.double()).detach()), g
 
 
 def sample_exit_step(gen, n, device, ddp=False):
-    """The one denoising step (0..n-1) at which every chunk of this rollout exits with gradient; rank 0's draw."""
+    """The one denoising step (0..n-1) at which every chunk of this rollout exits with gradient;
+    rank 0's draw."""
     s = torch.randint(n, (1,), generator=gen, device=device)
-    dist.broadcast(s, 0) if ddp else None
+    if ddp:
+        dist.broadcast(s, 0)
     return int(s)
 
 
 # ----------------------------------------------------------------------------- method: sampling
 def rollout(model, noise, words, sigmas, gen, exit_step=None, real=None, cache=True, on_step=None):
-    """THE few-step AR sampler, for inference (exit_step None, under no_grad) and training. Per chunk: predict x0, re-noise it
-    to the next sigma with fresh noise (gen), repeat; then run the clean x0 once at t = 0 and cache its keys and values,
-    detached, keeping the last window - chunk frames. cache=False recomputes the prefix at every step: the same output at
-    quadratic cost. Self Forcing: only step exit_step has gradient; its x0 is the chunk. real = (video, tf): TF/DF, one step
-    from the real chunk noised to a random few-step sigma, the real chunk cached clean (TF) or noised (DF) with gradient. on_step(b, j, x0)"""
-    c, B, T = model.chunk, noise.shape[0], noise.shape[1]
-    keep = (model.window - c) * model.tokens if model.window else math.inf  # cached tokens: window - chunk frames
-    kv, outs, grad, ahead = [], [], torch.is_grad_enabled(), None
-    for b in range(T // c):
-        x, frames = noise[:, b * c:(b + 1) * c], slice(b * c, (b + 1) * c)
+    """THE few-step AR sampler, for inference (exit_step None, under no_grad) and training. Per
+    chunk: predict x0, re-noise it to the next sigma with fresh noise (gen), repeat; then run the
+    clean x0 once at t = 0 and cache its keys and values, detached, keeping the last window - chunk
+    frames. cache=False recomputes the prefix at every step: the same output at quadratic cost.
+    Self Forcing: only step exit_step has gradient; its x0 is the chunk. real = (video, tf): TF/DF,
+    one step from the real chunk noised to a random few-step sigma, the real chunk cached clean (TF)
+    or noised (DF) with gradient. on_step(b, j, x0)"""
+    c = model.chunk
+    chunks = noise.shape[1] // c
+    keep = (model.window - c) * model.tokens if model.window else math.inf  # window - chunk frames
+    grad = torch.is_grad_enabled()
+    kv = []
+    outs = []
+    ahead = None  # this chunk's first x0, made along with the last chunk's context pass
+    for b in range(chunks):
+        x = noise[:, b * c : (b + 1) * c]
         if real is not None:
-            sig = sigmas.to(x.device)[torch.randint(len(sigmas), (B,), generator=gen, device=x.device)]
-            x = (1 - sig.view(-1, 1, 1, 1, 1)) * real[0][:, frames] + sig.view(-1, 1, 1, 1, 1) * x
-            x0 = predict_x0(model, x, sig, words, b * c, kv=kv)[0]
-            context, context_sigma = (real[0][:, frames], 0.0) if real[1] else (x, sig)
+            x0, context, context_sigma = real_chunk_x0(model, x, real, words, sigmas, gen, b, kv)
         for j, sigma in enumerate(sigmas.tolist() if real is None else ()):  # the few-step sampler
             with torch.set_grad_enabled(grad and j == exit_step):  # the one forward with gradient
-                if cache:  # ahead: this chunk's first step, made along with the last chunk's context pass
-                    x0 = ahead if j == 0 and ahead is not None else predict_x0(model, x, sigma, words, b * c, kv=kv)[0]
+                if j == 0 and ahead is not None:
+                    x0 = ahead
                 else:
-                    sig = torch.cat([torch.zeros(B, b * c), torch.full((B, c), sigma)], 1).to(x.device)
-                    x0 = predict_x0(model, torch.cat([o.detach() for o in outs] + [x], 1), sig, words,
-                                    mask=frame_mask((b + 1) * c, c, model.window, x.device))[0][:, -c:]
-            on_step(b, j, x0) if on_step else None
+                    x0 = chunk_x0(model, x, sigma, words, b, kv, outs, cache)
+            if on_step:
+                on_step(b, j, x0)
             if j == len(sigmas) - 1 or j == exit_step:
-                context, context_sigma = x0.detach(), 0.0
+                context = x0.detach()
+                context_sigma = 0.0
                 break
             nxt = float(sigmas[j + 1])
             x = (1 - nxt) * x0 + nxt * torch.randn(x0.shape, generator=gen, device=x0.device)
         outs.append(x0)
-        if cache and b < T // c - 1:  # the context pass: later chunks see clean context, never noisy-step keys
-            fuse = not grad and real is None  # inference: the next chunk's first step rides along (one call fewer, same x0)
-            inp = torch.cat([context, noise[:, (b + 1) * c:(b + 2) * c]], 1) if fuse else context
-            sig = torch.tensor([0.0] * c + [float(sigmas[0])] * c, device=x.device).expand(B, -1) if fuse else context_sigma
-            mask = frame_mask(2 * c, c, model.window, x.device, kv[0][0].shape[2] // model.tokens if kv else 0) if fuse else None
+        if cache and b < chunks - 1:  # the context pass: later chunks see clean context only
+            # inference: the next chunk's first step rides along (one call fewer, same x0)
+            fuse = not grad and real is None
+            ahead_noise = noise[:, (b + 1) * c : (b + 2) * c] if fuse else None
             with torch.set_grad_enabled(grad and real is not None):
-                out, new = predict_x0(model, inp, sig, words, b * c, mask, kv)
-            ahead, new = out[:, c:] if fuse else None, [tuple(t[:, :, :c * model.tokens] for t in kn) for kn in new]  # keep the context's
-            kv = [tuple(torch.cat([o, n], 2) for o, n in zip(old, kn)) for old, kn in zip(kv, new)] if kv else new
-            kv = [tuple(t[:, :, max(0, t.shape[2] - keep):] for t in kn) for kn in kv]  # the rolling cache
+                kv, ahead = cache_context(
+                    model, context, context_sigma, words, b, kv, keep, ahead_noise, sigmas
+                )
     return torch.cat(outs, 1)
+
+
+def chunk_x0(model, x, sigma, words, b, kv, outs, cache):
+    """One denoising step of chunk b: attending to the KV cache of earlier chunks, or (cache=False)
+    recomputing the clean prefix (outs) under the block-causal mask."""
+    c = model.chunk
+    if cache:
+        return predict_x0(model, x, sigma, words, b * c, kv=kv)[0]
+    B = x.shape[0]
+    sig = torch.cat([torch.zeros(B, b * c), torch.full((B, c), sigma)], 1).to(x.device)
+    prefix = torch.cat([o.detach() for o in outs] + [x], 1)
+    mask = frame_mask((b + 1) * c, c, model.window, x.device)
+    return predict_x0(model, prefix, sig, words, mask=mask)[0][:, -c:]
+
+
+def real_chunk_x0(model, x, real, words, sigmas, gen, b, kv):
+    """TF/DF: chunk b of the real video noised (with noise x) to a random few-step sigma, denoised
+    in one step. -> x0, the context to cache (TF: the clean real chunk; DF: the noised one) and its
+    sigma."""
+    c = model.chunk
+    video, teacher_forcing = real
+    frames = slice(b * c, (b + 1) * c)
+    sig = sigmas.to(x.device)[
+        torch.randint(len(sigmas), (x.shape[0],), generator=gen, device=x.device)
+    ]
+    x = (1 - sig.view(-1, 1, 1, 1, 1)) * video[:, frames] + sig.view(-1, 1, 1, 1, 1) * x
+    x0 = predict_x0(model, x, sig, words, b * c, kv=kv)[0]
+    if teacher_forcing:
+        return x0, video[:, frames], 0.0
+    return x0, x, sig
+
+
+def cache_context(model, context, context_sigma, words, b, kv, keep, ahead_noise, sigmas):
+    """Run chunk b's context at context_sigma and add its keys/values to the cache (per block),
+    keeping the last `keep` tokens (the rolling cache). ahead_noise: also make the next chunk's
+    first step in the same call. -> the cache, the next chunk's first x0 (or None)."""
+    c = model.chunk
+    B = context.shape[0]
+    mask = None
+    if ahead_noise is not None:
+        first = float(sigmas[0])
+        context = torch.cat([context, ahead_noise], 1)
+        context_sigma = torch.tensor([0.0] * c + [first] * c, device=context.device).expand(B, -1)
+        cached = kv[0][0].shape[2] // model.tokens if kv else 0
+        mask = frame_mask(2 * c, c, model.window, context.device, cached)
+    out, new = predict_x0(model, context, context_sigma, words, b * c, mask, kv)
+    new = [tuple(t[:, :, : c * model.tokens] for t in kn) for kn in new]  # keep the context's
+    if kv:
+        new = [tuple(torch.cat([o, n], 2) for o, n in zip(old, kn)) for old, kn in zip(kv, new)]
+    kv = [tuple(t[:, :, max(0, t.shape[2] - keep) :] for t in kn) for kn in new]
+    return kv, (out[:, c:] if ahead_noise is not None else None)
 
 
 @torch.no_grad()
 def sample_teacher(model, noise, words, steps, shift, guidance, keep=()):
-    """Euler on the probability-flow ODE over the shifted grid with CFG, all frames at once. -> x0, states at steps in keep."""
-    sig, x, states = shift_sigma(torch.linspace(1, 0, steps + 1), shift).tolist(), noise, []
+    """Euler on the probability-flow ODE over the shifted grid with CFG, all frames at once.
+    -> x0, states at steps in keep."""
+    sig = shift_sigma(torch.linspace(1, 0, steps + 1), shift).tolist()
+    x = noise
+    states = []
     for i in range(steps):
-        states += [x] if i in keep else []
+        if i in keep:
+            states.append(x)
         x0 = cfg_x0(model, x, sig[i], words, guidance)
         x = x0 + sig[i + 1] * (x - x0) / sig[i]  # = x + (sig' - sig) v with v = (x - x0) / sig
     return x, states
 
 
 def ode_regression_loss(model, states, target, words, sigmas, gen):
-    """ODE init: states (B, K, T, ...) is a teacher trajectory at the K few-step sigmas, target its end. Each chunk picks
-    its own state (noisy or mixed contexts, as in diffusion forcing); one forward under the block-causal mask."""
-    (B, K, T), c, dev = states.shape[:3], model.chunk, states.device
+    """ODE init: states (B, K, T, ...) is a teacher trajectory at the K few-step sigmas, target its
+    end. Each chunk picks its own state (noisy or mixed contexts, as in diffusion forcing); one
+    forward under the block-causal mask."""
+    B, K, T = states.shape[:3]
+    c = model.chunk
+    dev = states.device
     idx = torch.randint(K, (B, T // c), generator=gen, device=dev).repeat_interleave(c, 1)
     x = states[torch.arange(B, device=dev)[:, None], idx, torch.arange(T, device=dev)]
-    x0 = predict_x0(model, x, sigmas.to(dev)[idx], words, mask=frame_mask(T, c, model.window, dev))[0]
+    mask = frame_mask(T, c, model.window, dev)
+    x0 = predict_x0(model, x, sigmas.to(dev)[idx], words, mask=mask)[0]
     return F.mse_loss(x0, target)
 
 
 @torch.no_grad()
-def make_ode_pairs(teacher, words, args, device, amp, seed):
-    """Teacher CFG ODE trajectories at the few-step sigmas (steps 0, n/4, n/2, 3n/4 of n): states (N, K, T, ...), ends."""
-    noise = torch.randn(len(words), args.frames, 3, args.resolution, args.resolution, generator=torch.Generator(device).manual_seed(seed), device=device)
-    with amp:
-        x0, s = sample_teacher(teacher, noise, words.to(device), ODE_EULER, args.shift, args.guidance, range(0, ODE_EULER, ODE_EULER // args.denoise_steps))
+def make_ode_pairs(teacher, words, args, rt, seed):
+    """Teacher CFG ODE trajectories at the few-step sigmas (steps 0, n/4, n/2, 3n/4 of n):
+    states (N, K, T, ...), ends."""
+    gen = torch.Generator(rt.device).manual_seed(seed)
+    shape = (len(words), args.frames, 3, args.resolution, args.resolution)
+    noise = torch.randn(shape, generator=gen, device=rt.device)
+    keep = range(0, ODE_EULER, ODE_EULER // args.denoise_steps)
+    with rt.amp:
+        x0, s = sample_teacher(
+            teacher, noise, words.to(rt.device), ODE_EULER, args.shift, args.guidance, keep
+        )
     return torch.stack(s, 1).half().cpu(), x0.half().cpu()
+
+
+# ---------------------------------------------------------------- method: update steps
+@dataclass
+class Stage:
+    """What one training stage updates, and its random streams."""
+
+    name: str
+    model: nn.Module  # the eager model being trained (checkpoints save this one)
+    net: nn.Module  # model, compiled with --compile: the forward passes go through it
+    ema: nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    gen: torch.Generator  # batches
+    ngen: torch.Generator  # noise, sigmas, exit steps
+    sigmas: torch.Tensor  # the few-step schedule
+    total: int  # steps of the stage
+    batch: int  # videos per step and process
+    base_lr: float
+    teacher: nn.Module | None = None  # frozen: ODE pairs, the real score
+    critic: nn.Module | None = None  # DMD stages: the fake score
+    opt_critic: torch.optim.Optimizer | None = None
+    pairs: tuple | None = None  # ode: teacher trajectories, their ends, word ids
+    step: int = 0
+
+    def means(self, meter, rt):
+        """The meter's mean losses over steps and ranks; stops on a non-finite loss or weight."""
+        params = [*self.model.parameters(), *(self.critic.parameters() if self.critic else [])]
+        return meter.means(rt, params, f"in stage {self.name} before step {self.step}")
+
+
+def grad_step(opt, scaler, loss, module, rt):
+    """Backward, gradients averaged over ranks, unscaled (fp16), clipped at GRAD_CLIP, one step."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if rt.ddp:  # DDP by hand: the rollout calls the model many times per backward
+        for p in module.parameters():
+            dist.all_reduce(p.grad.div_(rt.world))
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(module.parameters(), GRAD_CLIP)
+    scaler.step(opt)
+    scaler.update()
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    # as torch.optim.swa_utils does
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def teacher_step(st, x, words, args, rt):
+    """The teacher's flow-matching step on real videos, 10% null prompts for CFG. -> [loss]"""
+    B = x.shape[0]
+    with rt.amp:
+        null = torch.rand(B, 1, generator=st.gen).to(rt.device) < 0.1
+        sigma = sample_sigma(B, args.shift, st.ngen, rt.device)
+        noise = torch.randn(x.shape, generator=st.ngen, device=rt.device)
+        loss = flow_matching_loss(st.net, x, torch.where(null, 0, words), sigma, noise)
+    grad_step(st.opt, st.scaler, loss, st.model, rt)
+    return [loss.item()]
+
+
+def ode_step(st, rt):
+    """ODE initialisation: a batch of the teacher's trajectories regressed, each chunk from its own
+    state (ode_regression_loss). -> [loss]"""
+    states, ends, words = st.pairs
+    with rt.amp:
+        i = torch.randint(len(states), (st.batch,), generator=st.gen)
+        loss = ode_regression_loss(
+            st.net,
+            states[i].to(rt.device).float(),
+            ends[i].to(rt.device).float(),
+            words[i].to(rt.device),
+            st.sigmas,
+            st.ngen,
+        )
+    grad_step(st.opt, st.scaler, loss, st.model, rt)
+    return [loss.item()]
+
+
+def student_sample(st, x, words, rt):
+    """The generator's videos: its rollout from noise (the batch gives only prompts) or, tf/df, from
+    real chunks. -> videos, word ids, exit step (-1: tf/df)."""
+    self_forcing = st.name == "self_forcing"
+    s = sample_exit_step(st.ngen, len(st.sigmas), rt.device, rt.ddp) if self_forcing else -1
+    real = None if self_forcing else (x, st.name == "tf")
+    with rt.amp:
+        noise = torch.randn(x.shape, generator=st.ngen, device=rt.device)
+        return rollout(st.net, noise, words, st.sigmas, st.ngen, exit_step=s, real=real), words, s
+
+
+def critic_step(st, x, words, args, rt):
+    """The critic (fake score) learns the generator's current outputs by flow matching; no gradient
+    reaches the generator. -> loss"""
+    with torch.no_grad():
+        fake, words, _ = student_sample(st, x, words, rt)
+    with rt.amp:
+        sigma = sample_sigma(st.batch, args.shift, st.ngen, rt.device, 0.02, 0.98)
+        noise = torch.randn(fake.shape, generator=st.ngen, device=rt.device)
+        loss = flow_matching_loss(st.critic, fake, words, sigma, noise)
+    grad_step(st.opt_critic, st.scaler, loss, st.critic, rt)
+    return loss
+
+
+def generator_step(st, x, words, args, rt):
+    """The DMD generator step on a rollout with gradient (dmd_loss: frozen teacher with CFG against
+    the critic). -> loss, g, exit step."""
+    video, words, s = student_sample(st, x, words, rt)
+    with rt.amp:
+        sigma = sample_sigma(st.batch, args.shift, st.ngen, rt.device, 0.02, 0.98)
+        noise = torch.randn(video.shape, generator=st.ngen, device=rt.device)
+        loss, g = dmd_loss(video, st.teacher, st.critic, words, sigma, noise, args.guidance)
+    grad_step(st.opt, st.scaler, loss, st.model, rt)
+    return loss, g, s
+
+
+def train_step(st, data, args, rt):
+    """One training step of the stage -> its loss terms (loss_names)."""
+    if st.name == "teacher":
+        return teacher_step(st, *draw_batch(data, st.batch, st.gen, rt.device), args, rt)
+    if st.name == "ode":
+        return ode_step(st, rt)
+    for _ in range(args.critic_updates):  # the critic follows the generator's current outputs
+        batch = draw_batch(data, st.batch, st.gen, rt.device)
+        critic_loss = critic_step(st, *batch, args, rt)
+    batch = draw_batch(data, st.batch, st.gen, rt.device)
+    loss, g, s = generator_step(st, *batch, args, rt)
+    return [loss.item(), critic_loss.item(), g.abs().mean().item(), s]
+
+
+def loss_names(stage):
+    return ["dmd", "critic", "g_abs", "exit_step"] if stage in DMD_STAGES else ["loss"]
 
 
 # ----------------------------------------------------------------------------- data
 def load_clips(args, n_clips, split, rank=0, world=1, holdout=(), only=()):
-    """Prompted clips, generated once: uint8 (N, T, C, H, W), word ids, prompts; rank r keeps r, r+world, ...; no holdout prompt.
-    only: n_clips of these prompts in turn, each with its own random layout (the evaluation's held-out prompts)."""
+    """Prompted clips, generated once: uint8 (N, T, C, H, W), word ids, prompts; rank r keeps r,
+    r+world, ...; no holdout prompt. only: n_clips of these prompts in turn, each with its own
+    random layout (the evaluation's held-out prompts)."""
     if only:
-        items = [{"prompt": p, "video": toy_data.render_attrs(np.random.default_rng([args.seed, 10 + toy_data.SPLITS.index(split), i]),
-                  toy_data.parse_prompt(p), args.resolution, args.resolution, args.frames)} for i, p in enumerate((only * n_clips)[:n_clips])]
+        items = []
+        for i, p in enumerate((only * n_clips)[:n_clips]):
+            rng = np.random.default_rng([args.seed, 10 + toy_data.SPLITS.index(split), i])
+            attrs = toy_data.parse_prompt(p)
+            video = toy_data.render_attrs(rng, attrs, args.resolution, args.resolution, args.frames)
+            items.append({"prompt": p, "video": video})
     else:
+        n = n_clips + (n_clips // 8 + 16 if holdout else 0)
         try:
-            ds = toy_data.make_dataset(args.data, n_clips + (n_clips // 8 + 16 if holdout else 0), args.resolution,
-                                       args.frames, args.seed, split, args.data_dir)
+            ds = toy_data.make_dataset(
+                args.data, n, args.resolution, args.frames, args.seed, split, args.data_dir
+            )
         except (ValueError, FileNotFoundError, OSError) as e:
             raise SystemExit(f"error: {e}")
-        keep = [i for i in range(len(ds)) if toy_data.make_prompt(toy_data.sample_attrs(ds.rng(i))) not in holdout][:n_clips]
-        items = [ds[i] for i in keep[rank::world]]  # toy_data renders with one thread: tiny ops only contend
+        keep = [
+            i
+            for i in range(len(ds))
+            if toy_data.make_prompt(toy_data.sample_attrs(ds.rng(i))) not in holdout
+        ][:n_clips]
+        items = [ds[i] for i in keep[rank::world]]  # toy_data renders with one thread
     if not items:
-        raise SystemExit(f"error: --data {args.data} gave no {split} clips; raise --train-clips/--eval-clips")
-    videos, prompts = (torch.stack([it["video"] for it in items]).clamp(0, 1) * 255).round().to(torch.uint8), [it["prompt"] for it in items]
-    return videos, torch.tensor([encode_prompt(p) for p in prompts]), prompts
+        raise SystemExit(
+            f"error: --data {args.data} gave no {split} clips; raise --train-clips/--eval-clips"
+        )
+    videos = torch.stack([it["video"] for it in items]).clamp(0, 1)
+    prompts = [it["prompt"] for it in items]
+    words = torch.tensor([encode_prompt(p) for p in prompts])
+    return (videos * 255).round().to(torch.uint8), words, prompts
+
+
+def draw_batch(data, n, gen, device):
+    """n random clips of the pool (videos uint8, word ids) -> videos in [-1, 1], word ids."""
+    videos, words = data
+    i = torch.randint(len(videos), (n,), generator=gen)
+    return videos[i].to(device).float() / 127.5 - 1, words[i].to(device)
 
 
 # ----------------------------------------------------------------------------- evaluation
+PERF_KEYS = ("gen_", "first_", "kv_")  # evaluate()'s speed figures: perf/, not eval/
+SHOWN = (  # the eval line's figures
+    "prompt_alignment prompt_alignment_2x fd_probe fd_probe_2x drift drift_2x rotation "
+    "gen_frames_per_s first_chunk_latency_s kv_speedup_1x kv_speedup_4x"
+).split()
+
+
 def score(videos, ev, tag=""):
-    """prompt_alignment, fd_probe of the last training-length window; drift: per frame the MSE to the nearest real frame; rotation."""
-    row = metrics.evaluate_videos(videos[:, -ev["test"].shape[1]:], ev["prompts"], ("prompt_alignment", "fd_probe"), ev["test"])
-    a, b = videos.flatten(2).double(), ev["test"].flatten(0, 1).flatten(1).double()
-    d = ((a * a).sum(-1, keepdim=True) + (b * b).sum(-1) - 2 * a @ b.T).amin(-1).clamp_min(0).mean(0).float() / b.shape[1]
-    rot = [(v, a) for v, a in zip(videos, map(toy_data.parse_prompt, ev["prompts"])) if a["type"] == "rotating"]  # rad/frame the prompted way (probe: weak)
-    row["rotation"] = float(np.mean([metrics.rotation_rate(v, 4 if a["shape"] == "square" else 3).item() * (1 if a["motion"] == "clockwise" else -1) for v, a in rot])) if rot else None
-    return {**{k + tag: v for k, v in row.items()}, f"drift{tag}": float(d.mean()), f"drift_per_frame{tag}": d.tolist()}
+    """prompt_alignment, fd_probe of the last training-length window; drift: per frame the MSE to
+    the nearest real frame; rotation."""
+    names = ("prompt_alignment", "fd_probe")
+    window = videos[:, -ev["test"].shape[1] :]
+    row = metrics.evaluate_videos(window, ev["prompts"], names, ev["test"])
+    a = videos.flatten(2).double()
+    b = ev["test"].flatten(0, 1).flatten(1).double()
+    d = (a * a).sum(-1, keepdim=True) + (b * b).sum(-1) - 2 * a @ b.T
+    d = d.amin(-1).clamp_min(0).mean(0).float() / b.shape[1]
+    # rad/frame the prompted way (probe: weak)
+    rates = [
+        metrics.rotation_rate(v, 4 if at["shape"] == "square" else 3).item()
+        * (1 if at["motion"] == "clockwise" else -1)
+        for v, at in zip(videos, map(toy_data.parse_prompt, ev["prompts"]))
+        if at["type"] == "rotating"
+    ]
+    row["rotation"] = float(np.mean(rates)) if rates else None
+    row = {k + tag: v for k, v in row.items()}
+    return {**row, f"drift{tag}": float(d.mean()), f"drift_per_frame{tag}": d.tolist()}
 
 
 @torch.no_grad()
-def generate_videos(model, teacher, words, frames, args, device, amp, gen, **kw):
-    """Videos in [0, 1] for word ids: students stream through `rollout` (kw: cache, on_step), the teacher solves its ODE."""
-    noise = torch.randn(len(words), frames, 3, args.resolution, args.resolution, generator=gen, device=device)
-    with amp:
-        x = (sample_teacher(model, noise, words.to(device), ODE_EULER, args.shift, args.guidance)[0] if teacher
-             else rollout(model, noise, words.to(device), few_step_sigmas(args.denoise_steps, args.shift), gen, **kw))
+def generate_videos(model, teacher, words, frames, args, rt, gen, **kw):
+    """Videos in [0, 1] for word ids: students stream through `rollout` (kw: cache, on_step), the
+    teacher solves its ODE."""
+    shape = (len(words), frames, 3, args.resolution, args.resolution)
+    noise = torch.randn(shape, generator=gen, device=rt.device)
+    words = words.to(rt.device)
+    with rt.amp:
+        if teacher:
+            x = sample_teacher(model, noise, words, ODE_EULER, args.shift, args.guidance)[0]
+        else:
+            x = rollout(
+                model, noise, words, few_step_sigmas(args.denoise_steps, args.shift), gen, **kw
+            )
     return ((x.float() + 1) / 2).clamp(0, 1).cpu()
 
 
-def measure_speed(model, teacher, words, frames, args, device, amp, cache=True):
-    """One video at a time, best of 5 calls (as timeit advises: other work on the machine only slows a call down): frames/s and
-    the first chunk's latency (a one-chunk video; teacher: the whole video), with the KV cache or recomputing the prefix (cache=False)."""
-    t = [metrics.measure_fps(generate_videos, model, teacher, words, n, args, device, amp, torch.Generator(device).manual_seed(0), num_frames=n,
-                             repeats=5, **({} if teacher else {"cache": cache}))["s_per_call_min"] for n in ((frames,) if teacher else (frames, args.chunk))]
-    return frames / t[0], t[-1]  # the teacher's first frames come with its whole video: one measurement
+def measure_speed(model, teacher, words, frames, args, rt, cache=True):
+    """One video at a time, best of 5 calls (as timeit advises: other work on the machine only slows
+    a call down): frames/s and the first chunk's latency (a one-chunk video; teacher: the whole
+    video), with the KV cache or recomputing the prefix (cache=False)."""
+    kw = {} if teacher else {"cache": cache}
+    t = []
+    for n in (frames,) if teacher else (frames, args.chunk):
+        gen = torch.Generator(rt.device).manual_seed(0)
+        fps = metrics.measure_fps(
+            generate_videos, model, teacher, words, n, args, rt, gen, num_frames=n, repeats=5, **kw
+        )
+        t.append(fps["s_per_call_min"])
+    return frames / t[0], t[-1]  # the teacher's first frames come with its whole video
 
 
 @torch.no_grad()
-def evaluate(model, stage, ev, args, device, amp, speed=True):
-    """Score generations for the eval prompts at 1x and 2x the training length (students: rolling cache; teacher: all
-    frames at once); speed: frames/s and first-chunk latency with the KV cache and without (nocache), at 1x and 4x."""
-    gen, teacher = torch.Generator(device).manual_seed(args.seed + 5), stage == "teacher"
-    v1 = generate_videos(model.eval(), teacher, ev["words"], args.frames, args, device, amp, gen)
-    row = {**score(v1, ev), **score(generate_videos(model, teacher, ev["words"], 2 * args.frames, args, device, amp, gen), ev, "_2x")}
+def evaluate(model, stage, ev, args, rt, speed=True):
+    """Score generations for the eval prompts at 1x and 2x the training length (students: rolling
+    cache; teacher: all frames at once); speed: frames/s and first-chunk latency with the KV cache
+    and without (nocache), at 1x and 4x."""
+    gen = torch.Generator(rt.device).manual_seed(args.seed + 5)
+    teacher = stage == "teacher"
+    v1 = generate_videos(model.eval(), teacher, ev["words"], args.frames, args, rt, gen)
+    row = score(v1, ev)
+    v2 = generate_videos(model, teacher, ev["words"], 2 * args.frames, args, rt, gen)
+    row.update(score(v2, ev, "_2x"))
     for frames, tag in ((args.frames, ""), (4 * args.frames, "_4x")) if speed else ():
-        for cache, key in ((True, tag), (False, tag + "_nocache"))[:1 if teacher else 2]:
-            row[f"gen_frames_per_s{key}"], row[f"first_chunk_latency_s{key}"] = measure_speed(model, teacher, ev["words"][:1], frames, args, device, amp, cache)
+        for cache, key in ((True, tag), (False, tag + "_nocache"))[: 1 if teacher else 2]:
+            fps, first = measure_speed(model, teacher, ev["words"][:1], frames, args, rt, cache)
+            row[f"gen_frames_per_s{key}"] = fps
+            row[f"first_chunk_latency_s{key}"] = first
         if not teacher:
-            row[f"kv_speedup{tag or '_1x'}"] = row[f"gen_frames_per_s{tag}"] / row[f"gen_frames_per_s{tag}_nocache"]
+            row[f"kv_speedup{tag or '_1x'}"] = (
+                row[f"gen_frames_per_s{tag}"] / row[f"gen_frames_per_s{tag}_nocache"]
+            )
     return row, v1
 
 
-# ----------------------------------------------------------------------------- pictures
-def save_pictures(model, videos, prompts, stage, args, device, amp, step, writer):
-    """Samples, the attention masks by frame (white: visible) and, for a student, each chunk's x0 after each step."""
-    out = lambda *p: os.path.join(args.out_dir, *p)
-    viz.save_video_grid(videos[:16], out("samples", f"{stage}_{step:06d}.gif"), prompts[:16], fps=4)
-    viz.save_video_grid(videos[:7], out("samples", f"{stage}_latest.png"), prompts[:7])
+def save_pictures(model, videos, prompts, stage, args, rt, step, writer):
+    """Samples, the attention masks by frame (white: visible) and, for a student, each chunk's x0
+    after each step."""
+    samples = os.path.join(args.out_dir, "samples")
+    viz.save_video_grid(videos[:16], f"{samples}/{stage}_{step:06d}.gif", prompts[:16], fps=4)
+    viz.save_video_grid(videos[:7], f"{samples}/{stage}_latest.png", prompts[:7])
     viz.log_video(writer, f"samples/{stage}", videos[:16], step, fps=4)
-    k, m = 256 // args.frames, torch.stack([torch.ones(args.frames, args.frames), frame_mask(args.frames, args.chunk, args.window).float()])
-    viz.save_video_grid(torch.kron(m, torch.ones(k, k))[:, None, None].expand(-1, -1, 3, -1, -1), out("plots", "attention_masks.png"), [
-        "teacher, critic: every frame sees every frame (rows: query frame, columns: key frame)", f"student: chunks of {args.chunk}, window {args.window or 'all'}"])
-    if model is not None and stage != "teacher":
-        rows, gen = [[] for _ in range(args.denoise_steps)], torch.Generator(device).manual_seed(args.seed)
-        generate_videos(model, False, torch.tensor([encode_prompt(HOLDOUT[0])]), args.frames, args, device, amp, gen,
-                        on_step=lambda b, j, x0: rows[j].append(x0[0].float().cpu()))
-        viz.save_video_grid(((torch.stack([torch.cat(r) for r in rows]) + 1) / 2).clamp(0, 1), out("samples", f"denoising_{stage}.png"),
-                            [f"{HOLDOUT[0]}: every chunk's x0 after step {j + 1} of {args.denoise_steps}" for j in range(args.denoise_steps)])
+    k = 256 // args.frames
+    student = frame_mask(args.frames, args.chunk, args.window).float()
+    masks = torch.kron(
+        torch.stack([torch.ones(args.frames, args.frames), student]), torch.ones(k, k)
+    )
+    captions = [
+        "teacher, critic: every frame sees every frame (rows: query frame, columns: key frame)",
+        f"student: chunks of {args.chunk}, window {args.window or 'all'}",
+    ]
+    path = os.path.join(args.out_dir, "plots", "attention_masks.png")
+    viz.save_video_grid(masks[:, None, None].expand(-1, -1, 3, -1, -1), path, captions)
+    if model is None or stage == "teacher":
+        return
+    rows = [[] for _ in range(args.denoise_steps)]
+    gen = torch.Generator(rt.device).manual_seed(args.seed)
+    words = torch.tensor([encode_prompt(HOLDOUT[0])])
+
+    def record(b, j, x0):
+        rows[j].append(x0[0].float().cpu())
+
+    generate_videos(model, False, words, args.frames, args, rt, gen, on_step=record)
+    steps = ((torch.stack([torch.cat(r) for r in rows]) + 1) / 2).clamp(0, 1)
+    captions = [
+        f"{HOLDOUT[0]}: every chunk's x0 after step {j + 1} of {args.denoise_steps}"
+        for j in range(args.denoise_steps)
+    ]
+    viz.save_video_grid(steps, f"{samples}/denoising_{stage}.png", captions)
 
 
-# ----------------------------------------------------------------------------- boilerplate
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-              "A10": 125e12, "V100": 125e12, "T4": 65e12}  # dense bf16/fp16 tensor-core peaks
+def write_metrics(stage, row, perf, step, args, real):
+    """Merge a stage's row into out_dir/metrics.json ("eval": self_forcing; "baselines": the other
+    stages and the real videos). -> every row so far, by stage."""
+    path = os.path.join(args.out_dir, "metrics.json")
+    old = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+    if old.get("script") != SCRIPT:  # another script's metrics.json is replaced
+        old = {}
+    rows = {**old.get("baselines", {}), "self_forcing": old.get("eval"), stage: row, "real": real}
+    perfs = old.get("perf", {}).get("stages", {})
+    if perf:
+        perfs = {**perfs, stage: perf}
+    sf = rows["self_forcing"] or {}
+    baselines = {k: rows[k] for k in (*STAGES, "real") if rows.get(k) and k != "self_forcing"}
+    speed = {k: v for k, v in sf.items() if k.startswith(PERF_KEYS)}
+    out = {
+        "script": SCRIPT,
+        "step": perfs.get("self_forcing", {}).get("steps", step),
+        "wall_s": round(sum(p["wall_s"] + p["eval_s"] for p in perfs.values()), 1),
+        "eval": sf,
+        "baselines": baselines,
+        "perf": {**perfs.get("self_forcing", {}), **speed, "stages": perfs},
+        "data": {
+            "kind": args.data,
+            "resolution": args.resolution,
+            "frames": args.frames,
+            "n_eval": args.eval_clips,
+        },
+    }
+    write_json(path, out)
+    return rows
+
+
+def finish_stage(model, stage, step, perf, args, rt, ev, writer):
+    """Rank 0: evaluate a stage's model, log and draw it, and merge its row into metrics.json.
+    perf: the stage's training figures (None: a mid-stage or --eval-only evaluation)."""
+    t0 = time.time()
+    row, videos = evaluate(model, stage, ev, args, rt)
+    if writer:
+        floats = {k: v for k, v in row.items() if isinstance(v, float)}
+        speed = {k: v for k, v in floats.items() if k.startswith(PERF_KEYS)}
+        scores = {k: v for k, v in floats.items() if k not in speed}
+        log_scalars(writer, f"eval/{stage}", scores, step)
+        log_scalars(writer, f"perf/{stage}", speed, step)
+    save_pictures(model, videos, ev["prompts"], stage, args, rt, step, writer)
+    if perf:
+        perf = {**perf, "eval_s": round(time.time() - t0, 1)}
+    rows = write_metrics(stage, row, perf, step, args, ev["real"])
+    drift = {k: r["drift_per_frame_2x"] for k, r in rows.items() if r and "drift_per_frame_2x" in r}
+    viz.plot_metric_vs_horizon(
+        drift,
+        os.path.join(args.out_dir, "plots", "drift.png"),
+        metric="MSE to nearest real frame",
+        train_horizon=args.frames,
+        title="drift at 2x the training length",
+    )
+    shown = "  ".join(f"{k} {row[k]:.4g}" for k in SHOWN if row.get(k) is not None)
+    print(f"eval {stage} step {step}: {shown}", flush=True)
+
+
+def eval_set(args):
+    """Rank 0's evaluation clips of the held-out prompts, real clips of the same prompts in other
+    layouts (test: the reference of fd_probe and drift) and the real videos' row."""
+    videos, words, prompts = load_clips(args, args.eval_clips, "val", only=HOLDOUT)
+    ev = {"videos": videos.float() / 255, "words": words, "prompts": prompts}
+    ev["test"] = load_clips(args, args.eval_clips, "test", only=HOLDOUT)[0].float() / 255
+    ev["real"] = score(ev["videos"], ev)
+    return ev
+
+
+# ----------------------------------------------------------------------------- training loop
+def model_arch(args):
+    return dict(
+        channels=3,
+        resolution=args.resolution,
+        patch=PATCH,
+        width=args.width,
+        depth=args.depth,
+        chunk=args.chunk,
+        window=args.window,
+        vocab=len(VOCAB),
+        words=MAX_WORDS,
+    )
+
+
+def stage_steps(stage, args):
+    return {"teacher": args.teacher_steps, "ode": args.ode_steps}.get(stage, args.steps)
+
+
+def stage_path(args, stage):
+    return os.path.join(args.out_dir, f"ckpt_{stage}.pt")
+
+
+def load_model(path, args, rt):
+    """A stage checkpoint's EMA weights in a new DiT -> model, checkpoint."""
+    ckpt = load_checkpoint(path, model_arch(args))
+    model = DiT(**model_arch(args)).to(rt.device)
+    load_weights(model, ckpt["ema"], path)
+    return model, ckpt
+
+
+def build_stage(name, args, rt, pool_words):
+    """The stage's models, optimisers and random streams, in the order that fixes their seeds: the
+    student starts from the teacher (ode) or the ODE student (DMD stages); the critic from the
+    teacher, like Wan's fake score."""
+    si = STAGES.index(name)
+    dmd = name in DMD_STAGES
+    torch.manual_seed(args.seed + si)
+    model = DiT(**model_arch(args)).to(rt.device)
+    teacher = None
+    if name != "teacher":
+        start = load_model(stage_path(args, STAGES[min(si, 2) - 1]), args, rt)[0]
+        model.load_state_dict(start.state_dict())
+        teacher = load_model(stage_path(args, "teacher"), args, rt)[0].requires_grad_(False)
+    critic = copy.deepcopy(teacher).requires_grad_(True) if dmd else None
+    ema = copy.deepcopy(model).requires_grad_(False)
+    if dmd:
+        betas, base_lr = (0.0, 0.999), args.gen_lr
+    else:
+        betas, base_lr = (0.9, 0.99), args.lr if name == "teacher" else args.lr / 3
+    fused = rt.device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=base_lr, betas=betas, fused=fused)
+    opt_critic = None
+    if dmd:
+        opt_critic = torch.optim.AdamW(
+            critic.parameters(), lr=args.gen_lr, betas=betas, fused=fused
+        )
+    seed = args.seed + 1000 * rt.rank + 10 * si
+    return Stage(
+        name=name,
+        model=model,
+        net=model,
+        ema=ema,
+        opt=opt,
+        scaler=make_scaler(rt),
+        gen=torch.Generator().manual_seed(seed),
+        ngen=torch.Generator(rt.device).manual_seed(seed + 1),
+        sigmas=few_step_sigmas(args.denoise_steps, args.shift),
+        total=stage_steps(name, args),
+        batch=args.batch_size // 2 if dmd else args.batch_size,
+        base_lr=base_lr,
+        teacher=teacher,
+        critic=critic,
+        opt_critic=opt_critic,
+    )
+
+
+def resume_stage(st, ckpt, path, rt):
+    """Continue from a stage checkpoint: weights, optimisers, scaler, step and random streams."""
+    load_weights(st.model, ckpt["model"], path)
+    load_weights(st.ema, ckpt["ema"], path)
+    st.opt.load_state_dict(ckpt["optimizer"])
+    st.scaler.load_state_dict(ckpt["scaler"])
+    if st.critic is not None:
+        load_weights(st.critic, ckpt["critic"], path)
+        st.opt_critic.load_state_dict(ckpt["opt_critic"])
+    st.step = ckpt["step"]
+    data_state = set_rng_state(ckpt["rng"], rt.rank)
+    if data_state is not None:
+        st.gen.set_state(data_state[0])
+        st.ngen.set_state(data_state[1])
+
+
+def save_stage(st, args, rt):
+    """All ranks call this (the generator states are gathered); rank 0 writes atomically."""
+    gens = gather_states([st.gen.get_state(), st.ngen.get_state()], rt)
+    if not rt.master:
+        return
+    ckpt = {
+        "script": SCRIPT,
+        "stage": st.name,
+        "step": st.step,
+        "args": asdict(args),
+        "arch": model_arch(args),
+        "model": st.model.state_dict(),
+        "ema": st.ema.state_dict(),
+        "optimizer": st.opt.state_dict(),
+        "scaler": st.scaler.state_dict(),
+        "rng": rng_state(gens),
+    }
+    if st.critic is not None:
+        ckpt["critic"] = st.critic.state_dict()
+        ckpt["opt_critic"] = st.opt_critic.state_dict()
+    save_atomic(ckpt, stage_path(args, st.name))
+
+
+def log_progress(st, meter, speed, lr, rt, writer):
+    """The log line: mean losses since the last one (over ranks), lr, speed; TensorBoard scalars."""
+    m = st.means(meter, rt)
+    meter.reset()
+    speed_text, perf = speed.report(st.batch * rt.world, st.total - st.step)
+    if not rt.master:
+        return
+    losses = " ".join(f"{k} {v:.4g}" for k, v in m.items())
+    print(
+        f"{st.name} step {st.step}/{st.total} | {losses} | lr {lr:.2e} | {speed_text}", flush=True
+    )
+    log_scalars(writer, f"train/{st.name}", {**m, "lr": lr}, st.step)
+    log_scalars(writer, f"perf/{st.name}", perf, st.step)
+
+
+def train_loop(st, data, args, rt, ev, writer):
+    """Train the stage to its step count: update, EMA, log, evaluate, sample, checkpoint; Ctrl-C
+    saves a checkpoint. -> the SpeedMeter."""
+    dmd = st.name in DMD_STAGES
+    meter = LossMeter(loss_names(st.name), rt.device)
+    speed = SpeedMeter(st.step, peak_flops(rt))
+    flops = None  # one training step, counted once (a warm-up step, so it stays out of the timing)
+    try:
+        while st.step < st.total:
+            lr = lr_at(st.step, st.total, st.base_lr, 10 if dmd else 100, decay=not dmd)
+            set_lr([st.opt], lr)  # the critic keeps --gen-lr
+            if speed.peak and flops is None and st.step == speed.start + WARMUP_STEPS - 1:
+                terms = []
+                flops = count_flops(lambda: terms.extend(train_step(st, data, args, rt)))
+            else:
+                terms = train_step(st, data, args, rt)
+            # the paper's EMA starts at step 200 of 600
+            ema_update(st.ema, st.model, EMA_DECAY if st.step >= st.total // 3 else 0.0)
+            meter.add(terms)
+            st.step += 1
+            speed.tick(st.step, flops)
+            if st.step % args.log_every == 0 or st.step == st.total:
+                log_progress(st, meter, speed, lr, rt, writer)
+            more = st.step < st.total  # the final evaluation follows the loop
+            if rt.master and more and st.step % args.eval_every == 0:
+                finish_stage(st.ema, st.name, st.step, None, args, rt, ev, writer)
+            if rt.master and more and st.step % args.sample_every == 0:
+                gen = torch.Generator(rt.device).manual_seed(args.seed + 5)
+                words = ev["words"][:16]
+                videos = generate_videos(
+                    st.ema, st.name == "teacher", words, args.frames, args, rt, gen
+                )
+                save_pictures(None, videos, ev["prompts"][:16], st.name, args, rt, st.step, writer)
+            if st.step % args.ckpt_every == 0 or st.step == st.total:
+                st.means(meter, rt)  # never save weights gone non-finite since the last log
+                save_stage(st, args, rt)
+            speed.lap()
+    except KeyboardInterrupt:
+        st.means(meter, rt)
+        save_stage(st, args, rt)
+        raise SystemExit(
+            f"interrupted at step {st.step} of stage {st.name}; checkpoint saved in "
+            f"{stage_path(args, st.name)}, run the same command to resume"
+        )
+    return speed
+
+
+def train_stage(name, args, rt, data, ev, writer):
+    """One stage: resume or start it (a finished one is skipped; --no-resume retrains it), train it,
+    evaluate its EMA model. data: the training pool (videos, word ids)."""
+    path = stage_path(args, name)
+    ckpt = load_checkpoint(path, model_arch(args)) if args.resume and os.path.isfile(path) else None
+    if ckpt and ckpt["step"] >= stage_steps(name, args):
+        return
+    needs = STAGES[: min(STAGES.index(name), 2)]  # ode: the teacher; DMD: it and the ODE student
+    for need in needs:
+        if not os.path.isfile(stage_path(args, need)):
+            raise SystemExit(
+                f"error: --stage {name} needs {stage_path(args, need)}; "
+                f"run --stage {need} first (or --stage all)"
+            )
+    t0 = time.time()
+    st = build_stage(name, args, rt, data[1])
+    if ckpt:
+        resume_stage(st, ckpt, path, rt)
+    if name == "ode":  # regenerated on resume: a fixed seed makes them the same pairs
+        words = data[1][:ODE_PAIRS]
+        st.pairs = (*make_ode_pairs(st.teacher, words, args, rt, args.seed + 100 + rt.rank), words)
+    st.net = torch.compile(st.model) if rt.compile else st.model
+    speed = train_loop(st, data, args, rt, ev, writer)
+    if rt.master:
+        perf = {
+            "steps": st.step,
+            "wall_s": round(time.time() - t0, 1),
+            "params": sum(p.numel() for p in st.model.parameters()),
+            **speed.summary(st.batch * rt.world),
+            "device": device_name(rt),
+            "dtype": rt.dtype,
+        }
+        finish_stage(st.ema, name, st.step, perf, args, rt, ev, writer)
+    if rt.ddp:
+        dist.barrier()  # the next stage starts from this stage's checkpoint
+
+
+# ----------------------------------------------------------------------------- entry points
+def check_inputs(args):
+    """Validate every flag before anything is written -> the checkpoints to evaluate or generate
+    with, the --generate prompts' word ids."""
+    if args.data != "shapes":
+        raise SystemExit(
+            f"error: --data {args.data!r} has no prompts; "
+            "this text-to-video script needs --data shapes"
+        )
+    if args.resolution % PATCH or args.resolution < PATCH:
+        raise SystemExit(
+            f"error: --resolution {args.resolution} is not a positive multiple of {PATCH} "
+            "(the patch size); use e.g. 32"
+        )
+    if args.frames % args.chunk or ODE_EULER % args.denoise_steps or 0 < args.window < args.chunk:
+        raise SystemExit(
+            f"error: --frames {args.frames} must be a multiple of --chunk {args.chunk}, "
+            f"--denoise-steps {args.denoise_steps} divide {ODE_EULER}, and --window {args.window} "
+            "be 0 or at least --chunk"
+        )
+    gen_words = torch.tensor([encode_prompt(p) for p in args.generate], dtype=torch.long)
+    if args.ckpt and not os.path.isfile(args.ckpt):
+        raise SystemExit(
+            f"error: --ckpt {args.ckpt} does not exist; "
+            "pass the path of a train_self_forcing.py ckpt_<stage>.pt"
+        )
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    if args.ckpt:
+        to_eval = [args.ckpt]
+    elif args.generate:
+        to_eval = [stage_path(args, "self_forcing")]
+    else:
+        to_eval = [stage_path(args, s) for s in stages if os.path.isfile(stage_path(args, s))]
+    if (args.eval_only or args.generate) and not (to_eval and os.path.isfile(to_eval[0])):
+        flag = "generate" if args.generate else "eval-only"
+        missing = (to_eval or ["ckpt_<stage>.pt"])[0]
+        raise SystemExit(
+            f"error: --{flag} needs a checkpoint but there is no {missing} in {args.out_dir}; "
+            "train first or pass --ckpt"
+        )
+    return to_eval, gen_words
+
+
+def generate(path, words, args, rt):
+    """Streaming generation (rollout: chunk by chunk) into generated.gif and .png, then the speed of
+    one video at a time."""
+    model, ckpt = load_model(path, args, rt)
+    teacher = ckpt["stage"] == "teacher"
+    gen = torch.Generator(rt.device).manual_seed(0)
+    videos = generate_videos(model.eval(), teacher, words, args.frames, args, rt, gen)
+    fps, first = measure_speed(model, teacher, words[:1], args.frames, args, rt)
+    out = os.path.join(args.out_dir, "generated.gif")
+    viz.save_video_grid(videos, out, list(args.generate), fps=4)
+    viz.save_video_grid(videos, out.replace(".gif", ".png"), list(args.generate))
+    print(
+        f"{ckpt['stage']} model of {path} (step {ckpt['step']}), {rt.device.type} {rt.dtype}, "
+        f"{args.frames} frames per video: {fps:.0f} frames/s, first chunk after "
+        f"{1000 * first:.1f} ms; wrote {out} and .png"
+    )
+
+
+EXPLAINED = (  # --explain: the model, then the method's functions in the order of this file
+    DiT,
+    frame_mask,
+    few_step_sigmas,
+    flow_matching_loss,
+    dmd_loss,
+    rollout,
+    sample_teacher,
+    ode_regression_loss,
+    grad_step,
+    teacher_step,
+    ode_step,
+    student_sample,
+    critic_step,
+    generator_step,
+    evaluate,
+)
+
+
+# ==================================================================================================
+# Infrastructure: byte-identical in every train_*.py (tests/test_infrastructure.py compares them).
+# Device and precision, DDP, seeding, checkpoints, the loss and speed meters, logging, teardown.
+# Skip it to read the method: `diff train_vqvae.py train_river.py` shows the method and little else.
+# ==================================================================================================
+SCRIPT = os.path.basename(__file__)
+WARMUP_STEPS = 3  # first steps of a run (compile, allocator warm-up) stay out of the speed figures
+PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peaks, for MFU
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+@dataclass
+class Runtime:
+    """Where and how this process runs: made once by setup()."""
+
+    device: torch.device
+    dtype: str
+    amp: object  # autocast context (nullcontext in fp32), reused for every forward
+    compile: bool
+    rank: int
+    world: int
+    ddp: bool  # world > 1
+    master: bool  # rank 0: the one that writes
 
 
 def cpu_has_bf16():
     try:  # Linux only; elsewhere fp32 is the safe default
         with open("/proc/cpuinfo") as f:
-            return "avx512_bf16" in (flags := f.read()) or "amx_bf16" in flags
+            flags = f.read()
     except OSError:
         return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_dtype(dev):
+    """bf16 where it is fast (CUDA with bf16, CPUs with native bf16), fp16 on older GPUs, else fp32."""
+    if dev == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if dev == "cpu" and cpu_has_bf16() else "float32"
+
+
+def setup(args):
+    """Device, precision, process group and seeds from the system flags -> Runtime."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    dev = args.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if dev == "cuda" else dev)
+    if dev == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev == "cuda" else "gloo")
+    dtype = args.dtype if args.dtype != "auto" else auto_dtype(dev)
+    ptdtype = getattr(torch, dtype)
+    amp = torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+    use_compile = args.compile if args.compile is not None else dev == "cuda"
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
+    return Runtime(device, dtype, amp, use_compile, rank, world, world > 1, rank == 0)
+
+
+def device_name(rt):
+    return torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else rt.device.type
+
+
+def peak_flops(rt):
+    """The accelerator's dense bf16/fp16 peak in FLOP/s, or None where it is not known."""
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name(rt)), None)
+
+
+def count_flops(fn):
+    """FLOPs of one call of fn() (forward and backward, as fn does them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def make_scaler(rt):
+    """Loss scaling for fp16 only; a no-op otherwise."""
+    return torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == "float16")
+
+
+def lr_at(step, total, peak, warmup, decay=True):
+    """Linear warm-up, then cosine decay to peak/10 at `total` (constant if not decay)."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    progress = min(1.0, step / max(1, total))
+    return peak * warm * ((0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))) if decay else 1.0)
+
+
+def set_lr(optimizers, lr):
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
+def optimizer_step(opt, scaler, loss, params, clip):
+    """Backward, clip the gradient norm (clip > 0), step; the fp16 scaler unscales first."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    scaler.step(opt)
+    scaler.update()
 
 
 def rng_state(data):
     """Every RNG state as tensors and lists, so the checkpoint loads with weights_only=True."""
-    py, npr = random.getstate(), np.random.get_state()
-    return {"python": [py[0], list(py[1]), py[2]], "numpy": [npr[0], torch.from_numpy(npr[1].astype(np.int64)), *npr[2:]],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-            "data": data}
+    py = random.getstate()
+    npr = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npr[0], torch.from_numpy(npr[1].astype(np.int64)), *npr[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+        "data": data,
+    }
 
 
 def set_rng_state(s, rank):
@@ -471,329 +1353,226 @@ def set_rng_state(s, rank):
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
     np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
     torch.set_rng_state(s["torch"])
-    torch.cuda.set_rng_state_all(s["cuda"]) if s["cuda"] and torch.cuda.is_initialized() else None
+    if s["cuda"] and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state_all(s["cuda"])
     return s["data"][rank] if rank < len(s["data"]) else None
 
 
+def gather_states(state, rt):
+    """This rank's data-generator state -> the list of every rank's (rank 0 saves them all)."""
+    if not rt.ddp:
+        return [state]
+    states = [None] * rt.world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def first_line(e):
+    return str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+
+
 def load_checkpoint(path, arch):
+    """Read a checkpoint of this script with this architecture, or stop with one line."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); pass a valid --ckpt or use a new --out-dir")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != "train_self_forcing.py":
-        got = ckpt.get("script", "an unknown script") if isinstance(ckpt, dict) else "an unknown script"
-        raise SystemExit(f"error: {path} was written by {got}, not train_self_forcing.py; pass a train_self_forcing.py checkpoint with --ckpt or use another --out-dir")
-    diff = [f"{k}={ckpt.get('arch', {}).get(k)} (now {v})" for k, v in arch.items() if ckpt.get("arch", {}).get(k) != v]
+        raise SystemExit(
+            f"error: cannot read checkpoint {path} ({type(e).__name__}: {first_line(e)}); "
+            "pass a valid --ckpt or use a new --out-dir"
+        )
+    got = ckpt.get("script", "an unknown script") if isinstance(ckpt, dict) else "an unknown script"
+    if got != SCRIPT:
+        raise SystemExit(
+            f"error: {path} was written by {got}, not {SCRIPT}; "
+            f"pass a {SCRIPT} checkpoint with --ckpt or use another --out-dir"
+        )
+    saved = ckpt.get("arch", {})
+    diff = [f"{k}={saved.get(k)} (now {v})" for k, v in arch.items() if saved.get(k) != v]
     if diff:
-        raise SystemExit(f"error: {path} has another architecture: {', '.join(diff)}; pass the same model flags/data, or use another --out-dir")
+        raise SystemExit(
+            f"error: {path} has another architecture: {', '.join(diff)}; "
+            "pass the model and data flags it was trained with, or use another --out-dir"
+        )
     return ckpt
 
 
-@torch.no_grad()
-def ema_update(ema, model, decay):
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)  # as torch.optim.swa_utils does
+def load_weights(module, state, path):
+    """load_state_dict, or stop with one line when the checkpoint does not fit the module."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError) as e:
+        raise SystemExit(
+            f"error: {path} does not match this model ({first_line(e)}); use another --out-dir"
+        )
 
 
-def lr_at(step, total, peak, warmup, decay=True):
-    warm, progress = min(1.0, (step + 1) / max(1, warmup)), min(1.0, step / max(1, total))
-    return peak * warm * ((0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))) if decay else 1.0)
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a kill mid-write never leaves a broken file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def open_writer(args, step):
+    """Rank 0: samples/ and plots/, args.json, TensorBoard writer with the args table at step 0."""
+    for sub in ("samples", "plots"):
+        os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
+    write_json(os.path.join(args.out_dir, "args.json"), asdict(args))
+    writer = SummaryWriter(args.out_dir)
+    if step == 0:
+        rows = "\n".join(f"| {k} | {v} |" for k, v in asdict(args).items())
+        writer.add_text("args", "| flag | value |\n|---|---|\n" + rows, 0)
+    return writer
+
+
+class LossMeter:
+    """Named loss terms summed between log lines; means() averages them over steps and ranks and
+    stops the run with one line when a term or a weight is not finite."""
+
+    def __init__(self, names, device):
+        self.names = names
+        self.sum = torch.zeros(len(names), device=device)
+        self.n = 0
+
+    def add(self, terms):
+        self.sum += torch.as_tensor(terms, dtype=torch.float32, device=self.sum.device)
+        self.n += 1
+
+    def means(self, rt, params, where):
+        total = self.sum.clone()
+        if rt.ddp:
+            dist.all_reduce(total)
+        values = (total / max(1, self.n * rt.world)).tolist()
+        finite = all(math.isfinite(v) for v in values) and all(p.isfinite().all() for p in params)
+        if not finite:
+            raise SystemExit(
+                f"error: non-finite loss ({dict(zip(self.names, values))}) {where}; lower the "
+                "learning rate or use --dtype float32; the last good checkpoint was kept"
+            )
+        return dict(zip(self.names, values))
+
+    def reset(self):
+        self.sum.zero_()
+        self.n = 0
+
+
+class SpeedMeter:
+    """Training time per step, leaving out the first WARMUP_STEPS of a run and whatever happens
+    between tick() and lap() (evaluation, samples, checkpoints). flops: per step, for MFU."""
+
+    def __init__(self, start, peak):
+        self.start = start
+        self.peak = peak
+        self.t_last = time.perf_counter()
+        self.win = [0.0, 0, 0.0]  # seconds, steps, FLOPs since the last log line
+        self.total = [0.0, 0, 0.0]  # the same over the run
+
+    def tick(self, step, flops=None):
+        """After a training step: count its time unless it is a warm-up step."""
+        if step > self.start + WARMUP_STEPS:
+            self.win[0] += time.perf_counter() - self.t_last
+            self.win[1] += 1
+            self.win[2] += flops or 0.0
+
+    def lap(self):
+        """Restart the clock at the end of an iteration."""
+        self.t_last = time.perf_counter()
+
+    def report(self, samples_per_step, steps_left):
+        """-> (text for the log line, perf scalars); then starts a new window."""
+        seconds, steps, flops = self.win
+        for i in range(3):
+            self.total[i] += self.win[i]
+        self.win = [0.0, 0, 0.0]
+        if not steps:
+            return "warm-up", {}
+        ms = 1000 * seconds / steps
+        perf = {"steps_per_s": 1000 / ms, "samples_per_s": samples_per_step * 1000 / ms}
+        if flops and self.peak:
+            perf["mfu"] = flops / seconds / self.peak
+        mfu = f"{perf['mfu']:.1%}" if "mfu" in perf else "n/a"
+        eta = steps_left * ms / 60000
+        text = f"{ms:.0f} ms/step | {perf['samples_per_s']:.0f} samples/s | MFU {mfu} | ETA {eta:.1f} min"
+        return text, perf
+
+    def summary(self, samples_per_step):
+        """Training speed over the whole run, for metrics.json."""
+        seconds, steps, flops = self.total
+        return {
+            "train_samples_per_s": samples_per_step * steps / seconds if seconds else None,
+            "train_ms_per_step": 1000 * seconds / steps if steps else None,
+            "mfu": flops / seconds / self.peak if flops and self.peak and seconds else None,
+        }
+
+
+def log_scalars(writer, prefix, values, step):
+    for k, v in values.items():
+        if isinstance(v, (int, float)):
+            writer.add_scalar(f"{prefix}/{k}", v, step)
+
+
+def teardown(rt):
+    """Leave the process group together: rank 0 may still be evaluating."""
+    if rt.ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ==================================================================================================
+# End of infrastructure.
+# ==================================================================================================
 
 
 def main(args: Args):
-    if args.explain:  # the method's functions, top to bottom in this file
-        return print("\n\n".join(f"{f.__name__}: {' '.join(f.__doc__.split())}" for f in (DiT, frame_mask, few_step_sigmas,
-                     flow_matching_loss, sample_teacher, ode_regression_loss, rollout, dmd_loss, evaluate)))
-    # ---- distributed, device, precision
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    ddp, master = world > 1, rank == 0
-    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if dev == "cuda" else dev)
-    if dev == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if ddp and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev == "cuda" else "gloo")
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if dev == "cuda" else (
-        "bfloat16" if dev == "cpu" and cpu_has_bf16() else "float32")
-    ptdtype = getattr(torch, dtype)
-    amp = torch.autocast(device.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
-    use_compile = args.compile if args.compile is not None else dev == "cuda"
-    random.seed(args.seed + rank), np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed)  # the same on every rank: identical initial weights
-
-    # ---- inputs: validate everything before anything is written
-    if args.data != "shapes":
-        raise SystemExit(f"error: --data {args.data!r} has no prompts; this text-to-video script needs --data shapes")
-    if args.resolution % PATCH or args.resolution < PATCH:
-        raise SystemExit(f"error: --resolution {args.resolution} is not a positive multiple of {PATCH} (the patch size); use e.g. 32")
-    if args.frames % args.chunk or ODE_EULER % args.denoise_steps or 0 < args.window < args.chunk:
-        raise SystemExit(f"error: --frames {args.frames} must be a multiple of --chunk {args.chunk}, --denoise-steps {args.denoise_steps} "
-                         f"divide {ODE_EULER}, and --window {args.window} be 0 or at least --chunk")
-    gen_words = torch.tensor([encode_prompt(p) for p in args.generate], dtype=torch.long)
-    if args.ckpt and not os.path.isfile(args.ckpt):
-        raise SystemExit(f"error: --ckpt {args.ckpt} does not exist; pass the path of a train_self_forcing.py ckpt_<stage>.pt")
-    stage_path = lambda s: os.path.join(args.out_dir, f"ckpt_{s}.pt")
-    stages = STAGES if args.stage == "all" else (args.stage,)
-    to_eval = [args.ckpt] if args.ckpt else [stage_path("self_forcing")] if args.generate else list(filter(os.path.isfile, map(stage_path, stages)))
-    if (args.eval_only or args.generate) and not (to_eval and os.path.isfile(to_eval[0])):
-        raise SystemExit(f"error: --{'generate' if args.generate else 'eval-only'} needs a checkpoint but there is no "
-                         f"{(to_eval or ['ckpt_<stage>.pt'])[0]} in {args.out_dir}; train first or pass --ckpt")
-    arch = dict(channels=3, resolution=args.resolution, patch=PATCH, width=args.width, depth=args.depth, chunk=args.chunk,
-                window=args.window, vocab=len(VOCAB), words=MAX_WORDS)
-    sigmas = few_step_sigmas(args.denoise_steps, args.shift)
-
-    def load_model(path):
-        ck, model = load_checkpoint(path, arch), DiT(**arch).to(device)
-        try:
-            model.load_state_dict(ck["ema"])
-        except (RuntimeError, KeyError) as e:
-            raise SystemExit(f"error: {path} does not match this model ({str(e).splitlines()[0][:120]}); use another --out-dir")
-        return model, ck
-
-    if args.generate:  # ---- streaming generation (rollout: chunk by chunk), then the speed of one video at a time
-        (model, ck), out = load_model(to_eval[0]), os.path.join(args.out_dir, "generated.gif")
-        videos = generate_videos(model.eval(), ck["stage"] == "teacher", gen_words, args.frames, args, device, amp, torch.Generator(device).manual_seed(0))
-        fps, first = measure_speed(model, ck["stage"] == "teacher", gen_words[:1], args.frames, args, device, amp)
-        viz.save_video_grid(videos, out, list(args.generate), fps=4)
-        viz.save_video_grid(videos, out.replace(".gif", ".png"), list(args.generate))
-        return print(f"{ck['stage']} model of {to_eval[0]} (step {ck['step']}), {dev} {dtype}, {args.frames} frames per video: {fps:.0f} frames/s, "
-                     f"first chunk after {1000 * first:.1f} ms; wrote {out} and .png")
-
-    # ---- evaluation (rank 0): clips of the held-out prompts, the row of real videos; each stage's row is merged into metrics.json
-    ev, writer = dict(zip(("videos", "words", "prompts"), load_clips(args, args.eval_clips, "val", only=HOLDOUT))) if master else None, None
-    if master:  # real clips of the same prompts, other layouts: the reference of fd_probe and drift
-        ev["videos"], ev["test"] = ev["videos"].float() / 255, load_clips(args, args.eval_clips, "test", only=HOLDOUT)[0].float() / 255
-    real = score(ev["videos"], ev) if master else None
-    if master and real.get("prompt_alignment_unavailable"):  # say so now, not after 25 minutes of training
-        print(f"warning: {real['prompt_alignment_unavailable']}; until then there is no prompt_alignment or fd_probe", flush=True)
-
-    def finish(stage, model, step, perf):
-        t0, path = time.time(), os.path.join(args.out_dir, "metrics.json")
-        row, v1 = evaluate(model, stage, ev, args, device, amp)
-        for k, v in row.items():
-            if writer and isinstance(v, float):
-                writer.add_scalar(("perf/" if k.startswith(("gen_", "first_", "kv_")) else "eval/") + f"{stage}/{k}", v, step)
-        save_pictures(model, v1, ev["prompts"], stage, args, device, amp, step, writer)
-        old = json.load(open(path)) if os.path.isfile(path) else {}
-        old = old if old.get("script") == "train_self_forcing.py" else {}  # another script's metrics.json is replaced
-        rows = {**old.get("baselines", {}), "self_forcing": old.get("eval"), stage: row, "real": real}
-        perfs = {**old.get("perf", {}).get("stages", {}), **({stage: {**perf, "eval_s": round(time.time() - t0, 1)}} if perf else {})}
-        sf = rows["self_forcing"] or {}
-        with open(path, "w") as f:
-            json.dump({"script": "train_self_forcing.py", "step": perfs.get("self_forcing", {}).get("steps", step),
-                       "wall_s": round(sum(p["wall_s"] + p["eval_s"] for p in perfs.values()), 1), "eval": sf,
-                       "baselines": {k: rows[k] for k in (*STAGES, "real") if rows.get(k) and k != "self_forcing"},
-                       "perf": {**perfs.get("self_forcing", {}), **{k: v for k, v in sf.items() if k.startswith(("gen_", "first_", "kv_"))}, "stages": perfs},
-                       "data": {"kind": args.data, "resolution": args.resolution, "frames": args.frames, "n_eval": args.eval_clips}}, f, indent=1)
-        viz.plot_metric_vs_horizon({k: r["drift_per_frame_2x"] for k, r in rows.items() if r and "drift_per_frame_2x" in r}, os.path.join(
-            args.out_dir, "plots", "drift.png"), metric="MSE to nearest real frame", train_horizon=args.frames, title="drift at 2x the training length")
-        print(f"eval {stage} step {step}: " + "  ".join(f"{k} {row[k]:.4g}" for k in ("prompt_alignment", "prompt_alignment_2x", "fd_probe", "fd_probe_2x",
-              "drift", "drift_2x", "rotation", "gen_frames_per_s", "first_chunk_latency_s", "kv_speedup_1x", "kv_speedup_4x") if row.get(k) is not None), flush=True)
-
-    for sub in ("samples", "plots") if master else ():
-        os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
-    if args.eval_only:
-        for model, ck in map(load_model, to_eval if master else ()):
-            finish(ck["stage"], model, ck["step"], None)
-        if ddp:
-            dist.barrier(), dist.destroy_process_group()  # rank 0 may still be evaluating: leave the group together
+    if args.explain:
+        print("\n\n".join(f"{f.__name__}: {' '.join(f.__doc__.split())}" for f in EXPLAINED))
+        return
+    rt = setup(args)
+    to_eval, gen_words = check_inputs(args)
+    if args.generate:
+        generate(to_eval[0], gen_words, args, rt)
         return
 
-    pool, pool_words, _ = load_clips(args, args.train_clips, "train", rank, world, HOLDOUT)  # (clips, T, C, H, W) uint8
-    if master:
-        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
-        writer = SummaryWriter(args.out_dir)
-        writer.add_text("args", "| flag | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in asdict(args).items()), 0)
-        print(f"train_self_forcing: {sum(p.numel() for p in DiT(**arch).parameters()) / 1e6:.2f}M params per model, {dev} {dtype}, compile {use_compile}, "
-              f"world {world}, {len(pool)} training clips/rank of {args.data}, stages {', '.join(stages)}; outputs in {args.out_dir}", flush=True)
+    # evaluation (rank 0): held-out prompts; each stage's row is merged into metrics.json
+    ev = eval_set(args) if rt.master else None
+    if rt.master and ev["real"].get("prompt_alignment_unavailable"):  # now, not after training
+        reason = ev["real"]["prompt_alignment_unavailable"]
+        print(f"warning: {reason}; until then there is no prompt_alignment or fd_probe", flush=True)
+    if args.eval_only:
+        for path in to_eval if rt.master else ():
+            model, ckpt = load_model(path, args, rt)
+            finish_stage(model, ckpt["stage"], ckpt["step"], None, args, rt, ev, None)
+        teardown(rt)
+        return
 
-    def train_stage(stage):
-        si, dmd = STAGES.index(stage), stage in ("self_forcing", "tf", "df")
-        total, B = {"teacher": args.teacher_steps, "ode": args.ode_steps}.get(stage, args.steps), args.batch_size // 2 if dmd else args.batch_size
-        ckpt = load_checkpoint(stage_path(stage), arch) if args.resume and os.path.isfile(stage_path(stage)) else None
-        if ckpt and ckpt["step"] >= total:  # finished: skipped (--no-resume retrains it)
-            return
-        for need in STAGES[:min(si, 2)]:  # ode needs the teacher; the DMD stages the teacher and the ODE student
-            if not os.path.isfile(stage_path(need)):
-                raise SystemExit(f"error: --stage {stage} needs {stage_path(need)}; run --stage {need} first (or --stage all)")
-        t_stage, _ = time.time(), torch.manual_seed(args.seed + si)
-        raw, teacher = DiT(**arch).to(device), None
-        if stage != "teacher":  # the student starts from the teacher (ode) or the ODE student (DMD stages)
-            raw.load_state_dict(load_model(stage_path(STAGES[min(si, 2) - 1]))[0].state_dict())
-            teacher = load_model(stage_path("teacher"))[0].requires_grad_(False)
-        critic = copy.deepcopy(teacher).requires_grad_(True) if dmd else None  # the fake score starts as the teacher, like Wan's
-        ema = copy.deepcopy(raw).requires_grad_(False)
-        betas, base_lr = ((0.0, 0.999), args.gen_lr) if dmd else ((0.9, 0.99), args.lr if stage == "teacher" else args.lr / 3)
-        opt = torch.optim.AdamW(raw.parameters(), lr=base_lr, betas=betas, fused=dev == "cuda")
-        opt_c = torch.optim.AdamW(critic.parameters(), lr=args.gen_lr, betas=betas, fused=dev == "cuda") if dmd else None
-        scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
-        gen = torch.Generator().manual_seed(args.seed + 1000 * rank + 10 * si)  # batches
-        ngen = torch.Generator(device).manual_seed(args.seed + 1000 * rank + 10 * si + 1)  # noise, sigmas, exit steps
-        step = ckpt["step"] if ckpt else 0
-        if ckpt:
-            raw.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(ckpt["optimizer"]), scaler.load_state_dict(ckpt["scaler"])
-            if dmd:
-                critic.load_state_dict(ckpt["critic"]), opt_c.load_state_dict(ckpt["opt_critic"])
-            data_state = set_rng_state(ckpt["rng"], rank)
-            if data_state is not None:
-                gen.set_state(data_state[0]), ngen.set_state(data_state[1])
-        if stage == "ode":  # regenerated on resume: a fixed seed makes them the same pairs
-            pairs = (*make_ode_pairs(teacher, pool_words[:ODE_PAIRS], args, device, amp, args.seed + 100 + rank), pool_words[:ODE_PAIRS])
-        model = torch.compile(raw) if use_compile else raw
-
-        def batch(n):
-            i = torch.randint(len(pool), (n,), generator=gen)
-            return pool[i].to(device).float() / 127.5 - 1, pool_words[i].to(device)  # videos in [-1, 1]
-
-        def step_opt(o, loss, module):
-            o.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            for p in module.parameters() if ddp else ():  # DDP by hand: the rollout calls the model many times per backward
-                dist.all_reduce(p.grad.div_(world))
-            scaler.unscale_(o)
-            torch.nn.utils.clip_grad_norm_(module.parameters(), GRAD_CLIP)
-            scaler.step(o)
-            scaler.update()
-
-        def student_sample():
-            """The generator's videos: its rollout from noise (the batch gives only prompts) or, tf/df, from real chunks."""
-            x, w = batch(B)
-            s = sample_exit_step(ngen, len(sigmas), device, ddp) if stage == "self_forcing" else -1
-            with amp:
-                return rollout(model, torch.randn(x.shape, generator=ngen, device=device), w, sigmas, ngen, exit_step=s,
-                               real=None if stage == "self_forcing" else (x, stage == "tf")), w, s
-
-        def update():
-            """One training step of the stage -> its loss terms."""
-            if stage == "teacher":
-                x, w = batch(B)
-                with amp:  # 10% null prompts for CFG
-                    loss = flow_matching_loss(model, x, torch.where(torch.rand(B, 1, generator=gen).to(device) < 0.1, 0, w),
-                                              sample_sigma(B, args.shift, ngen, device), torch.randn(x.shape, generator=ngen, device=device))
-            elif stage == "ode":
-                with amp:
-                    i = torch.randint(len(pairs[0]), (B,), generator=gen)
-                    loss = ode_regression_loss(model, pairs[0][i].to(device).float(), pairs[1][i].to(device).float(), pairs[2][i].to(device), sigmas, ngen)
-            if not dmd:
-                step_opt(opt, loss, raw)
-                return [loss.item()]
-            for _ in range(args.critic_updates):  # the critic follows the generator's current outputs
-                with torch.no_grad():
-                    x, w, _ = student_sample()
-                with amp:
-                    critic_loss = flow_matching_loss(critic, x, w, sample_sigma(B, args.shift, ngen, device, 0.02, 0.98),
-                                                     torch.randn(x.shape, generator=ngen, device=device))
-                step_opt(opt_c, critic_loss, critic)
-            x, w, s = student_sample()
-            with amp:
-                loss, g = dmd_loss(x, teacher, critic, w, sample_sigma(B, args.shift, ngen, device, 0.02, 0.98),
-                                   torch.randn(x.shape, generator=ngen, device=device), args.guidance)
-            step_opt(opt, loss, raw)
-            return [loss.item(), critic_loss.item(), g.abs().mean().item(), s]
-
-        def save_checkpoint(step):
-            """All ranks call this (the generator states are gathered); rank 0 writes atomically."""
-            gens = [[gen.get_state(), ngen.get_state()]]
-            if ddp:
-                gens = [None] * world
-                dist.all_gather_object(gens, [gen.get_state(), ngen.get_state()])
-            if not master:
-                return
-            ck = {"script": "train_self_forcing.py", "stage": stage, "step": step, "args": asdict(args), "arch": arch,
-                  "model": raw.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                  "scaler": scaler.state_dict(), "rng": rng_state(gens)}
-            ck.update({"critic": critic.state_dict(), "opt_critic": opt_c.state_dict()} if dmd else {})
-            torch.save(ck, stage_path(stage) + ".tmp")
-            os.replace(stage_path(stage) + ".tmp", stage_path(stage))
-
-        flops = None  # one training step, counted once, for MFU
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) if dev == "cuda" else None
-        names = ["dmd", "critic", "g_abs", "exit_step"] if dmd else ["loss"]
-
-        # ---- loop
-        WARMUP = 3  # first steps (compile, allocator warm-up) stay out of the speed figures
-        start, t_last = step, time.perf_counter()
-        train_time, train_steps, win_time, win_steps = 0.0, 0, 0.0, 0
-        acc, n_acc = torch.zeros(len(names), device=device), 0
-
-        def reduced_means():
-            """Mean of the accumulated loss terms over steps and ranks; stops on a non-finite loss or weight."""
-            v = acc.clone()
-            if ddp:
-                dist.all_reduce(v)
-            v = (v / max(1, n_acc * world)).tolist()
-            if not all(math.isfinite(x) for x in v) or not all(p.isfinite().all() for p in [*raw.parameters(), *(critic.parameters() if dmd else [])]):
-                raise SystemExit(f"error: non-finite loss ({dict(zip(names, v))}) in stage {stage} before step {step}; lower --lr/--gen-lr "
-                                 f"or use --dtype float32; the last good checkpoint was kept")
-            return dict(zip(names, v))
-
-        try:
-            while step < total:
-                lr = lr_at(step, total, base_lr, 10 if dmd else 100, decay=not dmd)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                if peak and flops is None and step == start + WARMUP:
-                    from torch.utils.flop_counter import FlopCounterMode
-                    with FlopCounterMode(display=False) as fc:
-                        terms = update()
-                    flops = fc.get_total_flops()
-                else:
-                    terms = update()
-                ema_update(ema, raw, EMA_DECAY if step >= total // 3 else 0.0)  # the paper's EMA starts at step 200 of 600
-                acc += torch.tensor(terms, device=device)
-                n_acc, step = n_acc + 1, step + 1
-
-                if step > start + WARMUP + (1 if peak else 0):
-                    win_time, win_steps = win_time + time.perf_counter() - t_last, win_steps + 1
-                if step % args.log_every == 0 or step == total:
-                    m = reduced_means()
-                    ms = 1000 * win_time / max(1, win_steps)
-                    mfu = flops * 1000 / ms / peak if flops and win_steps else None
-                    if master:
-                        speed = (f"{ms:.0f} ms/step | {B * world * 1000 / ms:.0f} samples/s | MFU "
-                                 f"{f'{mfu:.1%}' if mfu else 'n/a'} | ETA {(total - step) * ms / 60000:.1f} min") if win_steps else "warm-up"
-                        print(f"{stage} step {step}/{total} | " + " ".join(f"{k} {v:.4g}" for k, v in m.items()) + f" | lr {lr:.2e} | {speed}", flush=True)
-                        perf = {"steps_per_s": 1000 / ms, "samples_per_s": B * world * 1000 / ms, "mfu": mfu} if win_steps else {}
-                        for group, k, v in [*(("train", k, v) for k, v in {**m, "lr": lr}.items()), *(("perf", k, v) for k, v in perf.items() if v)]:
-                            writer.add_scalar(f"{group}/{stage}/{k}", v, step)
-                    acc.zero_()
-                    n_acc, train_time, train_steps, win_time, win_steps = 0, train_time + win_time, train_steps + win_steps, 0.0, 0
-                if master and step < total and step % args.eval_every == 0:  # the final one follows the loop
-                    finish(stage, ema, step, None)
-                if master and step < total and step % args.sample_every == 0:
-                    videos = generate_videos(ema, stage == "teacher", ev["words"][:16], args.frames, args, device, amp,
-                                             torch.Generator(device).manual_seed(args.seed + 5))
-                    save_pictures(None, videos, ev["prompts"][:16], stage, args, device, amp, step, writer)
-                if step % args.ckpt_every == 0 or step == total:
-                    reduced_means()  # never save weights that have gone non-finite since the last log
-                    save_checkpoint(step)
-                t_last = time.perf_counter()  # evaluation and checkpoint time stay out of the speed figures
-        except KeyboardInterrupt:
-            reduced_means()
-            save_checkpoint(step)
-            raise SystemExit(f"interrupted at step {step} of stage {stage}; checkpoint saved in {stage_path(stage)}, run the same command to resume")
-
-        if master:
-            finish(stage, ema, step, {"steps": step, "wall_s": round(time.time() - t_stage, 1), "params": sum(p.numel() for p in raw.parameters()),
-                                      "train_samples_per_s": B * world * train_steps / train_time if train_time else None,
-                                      "mfu": flops * train_steps / train_time / peak if flops and train_time else None,
-                                      "device": torch.cuda.get_device_name(device) if dev == "cuda" else dev, "dtype": dtype})
-        if ddp:
-            dist.barrier()  # the next stage starts from this stage's checkpoint
-
+    pool, pool_words, _ = load_clips(args, args.train_clips, "train", rt.rank, rt.world, HOLDOUT)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    writer = None
+    if rt.master:
+        writer = open_writer(args, 0)
+        params = sum(p.numel() for p in DiT(**model_arch(args)).parameters()) / 1e6
+        print(
+            f"train_self_forcing: {params:.2f}M params per model, {rt.device.type} {rt.dtype}, "
+            f"compile {rt.compile}, world {rt.world}, {len(pool)} training clips/rank of "
+            f"{args.data}, stages {', '.join(stages)}; outputs in {args.out_dir}",
+            flush=True,
+        )
     t_run = time.time()
     for stage in stages:
-        train_stage(stage)
-    if master:
+        train_stage(stage, args, rt, (pool, pool_words), ev, writer)
+    if rt.master:
         writer.close()
-        viz.plot_training_curves(args.out_dir, os.path.join(args.out_dir, "plots", "training_curves.png"))
-        print(f"all done in {(time.time() - t_run) / 60:.1f} min; outputs in {args.out_dir}; tensorboard --logdir {args.out_dir}")
-    if ddp:
-        dist.barrier(), dist.destroy_process_group()  # rank 0 may still be evaluating: leave the group together
+        viz.plot_training_curves(
+            args.out_dir, os.path.join(args.out_dir, "plots", "training_curves.png")
+        )
+        minutes = (time.time() - t_run) / 60
+        out = args.out_dir
+        print(f"all done in {minutes:.1f} min; outputs in {out}; tensorboard --logdir {out}")
+    teardown(rt)
 
 
 if __name__ == "__main__":
