@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 
 import metrics
@@ -317,11 +318,8 @@ def train(probe, data, args, rt, gen):
         step += 1
         speed.tick(step, flops)
         if step % args.log_every == 0 or step == args.steps:
-            m = meter.means(rt, probe.parameters(), f"before step {step}")
-            meter.reset()
-            speed_text, _ = speed.report(args.batch_size, args.steps - step)
-            losses = f"loss {m['loss']:.3f}"
-            print(f"step {step}/{args.steps} | {losses} | lr {lr:.2e} | {speed_text}", flush=True)
+            params = probe.parameters()
+            log_progress(meter, speed, None, params, rt, step, args.steps, lr, args.batch_size)
         speed.lap()
     return speed.summary(args.batch_size)
 
@@ -369,7 +367,8 @@ def cpu_has_bf16():
 
 
 def auto_dtype(dev):
-    """bf16 where it is fast (CUDA with bf16, CPUs with native bf16), fp16 on older GPUs, else fp32."""
+    """bf16 where it is fast (CUDA with bf16, CPUs with native bf16), fp16 on older GPUs, else
+    fp32."""
     if dev == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "bfloat16" if dev == "cpu" and cpu_has_bf16() else "float32"
@@ -423,6 +422,13 @@ def count_flops(fn):
 def make_scaler(rt):
     """Loss scaling for fp16 only; a no-op otherwise."""
     return torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == "float16")
+
+
+def wrap_ddp(module, rt):
+    """DDP over the module when there is more than one process; the module itself otherwise."""
+    if not rt.ddp:
+        return module
+    return DDP(module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
 
 def lr_at(step, total, peak, warmup, decay=True):
@@ -527,6 +533,19 @@ def save_atomic(obj, path):
     os.replace(path + ".tmp", path)
 
 
+def save_checkpoint(path, step, args, arch, data_state, rt, **state):
+    """Every rank calls this (the data-generator states are gathered); rank 0 writes atomically.
+    state: modules, optimisers and scalers (saved as their state_dict) and plain values."""
+    data_states = gather_states(data_state, rt)
+    if not rt.master:
+        return
+    ckpt = {"script": SCRIPT, "step": step, "args": asdict(args), "arch": arch}
+    for name, value in state.items():
+        ckpt[name] = value.state_dict() if hasattr(value, "state_dict") else value
+    ckpt["rng"] = rng_state(data_states)
+    save_atomic(ckpt, path)
+
+
 def write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
@@ -611,7 +630,8 @@ class SpeedMeter:
             perf["mfu"] = flops / seconds / self.peak
         mfu = f"{perf['mfu']:.1%}" if "mfu" in perf else "n/a"
         eta = steps_left * ms / 60000
-        text = f"{ms:.0f} ms/step | {perf['samples_per_s']:.0f} samples/s | MFU {mfu} | ETA {eta:.1f} min"
+        samples = perf["samples_per_s"]
+        text = f"{ms:.0f} ms/step | {samples:.0f} samples/s | MFU {mfu} | ETA {eta:.1f} min"
         return text, perf
 
     def summary(self, samples_per_step):
@@ -625,9 +645,30 @@ class SpeedMeter:
 
 
 def log_scalars(writer, prefix, values, step):
+    """Numbers of `values` as TensorBoard scalars prefix/key (nothing without a writer)."""
+    if writer is None:
+        return
     for k, v in values.items():
         if isinstance(v, (int, float)):
             writer.add_scalar(f"{prefix}/{k}", v, step)
+
+
+def log_progress(meter, speed, writer, params, rt, step, total, lr, samples_per_step, name=""):
+    """Every rank: the loss terms averaged since the last call (a non-finite one stops the run).
+    Rank 0: one console line and train/ and perf/ scalars. name: the stage, in a script of several
+    stages (train/<name>/ scalars)."""
+    where = f"in stage {name} before step {step}" if name else f"before step {step}"
+    means = meter.means(rt, params, where)
+    meter.reset()
+    speed_text, perf = speed.report(samples_per_step, total - step)
+    if rt.master:
+        losses = " ".join(f"{k} {v:.4g}" for k, v in means.items())
+        prefix = f"{name} step" if name else "step"
+        print(f"{prefix} {step}/{total} | {losses} | lr {lr:.2e} | {speed_text}", flush=True)
+        scope = f"/{name}" if name else ""
+        log_scalars(writer, "train" + scope, {**means, "lr": lr}, step)
+        log_scalars(writer, "perf" + scope, perf, step)
+    return means
 
 
 def teardown(rt):

@@ -46,6 +46,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 
 import metrics
@@ -571,10 +572,9 @@ class Stage:
     pairs: tuple | None = None  # ode: teacher trajectories, their ends, word ids
     step: int = 0
 
-    def means(self, meter, rt):
-        """The meter's mean losses over steps and ranks; stops on a non-finite loss or weight."""
-        params = [*self.model.parameters(), *(self.critic.parameters() if self.critic else [])]
-        return meter.means(rt, params, f"in stage {self.name} before step {self.step}")
+    def params(self):
+        """The trained weights: the generator's and, in the DMD stages, the critic's."""
+        return [*self.model.parameters(), *(self.critic.parameters() if self.critic else [])]
 
 
 def grad_step(opt, scaler, loss, module, rt):
@@ -1010,41 +1010,13 @@ def resume_stage(st, ckpt, path, rt):
 
 
 def save_stage(st, args, rt):
-    """All ranks call this (the generator states are gathered); rank 0 writes atomically."""
-    gens = gather_states([st.gen.get_state(), st.ngen.get_state()], rt)
-    if not rt.master:
-        return
-    ckpt = {
-        "script": SCRIPT,
-        "stage": st.name,
-        "step": st.step,
-        "args": asdict(args),
-        "arch": model_arch(args),
-        "model": st.model.state_dict(),
-        "ema": st.ema.state_dict(),
-        "optimizer": st.opt.state_dict(),
-        "scaler": st.scaler.state_dict(),
-        "rng": rng_state(gens),
-    }
+    """The stage's checkpoint: every rank calls this (the generator states are gathered)."""
+    state = {"stage": st.name, "model": st.model, "ema": st.ema, "optimizer": st.opt}
+    state["scaler"] = st.scaler
     if st.critic is not None:
-        ckpt["critic"] = st.critic.state_dict()
-        ckpt["opt_critic"] = st.opt_critic.state_dict()
-    save_atomic(ckpt, stage_path(args, st.name))
-
-
-def log_progress(st, meter, speed, lr, rt, writer):
-    """The log line: mean losses since the last one (over ranks), lr, speed; TensorBoard scalars."""
-    m = st.means(meter, rt)
-    meter.reset()
-    speed_text, perf = speed.report(st.batch * rt.world, st.total - st.step)
-    if not rt.master:
-        return
-    losses = " ".join(f"{k} {v:.4g}" for k, v in m.items())
-    print(
-        f"{st.name} step {st.step}/{st.total} | {losses} | lr {lr:.2e} | {speed_text}", flush=True
-    )
-    log_scalars(writer, f"train/{st.name}", {**m, "lr": lr}, st.step)
-    log_scalars(writer, f"perf/{st.name}", perf, st.step)
+        state.update(critic=st.critic, opt_critic=st.opt_critic)
+    data = [st.gen.get_state(), st.ngen.get_state()]
+    save_checkpoint(stage_path(args, st.name), st.step, args, model_arch(args), data, rt, **state)
 
 
 def train_loop(st, data, args, rt, ev, writer):
@@ -1069,7 +1041,10 @@ def train_loop(st, data, args, rt, ev, writer):
             st.step += 1
             speed.tick(st.step, flops)
             if st.step % args.log_every == 0 or st.step == st.total:
-                log_progress(st, meter, speed, lr, rt, writer)
+                samples = st.batch * rt.world
+                log_progress(
+                    meter, speed, writer, st.params(), rt, st.step, st.total, lr, samples, st.name
+                )
             more = st.step < st.total  # the final evaluation follows the loop
             if rt.master and more and st.step % args.eval_every == 0:
                 finish_stage(st.ema, st.name, st.step, None, args, rt, ev, writer)
@@ -1081,11 +1056,12 @@ def train_loop(st, data, args, rt, ev, writer):
                 )
                 save_pictures(None, videos, ev["prompts"][:16], st.name, args, rt, st.step, writer)
             if st.step % args.ckpt_every == 0 or st.step == st.total:
-                st.means(meter, rt)  # never save weights gone non-finite since the last log
+                # never save weights gone non-finite since the last log
+                meter.means(rt, st.params(), f"in stage {st.name} before step {st.step}")
                 save_stage(st, args, rt)
             speed.lap()
     except KeyboardInterrupt:
-        st.means(meter, rt)
+        meter.means(rt, st.params(), f"in stage {st.name} before step {st.step}")
         save_stage(st, args, rt)
         raise SystemExit(
             f"interrupted at step {st.step} of stage {st.name}; checkpoint saved in "
@@ -1254,7 +1230,8 @@ def cpu_has_bf16():
 
 
 def auto_dtype(dev):
-    """bf16 where it is fast (CUDA with bf16, CPUs with native bf16), fp16 on older GPUs, else fp32."""
+    """bf16 where it is fast (CUDA with bf16, CPUs with native bf16), fp16 on older GPUs, else
+    fp32."""
     if dev == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "bfloat16" if dev == "cpu" and cpu_has_bf16() else "float32"
@@ -1308,6 +1285,13 @@ def count_flops(fn):
 def make_scaler(rt):
     """Loss scaling for fp16 only; a no-op otherwise."""
     return torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == "float16")
+
+
+def wrap_ddp(module, rt):
+    """DDP over the module when there is more than one process; the module itself otherwise."""
+    if not rt.ddp:
+        return module
+    return DDP(module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
 
 def lr_at(step, total, peak, warmup, decay=True):
@@ -1412,6 +1396,19 @@ def save_atomic(obj, path):
     os.replace(path + ".tmp", path)
 
 
+def save_checkpoint(path, step, args, arch, data_state, rt, **state):
+    """Every rank calls this (the data-generator states are gathered); rank 0 writes atomically.
+    state: modules, optimisers and scalers (saved as their state_dict) and plain values."""
+    data_states = gather_states(data_state, rt)
+    if not rt.master:
+        return
+    ckpt = {"script": SCRIPT, "step": step, "args": asdict(args), "arch": arch}
+    for name, value in state.items():
+        ckpt[name] = value.state_dict() if hasattr(value, "state_dict") else value
+    ckpt["rng"] = rng_state(data_states)
+    save_atomic(ckpt, path)
+
+
 def write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
@@ -1496,7 +1493,8 @@ class SpeedMeter:
             perf["mfu"] = flops / seconds / self.peak
         mfu = f"{perf['mfu']:.1%}" if "mfu" in perf else "n/a"
         eta = steps_left * ms / 60000
-        text = f"{ms:.0f} ms/step | {perf['samples_per_s']:.0f} samples/s | MFU {mfu} | ETA {eta:.1f} min"
+        samples = perf["samples_per_s"]
+        text = f"{ms:.0f} ms/step | {samples:.0f} samples/s | MFU {mfu} | ETA {eta:.1f} min"
         return text, perf
 
     def summary(self, samples_per_step):
@@ -1510,9 +1508,30 @@ class SpeedMeter:
 
 
 def log_scalars(writer, prefix, values, step):
+    """Numbers of `values` as TensorBoard scalars prefix/key (nothing without a writer)."""
+    if writer is None:
+        return
     for k, v in values.items():
         if isinstance(v, (int, float)):
             writer.add_scalar(f"{prefix}/{k}", v, step)
+
+
+def log_progress(meter, speed, writer, params, rt, step, total, lr, samples_per_step, name=""):
+    """Every rank: the loss terms averaged since the last call (a non-finite one stops the run).
+    Rank 0: one console line and train/ and perf/ scalars. name: the stage, in a script of several
+    stages (train/<name>/ scalars)."""
+    where = f"in stage {name} before step {step}" if name else f"before step {step}"
+    means = meter.means(rt, params, where)
+    meter.reset()
+    speed_text, perf = speed.report(samples_per_step, total - step)
+    if rt.master:
+        losses = " ".join(f"{k} {v:.4g}" for k, v in means.items())
+        prefix = f"{name} step" if name else "step"
+        print(f"{prefix} {step}/{total} | {losses} | lr {lr:.2e} | {speed_text}", flush=True)
+        scope = f"/{name}" if name else ""
+        log_scalars(writer, "train" + scope, {**means, "lr": lr}, step)
+        log_scalars(writer, "perf" + scope, perf, step)
+    return means
 
 
 def teardown(rt):

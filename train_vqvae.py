@@ -340,13 +340,16 @@ def adaptive_gan_weight(rec_loss, g_loss, x_rec):
     return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0, 1e4).detach()
 
 
-TERMS = ["loss", "rec", "commit", "gan_g", "gan_d", "restarts"]  # what train_step returns
+def loss_names(args):
+    """The terms train_step returns, in order: the GAN terms only with --gan-weight."""
+    gan = ["gan_g", "gan_d"] if args.gan_weight > 0 else []
+    return ["loss", "rec", "commit", *gan, "restarts"]
 
 
 def train_step(model, raw, disc, disc_ddp, opt, opt_d, scaler, x, step, args, rt):
     """One step on the frames x: the autoencoder (reconstruction + commitment, plus the adaptive
     GAN term once step >= --gan-start), then the discriminator, then the EMA codebook.
-    model: the compiled/DDP-wrapped raw; disc/opt_d None without --gan-weight. -> TERMS."""
+    model: the compiled/DDP-wrapped raw; disc/opt_d None without --gan-weight. -> loss_names()."""
     with rt.amp:
         x_rec, z, zq, idx = model(x)
     rec, commit = vq_losses(x, x_rec, z, zq, args.beta, args.recon_loss)
@@ -378,8 +381,8 @@ def train_step(model, raw, disc, disc_ddp, opt, opt_d, scaler, x, step, args, rt
     restarts = update_codebook(
         raw, z, idx, args.ema_decay, args.ema_eps, args.dead_code_frac, rt.ddp
     )
-    terms = [loss, rec, commit, g_loss, d_loss, restarts]
-    return torch.stack([t.detach() for t in terms])
+    gan = [g_loss, d_loss] if disc is not None else []
+    return torch.stack([t.detach() for t in [loss, rec, commit, *gan, restarts]])
 
 
 class Exported(nn.Module):
@@ -589,13 +592,6 @@ def checkpoint_path(args):
     return path
 
 
-def wrap_ddp(module, rt):
-    """DDP over the module when there is more than one process; the module itself otherwise."""
-    if not rt.ddp:
-        return module
-    return DDP(module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-
-
 def step_flops(raw, args, channels, rt):
     """FLOPs of one training forward + backward, for MFU; None where the peak is not known."""
     if not peak_flops(rt):
@@ -623,44 +619,6 @@ def restore_training(ckpt, opt, scaler, disc, opt_d, gen, rt):
     data_state = set_rng_state(ckpt["rng"], rt.rank)
     if data_state is not None:
         gen.set_state(data_state)
-
-
-def save_checkpoint(step, raw, opt, scaler, disc, opt_d, gen, arch, args, rt):
-    """All ranks call this (the data-generator states are gathered); rank 0 writes atomically."""
-    data_states = gather_states(gen.get_state(), rt)
-    if not rt.master:
-        return
-    ckpt = {
-        "script": SCRIPT,
-        "step": step,
-        "args": asdict(args),
-        "arch": arch,
-        "model": raw.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng": rng_state(data_states),
-    }
-    if disc is not None:
-        ckpt["disc"] = disc.state_dict()
-        ckpt["opt_d"] = opt_d.state_dict()
-    save_atomic(ckpt, os.path.join(args.out_dir, "ckpt.pt"))
-
-
-def log_train(meter, speed, writer, raw, step, lr, args, rt):
-    """The console line and train/ + perf/ scalars from the terms summed since the last one."""
-    m = meter.means(rt, raw.parameters(), f"before step {step}")
-    meter.reset()
-    speed_text, perf = speed.report(args.batch_size * rt.world, args.steps - step)
-    if not rt.master:
-        return
-    gan = args.gan_weight > 0
-    losses = f"loss {m['loss']:.4f} rec {m['rec']:.4f} commit {m['commit']:.4f}"
-    if gan and step > args.gan_start:  # the step just taken had the GAN terms
-        losses += f" g {m['gan_g']:.3f} d {m['gan_d']:.3f}"
-    print(f"step {step}/{args.steps} | {losses} | lr {lr:.2e} | {speed_text}", flush=True)
-    scalars = {k: v for k, v in m.items() if gan or not k.startswith("gan")}
-    log_scalars(writer, "train", {**scalars, "lr": lr}, step)
-    log_scalars(writer, "perf", perf, step)
 
 
 # ==================================================================================================
@@ -706,7 +664,8 @@ def cpu_has_bf16():
 
 
 def auto_dtype(dev):
-    """bf16 where it is fast (CUDA with bf16, CPUs with native bf16), fp16 on older GPUs, else fp32."""
+    """bf16 where it is fast (CUDA with bf16, CPUs with native bf16), fp16 on older GPUs, else
+    fp32."""
     if dev == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "bfloat16" if dev == "cpu" and cpu_has_bf16() else "float32"
@@ -760,6 +719,13 @@ def count_flops(fn):
 def make_scaler(rt):
     """Loss scaling for fp16 only; a no-op otherwise."""
     return torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == "float16")
+
+
+def wrap_ddp(module, rt):
+    """DDP over the module when there is more than one process; the module itself otherwise."""
+    if not rt.ddp:
+        return module
+    return DDP(module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
 
 def lr_at(step, total, peak, warmup, decay=True):
@@ -864,6 +830,19 @@ def save_atomic(obj, path):
     os.replace(path + ".tmp", path)
 
 
+def save_checkpoint(path, step, args, arch, data_state, rt, **state):
+    """Every rank calls this (the data-generator states are gathered); rank 0 writes atomically.
+    state: modules, optimisers and scalers (saved as their state_dict) and plain values."""
+    data_states = gather_states(data_state, rt)
+    if not rt.master:
+        return
+    ckpt = {"script": SCRIPT, "step": step, "args": asdict(args), "arch": arch}
+    for name, value in state.items():
+        ckpt[name] = value.state_dict() if hasattr(value, "state_dict") else value
+    ckpt["rng"] = rng_state(data_states)
+    save_atomic(ckpt, path)
+
+
 def write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
@@ -948,7 +927,8 @@ class SpeedMeter:
             perf["mfu"] = flops / seconds / self.peak
         mfu = f"{perf['mfu']:.1%}" if "mfu" in perf else "n/a"
         eta = steps_left * ms / 60000
-        text = f"{ms:.0f} ms/step | {perf['samples_per_s']:.0f} samples/s | MFU {mfu} | ETA {eta:.1f} min"
+        samples = perf["samples_per_s"]
+        text = f"{ms:.0f} ms/step | {samples:.0f} samples/s | MFU {mfu} | ETA {eta:.1f} min"
         return text, perf
 
     def summary(self, samples_per_step):
@@ -962,9 +942,30 @@ class SpeedMeter:
 
 
 def log_scalars(writer, prefix, values, step):
+    """Numbers of `values` as TensorBoard scalars prefix/key (nothing without a writer)."""
+    if writer is None:
+        return
     for k, v in values.items():
         if isinstance(v, (int, float)):
             writer.add_scalar(f"{prefix}/{k}", v, step)
+
+
+def log_progress(meter, speed, writer, params, rt, step, total, lr, samples_per_step, name=""):
+    """Every rank: the loss terms averaged since the last call (a non-finite one stops the run).
+    Rank 0: one console line and train/ and perf/ scalars. name: the stage, in a script of several
+    stages (train/<name>/ scalars)."""
+    where = f"in stage {name} before step {step}" if name else f"before step {step}"
+    means = meter.means(rt, params, where)
+    meter.reset()
+    speed_text, perf = speed.report(samples_per_step, total - step)
+    if rt.master:
+        losses = " ".join(f"{k} {v:.4g}" for k, v in means.items())
+        prefix = f"{name} step" if name else "step"
+        print(f"{prefix} {step}/{total} | {losses} | lr {lr:.2e} | {speed_text}", flush=True)
+        scope = f"/{name}" if name else ""
+        log_scalars(writer, "train" + scope, {**means, "lr": lr}, step)
+        log_scalars(writer, "perf" + scope, perf, step)
+    return means
 
 
 def teardown(rt):
@@ -1014,6 +1015,9 @@ def main(args: Args):
         disc = patch_discriminator(channels, args.width).to(rt.device)
         opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
     optimizers = [opt] if disc is None else [opt, opt_d]
+    state = {"model": raw, "optimizer": opt, "scaler": scaler}  # what a checkpoint holds
+    if disc is not None:
+        state.update(disc=disc, opt_d=opt_d)
     if ckpt:
         restore_training(ckpt, opt, scaler, disc, opt_d, gen, rt)
     if raw.ema_count.sum() == 0:
@@ -1036,7 +1040,8 @@ def main(args: Args):
         )
 
     # ---- loop
-    meter = LossMeter(TERMS, rt.device)
+    meter = LossMeter(loss_names(args), rt.device)
+    ckpt_file = os.path.join(args.out_dir, "ckpt.pt")
     speed = SpeedMeter(step, peak_flops(rt))
     t_start = time.time()
     try:
@@ -1048,7 +1053,10 @@ def main(args: Args):
             step += 1
             speed.tick(step, flops)
             if step % args.log_every == 0 or step == args.steps:
-                log_train(meter, speed, writer, raw, step, lr, args, rt)
+                samples = args.batch_size * rt.world
+                log_progress(
+                    meter, speed, writer, raw.parameters(), rt, step, args.steps, lr, samples
+                )
             if rt.master and step < args.steps and step % args.eval_every == 0:
                 run_eval(raw, eval_clips, args, rt, step, writer)  # the final one follows the loop
             if rt.master and step < args.steps and step % args.sample_every == 0:
@@ -1057,11 +1065,11 @@ def main(args: Args):
             if step % args.ckpt_every == 0 or step == args.steps:
                 # never save weights that have gone non-finite since the last log
                 meter.means(rt, raw.parameters(), f"before step {step}")
-                save_checkpoint(step, raw, opt, scaler, disc, opt_d, gen, arch, args, rt)
+                save_checkpoint(ckpt_file, step, args, arch, gen.get_state(), rt, **state)
             speed.lap()  # evaluation and checkpoint time stay out of the speed figures
     except KeyboardInterrupt:
         meter.means(rt, raw.parameters(), f"before step {step}")
-        save_checkpoint(step, raw, opt, scaler, disc, opt_d, gen, arch, args, rt)
+        save_checkpoint(ckpt_file, step, args, arch, gen.get_state(), rt, **state)
         raise SystemExit(
             f"interrupted at step {step}; checkpoint saved in {args.out_dir}, run the same "
             "command to resume"

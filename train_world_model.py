@@ -728,44 +728,7 @@ def wrap_model(raw, rt):
     if rt.compile:  # per-frame parts only: the rollout loop's length changes with the curriculum
         for part in (raw.encoder, raw.decoder, raw.dynamics):
             part.compile()  # in place: the state_dict keeps its plain keys
-    if not rt.ddp:
-        return raw
-    return DDP(raw, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-
-
-def save_checkpoint(raw, opt, scaler, gen, args, arch, step, best, rt):
-    """All ranks call this (the data-generator states are gathered); rank 0 writes atomically."""
-    gens = gather_states(gen.get_state(), rt)
-    if not rt.master:
-        return
-    ckpt = {
-        "script": SCRIPT,
-        "step": step,
-        "args": asdict(args),
-        "arch": arch,
-        "model": raw.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng": rng_state(gens),
-        "best_val": best,
-    }
-    save_atomic(ckpt, os.path.join(args.out_dir, "ckpt.pt"))
-
-
-def log_train(meter, speed, rt, raw, args, step, lr, k, writer):
-    """The console line and train/ perf/ scalars for the steps since the last one."""
-    m = meter.means(rt, raw.parameters(), f"before step {step}")
-    meter.reset()
-    speed_text, perf = speed.report(args.batch_size * rt.world, args.steps - step)
-    if not rt.master:
-        return
-    losses = " ".join(f"{name} {v:.4f}" for name, v in m.items())
-    print(
-        f"step {step}/{args.steps} | {losses} | rollout {k} | lr {lr:.2e} | {speed_text}",
-        flush=True,
-    )
-    log_scalars(writer, "train", {**m, "lr": lr, "rollout": k}, step)
-    log_scalars(writer, "perf", perf, step)
+    return wrap_ddp(raw, rt)
 
 
 def eval_only(raw, eval_clips, args, rt, step, best):
@@ -844,7 +807,8 @@ def cpu_has_bf16():
 
 
 def auto_dtype(dev):
-    """bf16 where it is fast (CUDA with bf16, CPUs with native bf16), fp16 on older GPUs, else fp32."""
+    """bf16 where it is fast (CUDA with bf16, CPUs with native bf16), fp16 on older GPUs, else
+    fp32."""
     if dev == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "bfloat16" if dev == "cpu" and cpu_has_bf16() else "float32"
@@ -898,6 +862,13 @@ def count_flops(fn):
 def make_scaler(rt):
     """Loss scaling for fp16 only; a no-op otherwise."""
     return torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == "float16")
+
+
+def wrap_ddp(module, rt):
+    """DDP over the module when there is more than one process; the module itself otherwise."""
+    if not rt.ddp:
+        return module
+    return DDP(module, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
 
 def lr_at(step, total, peak, warmup, decay=True):
@@ -1002,6 +973,19 @@ def save_atomic(obj, path):
     os.replace(path + ".tmp", path)
 
 
+def save_checkpoint(path, step, args, arch, data_state, rt, **state):
+    """Every rank calls this (the data-generator states are gathered); rank 0 writes atomically.
+    state: modules, optimisers and scalers (saved as their state_dict) and plain values."""
+    data_states = gather_states(data_state, rt)
+    if not rt.master:
+        return
+    ckpt = {"script": SCRIPT, "step": step, "args": asdict(args), "arch": arch}
+    for name, value in state.items():
+        ckpt[name] = value.state_dict() if hasattr(value, "state_dict") else value
+    ckpt["rng"] = rng_state(data_states)
+    save_atomic(ckpt, path)
+
+
 def write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
@@ -1086,7 +1070,8 @@ class SpeedMeter:
             perf["mfu"] = flops / seconds / self.peak
         mfu = f"{perf['mfu']:.1%}" if "mfu" in perf else "n/a"
         eta = steps_left * ms / 60000
-        text = f"{ms:.0f} ms/step | {perf['samples_per_s']:.0f} samples/s | MFU {mfu} | ETA {eta:.1f} min"
+        samples = perf["samples_per_s"]
+        text = f"{ms:.0f} ms/step | {samples:.0f} samples/s | MFU {mfu} | ETA {eta:.1f} min"
         return text, perf
 
     def summary(self, samples_per_step):
@@ -1100,9 +1085,30 @@ class SpeedMeter:
 
 
 def log_scalars(writer, prefix, values, step):
+    """Numbers of `values` as TensorBoard scalars prefix/key (nothing without a writer)."""
+    if writer is None:
+        return
     for k, v in values.items():
         if isinstance(v, (int, float)):
             writer.add_scalar(f"{prefix}/{k}", v, step)
+
+
+def log_progress(meter, speed, writer, params, rt, step, total, lr, samples_per_step, name=""):
+    """Every rank: the loss terms averaged since the last call (a non-finite one stops the run).
+    Rank 0: one console line and train/ and perf/ scalars. name: the stage, in a script of several
+    stages (train/<name>/ scalars)."""
+    where = f"in stage {name} before step {step}" if name else f"before step {step}"
+    means = meter.means(rt, params, where)
+    meter.reset()
+    speed_text, perf = speed.report(samples_per_step, total - step)
+    if rt.master:
+        losses = " ".join(f"{k} {v:.4g}" for k, v in means.items())
+        prefix = f"{name} step" if name else "step"
+        print(f"{prefix} {step}/{total} | {losses} | lr {lr:.2e} | {speed_text}", flush=True)
+        scope = f"/{name}" if name else ""
+        log_scalars(writer, "train" + scope, {**means, "lr": lr}, step)
+        log_scalars(writer, "perf" + scope, perf, step)
+    return means
 
 
 def teardown(rt):
@@ -1159,7 +1165,9 @@ def main(args: Args):
         )
 
     # ---- loop
-    meter = LossMeter(LOSS_NAMES, rt.device)
+    meter = LossMeter([*LOSS_NAMES, "rollout"], rt.device)
+    state = {"model": raw, "optimizer": opt, "scaler": scaler}  # what a checkpoint holds
+    ckpt_file = os.path.join(args.out_dir, "ckpt.pt")
     speed = SpeedMeter(step, peak_flops(rt))
     t_start = time.time()
     results = None
@@ -1169,12 +1177,16 @@ def main(args: Args):
             set_lr([opt], lr)
             k = rollout_len(step, args)
             x = sample_batch(pool, gen, args, rt.device)
-            meter.add(train_step(model, opt, scaler, x, k, args, rt.amp))
+            terms = train_step(model, opt, scaler, x, k, args, rt.amp)
+            meter.add(torch.cat([terms, terms.new_tensor([k])]))
             step += 1
             speed.tick(step, flops[k] if flops else None)
             last = step == args.steps
             if step % args.log_every == 0 or last:
-                log_train(meter, speed, rt, raw, args, step, lr, k, writer)
+                samples = args.batch_size * rt.world
+                log_progress(
+                    meter, speed, writer, raw.parameters(), rt, step, args.steps, lr, samples
+                )
             # before the checkpoint: it holds best_val
             if rt.master and (step % args.eval_every == 0 or last):
                 results, best = eval_and_keep_best(
@@ -1186,11 +1198,13 @@ def main(args: Args):
             if step % args.ckpt_every == 0 or last:
                 # never save weights that have gone non-finite since the last log
                 meter.means(rt, raw.parameters(), f"before step {step}")
-                save_checkpoint(raw, opt, scaler, gen, args, arch, step, best, rt)
+                save_checkpoint(
+                    ckpt_file, step, args, arch, gen.get_state(), rt, **state, best_val=best
+                )
             speed.lap()  # evaluation and checkpoint time stay out of the speed figures
     except KeyboardInterrupt:
         meter.means(rt, raw.parameters(), f"before step {step}")
-        save_checkpoint(raw, opt, scaler, gen, args, arch, step, best, rt)
+        save_checkpoint(ckpt_file, step, args, arch, gen.get_state(), rt, **state, best_val=best)
         raise SystemExit(
             f"interrupted at step {step}; checkpoint saved in {args.out_dir}, run the same command "
             "to resume"

@@ -296,7 +296,7 @@ def test_gan_term_runs(tmp_path, capsys):
     ck = load(tmp_path / "ckpt.pt")
     assert "disc" in ck and "opt_d" in ck
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step 2/2")]
-    assert lines and " g " in lines[0] and " d " in lines[0]
+    assert lines and " gan_g " in lines[0] and " gan_d " in lines[0]
 
 
 DDP_SCRIPT = """
