@@ -31,10 +31,14 @@ teacher, ode, tf, df, real videos), samples/, plots/ (attention masks, drift), T
 """
 
 import copy
+import glob
 import json
 import math
 import os
 import random
+import shlex
+import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -1415,9 +1419,12 @@ def write_json(path, obj):
 
 
 def open_writer(args, step):
-    """Rank 0: samples/ and plots/, args.json, TensorBoard writer with the args table at step 0."""
+    """Rank 0: samples/ and plots/ (stale .tmp files removed), args.json, TensorBoard writer with
+    the args table at step 0."""
     for sub in ("samples", "plots"):
         os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
+    for stale in glob.glob(os.path.join(args.out_dir, "*.tmp")):  # left by a kill mid-write
+        os.remove(stale)
     write_json(os.path.join(args.out_dir, "args.json"), asdict(args))
     writer = SummaryWriter(args.out_dir)
     if step == 0:
@@ -1532,6 +1539,116 @@ def log_progress(meter, speed, writer, params, rt, step, total, lr, samples_per_
         log_scalars(writer, "train" + scope, {**means, "lr": lr}, step)
         log_scalars(writer, "perf" + scope, perf, step)
     return means
+
+
+class Control:
+    """Decisions taken at step boundaries, the same on every rank (one all-reduce a step).
+    Ctrl-C (SIGINT) and SIGTERM, which schedulers send, ask the loop to stop: it finishes the
+    step, saves a checkpoint and exits; a second signal stops at once. A log line is due after
+    the first step of a run, then at least every LOG_SECONDS."""
+
+    LOG_SECONDS = 30.0
+
+    def __init__(self, rt):
+        self.rt = rt
+        self.signal = 0
+        self.t_log = time.perf_counter()
+        self.handlers = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.handlers[sig] = signal.signal(sig, self.ask_to_stop)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+
+    def ask_to_stop(self, signum, frame):
+        if self.signal:  # the second signal: no waiting for the step to end
+            raise KeyboardInterrupt
+        self.signal = signum
+        if self.rt.master:
+            print("stopping after this step (a second Ctrl-C stops at once)", flush=True)
+
+    def poll(self, step, start):
+        """After a step -> (stop, log): stop and save now; print a log line now."""
+        late = time.perf_counter() - self.t_log > self.LOG_SECONDS
+        flags = torch.tensor([float(self.signal != 0), float(step == start + 1 or late)])
+        if self.rt.ddp:
+            flags = flags.to(self.rt.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[1]:
+            self.t_log = time.perf_counter()
+        return bool(flags[0]), bool(flags[1])
+
+
+def run(main, args):
+    """main(args); an interrupt outside the training loop (data, evaluation, plots) ends with one
+    line and exit code 130 instead of a traceback. Checkpoints are only ever replaced whole."""
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        saved = f"the checkpoints in {args.out_dir} are as last saved"
+        print(f"\ninterrupted; {saved}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def progress(items, total, what, show=True):
+    """Yield items; every few seconds print how far `what` has got and the time left."""
+    t0 = time.perf_counter()
+    t_shown = t0
+    for i, item in enumerate(items):
+        now = time.perf_counter()
+        wait = 1.0 if t_shown == t0 else 5.0  # the first line after a second, then every 5 s
+        if show and i and now - t_shown > wait:
+            eta = (now - t0) / i * (total - i)
+            print(f"{what}: {i}/{total}, {now - t0:.0f} s, ETA {eta:.0f} s", flush=True)
+            t_shown = now
+        yield item
+
+
+def check_counts(args, names):
+    """Stop with one line when a count flag is below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {value} must be at least 1")
+
+
+RESUME_FREE = set(  # flags that change neither the schedule nor the data: free to differ on resume
+    "out_dir resume eval_only ckpt log_every eval_every sample_every ckpt_every device dtype "
+    "compile accept_changed_args".split()
+)
+
+
+def flag_text(name, value):
+    """One flag as a command line writes it."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + name.replace("_", "-")
+    if isinstance(value, (list, tuple)):
+        return " ".join([flag, *(shlex.quote(str(v)) for v in value)])
+    return f"{flag} {shlex.quote(str(value))}"
+
+
+def check_resume(ckpt, args, path, free=()):
+    """Resuming with flags that change the schedule, the data or the run's length would silently
+    give another run than the one the checkpoint started: refuse, with the command that
+    continues exactly, unless --accept-changed-args."""
+    now = asdict(args)
+    saved = ckpt.get("args", {})
+    skip = RESUME_FREE | set(free)
+    changed = [k for k in saved if k in now and k not in skip and saved[k] != now[k]]
+    if not changed or args.accept_changed_args:
+        return
+    was = " ".join(flag_text(k, saved[k]) for k in changed)
+    asked = " ".join(flag_text(k, now[k]) for k in changed)
+    raise SystemExit(
+        f"error: {path} was trained with {was}, not {asked}; to continue it exactly, run again "
+        f"with {was}; to resume with the new values on purpose, add --accept-changed-args; "
+        "to start over, --no-resume or another --out-dir"
+    )
 
 
 def teardown(rt):

@@ -34,10 +34,14 @@ without this file (torch.export programs, fp32, dynamic batch):
 """
 
 import copy
+import glob
 import json
 import math
 import os
 import random
+import shlex
+import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -72,6 +76,9 @@ class Args:
     """evaluate the checkpoint, write metrics.json, samples and the exported first stage, then exit"""
     ckpt: str | None = None
     """checkpoint to resume or evaluate; None: out_dir/ckpt.pt"""
+    accept_changed_args: bool = False
+    """resume even if flags that shape the run (steps, lr, batch size, data, ...) differ from the
+    checkpoint's (the schedule then changes mid-run)"""
     log_every: int = 50
     """print and log training losses every N steps"""
     eval_every: int = 500
@@ -422,7 +429,9 @@ def load_clips(args, n_clips, split, rank=0, world=1):
     # per-frame simulation ops are tiny: extra threads only contend (5x slower on a busy CPU)
     torch.set_num_threads(1)
     try:
-        clips = [ds[i]["video"] for i in range(rank, min(n_clips, len(ds)), world)]
+        indices = range(rank, min(n_clips, len(ds)), world)
+        shown = progress(indices, len(indices), f"{split} clips", show=rank == 0)
+        clips = [ds[i]["video"] for i in shown]
     finally:
         torch.set_num_threads(threads)
     if not clips:
@@ -553,10 +562,18 @@ def finish(raw, clips, perf, step, args, rt, writer, t_start):
     write_json(os.path.join(args.out_dir, "metrics.json"), report)
     if args.export:
         export_first_stage(raw, args.out_dir, first_stage_meta(args, clips.shape[2], step, scores))
-    exported = ", first_stage_*.pt2" if args.export else ""
-    print(
-        f"outputs in {args.out_dir} (metrics.json, samples/{exported}); "
-        f"tensorboard --logdir {args.out_dir}"
+    return scores
+
+
+def summary(scores, args, trained):
+    """The last line of a run: the headline figures and where every output is."""
+    files = "ckpt.pt, metrics.json, samples/, plots/, TensorBoard events" if trained else ""
+    files = files or "metrics.json, samples/"
+    files += ", first_stage_*.pt2 and first_stage.json" if args.export else ""
+    return (
+        f"held-out reconstruction: PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f}, "
+        f"codebook usage {scores['codebook_usage']:.0%}; in {args.out_dir}: {files} "
+        f"(tensorboard --logdir {args.out_dir})"
     )
 
 
@@ -574,6 +591,8 @@ def model_arch(args, channels):
 
 def checkpoint_path(args):
     """Check the flags before anything is written -> the checkpoint to resume or evaluate."""
+    counts = ["steps", "batch_size", "train_clips", "eval_clips", "frames", "width"]
+    check_counts(args, counts + ["log_every", "eval_every", "sample_every", "ckpt_every"])
     if args.resolution % 8 or args.resolution < 8:
         raise SystemExit(
             f"error: --resolution {args.resolution} is not a positive multiple of 8 (the encoder "
@@ -606,6 +625,23 @@ def step_flops(raw, args, channels, rt):
     flops = count_flops(forward_backward)
     raw.zero_grad(set_to_none=True)
     return flops
+
+
+def training_state(raw, channels, ckpt, args, rt):
+    """This rank's batch generator, Adam, the fp16 loss scaler and, with --gan-weight, the
+    discriminator and its optimiser; restored from ckpt when resuming."""
+    gen = torch.Generator().manual_seed(args.seed + 1000 * rt.rank)
+    fused = rt.device.type == "cuda"
+    opt = torch.optim.Adam(raw.parameters(), lr=args.lr, betas=(0.9, 0.99), fused=fused)
+    scaler = make_scaler(rt)
+    disc = None
+    opt_d = None
+    if args.gan_weight > 0:
+        disc = patch_discriminator(channels, args.width).to(rt.device)
+        opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    if ckpt:
+        restore_training(ckpt, opt, scaler, disc, opt_d, gen, rt)
+    return gen, opt, scaler, disc, opt_d
 
 
 def restore_training(ckpt, opt, scaler, disc, opt_d, gen, rt):
@@ -849,9 +885,12 @@ def write_json(path, obj):
 
 
 def open_writer(args, step):
-    """Rank 0: samples/ and plots/, args.json, TensorBoard writer with the args table at step 0."""
+    """Rank 0: samples/ and plots/ (stale .tmp files removed), args.json, TensorBoard writer with
+    the args table at step 0."""
     for sub in ("samples", "plots"):
         os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
+    for stale in glob.glob(os.path.join(args.out_dir, "*.tmp")):  # left by a kill mid-write
+        os.remove(stale)
     write_json(os.path.join(args.out_dir, "args.json"), asdict(args))
     writer = SummaryWriter(args.out_dir)
     if step == 0:
@@ -968,6 +1007,116 @@ def log_progress(meter, speed, writer, params, rt, step, total, lr, samples_per_
     return means
 
 
+class Control:
+    """Decisions taken at step boundaries, the same on every rank (one all-reduce a step).
+    Ctrl-C (SIGINT) and SIGTERM, which schedulers send, ask the loop to stop: it finishes the
+    step, saves a checkpoint and exits; a second signal stops at once. A log line is due after
+    the first step of a run, then at least every LOG_SECONDS."""
+
+    LOG_SECONDS = 30.0
+
+    def __init__(self, rt):
+        self.rt = rt
+        self.signal = 0
+        self.t_log = time.perf_counter()
+        self.handlers = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.handlers[sig] = signal.signal(sig, self.ask_to_stop)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+
+    def ask_to_stop(self, signum, frame):
+        if self.signal:  # the second signal: no waiting for the step to end
+            raise KeyboardInterrupt
+        self.signal = signum
+        if self.rt.master:
+            print("stopping after this step (a second Ctrl-C stops at once)", flush=True)
+
+    def poll(self, step, start):
+        """After a step -> (stop, log): stop and save now; print a log line now."""
+        late = time.perf_counter() - self.t_log > self.LOG_SECONDS
+        flags = torch.tensor([float(self.signal != 0), float(step == start + 1 or late)])
+        if self.rt.ddp:
+            flags = flags.to(self.rt.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[1]:
+            self.t_log = time.perf_counter()
+        return bool(flags[0]), bool(flags[1])
+
+
+def run(main, args):
+    """main(args); an interrupt outside the training loop (data, evaluation, plots) ends with one
+    line and exit code 130 instead of a traceback. Checkpoints are only ever replaced whole."""
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        saved = f"the checkpoints in {args.out_dir} are as last saved"
+        print(f"\ninterrupted; {saved}", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def progress(items, total, what, show=True):
+    """Yield items; every few seconds print how far `what` has got and the time left."""
+    t0 = time.perf_counter()
+    t_shown = t0
+    for i, item in enumerate(items):
+        now = time.perf_counter()
+        wait = 1.0 if t_shown == t0 else 5.0  # the first line after a second, then every 5 s
+        if show and i and now - t_shown > wait:
+            eta = (now - t0) / i * (total - i)
+            print(f"{what}: {i}/{total}, {now - t0:.0f} s, ETA {eta:.0f} s", flush=True)
+            t_shown = now
+        yield item
+
+
+def check_counts(args, names):
+    """Stop with one line when a count flag is below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {value} must be at least 1")
+
+
+RESUME_FREE = set(  # flags that change neither the schedule nor the data: free to differ on resume
+    "out_dir resume eval_only ckpt log_every eval_every sample_every ckpt_every device dtype "
+    "compile accept_changed_args".split()
+)
+
+
+def flag_text(name, value):
+    """One flag as a command line writes it."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + name.replace("_", "-")
+    if isinstance(value, (list, tuple)):
+        return " ".join([flag, *(shlex.quote(str(v)) for v in value)])
+    return f"{flag} {shlex.quote(str(value))}"
+
+
+def check_resume(ckpt, args, path, free=()):
+    """Resuming with flags that change the schedule, the data or the run's length would silently
+    give another run than the one the checkpoint started: refuse, with the command that
+    continues exactly, unless --accept-changed-args."""
+    now = asdict(args)
+    saved = ckpt.get("args", {})
+    skip = RESUME_FREE | set(free)
+    changed = [k for k in saved if k in now and k not in skip and saved[k] != now[k]]
+    if not changed or args.accept_changed_args:
+        return
+    was = " ".join(flag_text(k, saved[k]) for k in changed)
+    asked = " ".join(flag_text(k, now[k]) for k in changed)
+    raise SystemExit(
+        f"error: {path} was trained with {was}, not {asked}; to continue it exactly, run again "
+        f"with {was}; to resume with the new values on purpose, add --accept-changed-args; "
+        "to start over, --no-resume or another --out-dir"
+    )
+
+
 def teardown(rt):
     """Leave the process group together: rank 0 may still be evaluating."""
     if rt.ddp:
@@ -992,6 +1141,8 @@ def main(args: Args):
     raw = VQVAE(**arch).to(rt.device)
     if ckpt:
         load_weights(raw, ckpt["model"], ckpt_path)
+    if ckpt and not args.eval_only:
+        check_resume(ckpt, args, ckpt_path)
     step = ckpt["step"] if ckpt else 0
     n_params = sum(p.numel() for p in raw.parameters())
 
@@ -999,27 +1150,18 @@ def main(args: Args):
         if rt.master:
             os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
             perf = {"train_samples_per_s": None, "mfu": None, "params": n_params}
-            finish(raw, eval_clips, perf, step, args, rt, None, time.time())
+            scores = finish(raw, eval_clips, perf, step, args, rt, None, time.time())
+            print(summary(scores, args, trained=False))
         teardown(rt)
         return
 
     # ---- training state
     pool = load_clips(args, args.train_clips, "train", rt.rank, rt.world).flatten(0, 1)
-    gen = torch.Generator().manual_seed(args.seed + 1000 * rt.rank)
-    fused = rt.device.type == "cuda"
-    opt = torch.optim.Adam(raw.parameters(), lr=args.lr, betas=(0.9, 0.99), fused=fused)
-    scaler = make_scaler(rt)
-    disc = None
-    opt_d = None
-    if args.gan_weight > 0:
-        disc = patch_discriminator(channels, args.width).to(rt.device)
-        opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    gen, opt, scaler, disc, opt_d = training_state(raw, channels, ckpt, args, rt)
     optimizers = [opt] if disc is None else [opt, opt_d]
     state = {"model": raw, "optimizer": opt, "scaler": scaler}  # what a checkpoint holds
     if disc is not None:
         state.update(disc=disc, opt_d=opt_d)
-    if ckpt:
-        restore_training(ckpt, opt, scaler, disc, opt_d, gen, rt)
     if raw.ema_count.sum() == 0:
         with torch.no_grad(), rt.amp:
             x = draw_batch(pool, gen, args.batch_size, rt.device)
@@ -1044,7 +1186,7 @@ def main(args: Args):
     ckpt_file = os.path.join(args.out_dir, "ckpt.pt")
     speed = SpeedMeter(step, peak_flops(rt))
     t_start = time.time()
-    try:
+    with Control(rt) as control:
         while step < args.steps:
             lr = lr_at(step, args.steps, args.lr, args.warmup_steps)
             set_lr(optimizers, lr)
@@ -1052,38 +1194,39 @@ def main(args: Args):
             meter.add(train_step(model, raw, disc, disc_ddp, opt, opt_d, scaler, x, step, args, rt))
             step += 1
             speed.tick(step, flops)
-            if step % args.log_every == 0 or step == args.steps:
+            stop, log_now = control.poll(step, speed.start)
+            if log_now or step % args.log_every == 0 or step == args.steps:
                 samples = args.batch_size * rt.world
                 log_progress(
                     meter, speed, writer, raw.parameters(), rt, step, args.steps, lr, samples
                 )
-            if rt.master and step < args.steps and step % args.eval_every == 0:
-                run_eval(raw, eval_clips, args, rt, step, writer)  # the final one follows the loop
-            if rt.master and step < args.steps and step % args.sample_every == 0:
+            more = step < args.steps and not stop  # the final evaluation follows the loop
+            if rt.master and more and step % args.eval_every == 0:
+                run_eval(raw, eval_clips, args, rt, step, writer)
+            if rt.master and more and step % args.sample_every == 0:
                 _, rec, z0 = evaluate(raw, eval_clips[:4], args, rt)
                 save_samples(eval_clips, rec, z0, args.out_dir, step, writer)
-            if step % args.ckpt_every == 0 or step == args.steps:
+            if stop or step % args.ckpt_every == 0 or step == args.steps:
                 # never save weights that have gone non-finite since the last log
                 meter.means(rt, raw.parameters(), f"before step {step}")
                 save_checkpoint(ckpt_file, step, args, arch, gen.get_state(), rt, **state)
+            if stop:
+                raise SystemExit(
+                    f"interrupted after step {step}; saved {ckpt_file}: run the same command to "
+                    "resume"
+                )
             speed.lap()  # evaluation and checkpoint time stay out of the speed figures
-    except KeyboardInterrupt:
-        meter.means(rt, raw.parameters(), f"before step {step}")
-        save_checkpoint(ckpt_file, step, args, arch, gen.get_state(), rt, **state)
-        raise SystemExit(
-            f"interrupted at step {step}; checkpoint saved in {args.out_dir}, run the same "
-            "command to resume"
-        )
 
     if rt.master:
         perf = speed.summary(args.batch_size * rt.world)
         perf.update(params=n_params, device=device_name(rt), dtype=rt.dtype)
-        finish(raw, eval_clips, perf, step, args, rt, writer, t_start)
+        scores = finish(raw, eval_clips, perf, step, args, rt, writer, t_start)
         writer.close()
         curves = os.path.join(args.out_dir, "plots", "training_curves.png")
         viz.plot_training_curves(args.out_dir, curves)
+        print(summary(scores, args, trained=True))
     teardown(rt)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    run(main, tyro.cli(Args))

@@ -1,7 +1,10 @@
 """The fenced infrastructure block: byte-identical in every train_*.py, and what it promises."""
 
 import math
+import os
 import pathlib
+import signal
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -135,3 +138,54 @@ def test_auto_dtype_follows_the_cpu(monkeypatch):
     monkeypatch.setattr(script, "cpu_has_bf16", lambda: False)
     assert script.auto_dtype("cpu") == "float32"
     assert script.auto_dtype("mps") == "float32"
+
+
+def test_control_stops_at_the_step_boundary_and_a_second_signal_at_once(capsys):
+    rt = script.Runtime(torch.device("cpu"), "float32", None, False, 0, 1, False, True)
+    with script.Control(rt) as control:
+        assert control.poll(step=11, start=10) == (False, True)  # first step of a run: a log line
+        assert control.poll(step=12, start=10) == (False, False)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: no exception, a request
+        assert control.poll(step=13, start=10)[0] is True
+        assert "stopping after this step" in capsys.readouterr().out
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)  # a second signal: at once
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_control_asks_for_a_log_line_when_the_last_one_is_old(monkeypatch):
+    rt = script.Runtime(torch.device("cpu"), "float32", None, False, 0, 1, False, True)
+    clock = iter([0.0, 10.0, 31.0, 32.0])
+    monkeypatch.setattr(script.time, "perf_counter", lambda: next(clock))
+    control = script.Control(rt)  # clock 0
+    assert control.poll(step=5, start=0) == (False, False)  # 10 s since the last line
+    assert control.poll(step=6, start=0) == (False, True)  # 31 s: due (the clock restarts at 32)
+
+
+def test_resume_with_changed_run_flags_is_refused_with_the_exact_command():
+    args = script.Args(steps=40, lr=1e-3)
+    ckpt = {"args": {**asdict(args), "steps": 20, "out_dir": "elsewhere", "attention": False}}
+    with pytest.raises(SystemExit) as e:
+        script.check_resume(ckpt, args, "ckpt.pt")
+    message = str(e.value)
+    assert "trained with --steps 20 --no-attention, not --steps 40 --attention" in message
+    assert "--accept-changed-args" in message and "elsewhere" not in message
+    script.check_resume({"args": {**asdict(args), "log_every": 7}}, args, "ckpt.pt")  # harmless
+    script.check_resume(ckpt, script.Args(steps=40, accept_changed_args=True), "ckpt.pt")
+
+
+def test_flag_text_and_count_checks():
+    assert script.flag_text("batch_size", 8) == "--batch-size 8"
+    assert script.flag_text("gan", False) == "--no-gan"
+    assert script.flag_text("generate", ("a b", "c")) == "--generate 'a b' c"
+    with pytest.raises(SystemExit, match="--batch-size 0 must be at least 1"):
+        script.check_counts(script.Args(batch_size=0), ["steps", "batch_size"])
+    script.check_counts(script.Args(), ["steps", "batch_size"])
+
+
+def test_progress_yields_everything_and_reports_after_a_second(monkeypatch, capsys):
+    clock = iter([0.0, 0.5, 1.5, 2.0, 7.0])
+    monkeypatch.setattr(script.time, "perf_counter", lambda: next(clock))
+    assert list(script.progress(range(4), 4, "train clips")) == [0, 1, 2, 3]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["train clips: 1/4, 2 s, ETA 4 s", "train clips: 3/4, 7 s, ETA 2 s"]
