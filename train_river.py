@@ -81,6 +81,9 @@ class Args:
     """evaluate the checkpoint, write metrics.json, samples and plots, then exit"""
     ckpt: str | None = None
     """checkpoint to resume, evaluate, benchmark or sample from; None: out_dir/ckpt.pt"""
+    accept_changed_args: bool = False
+    """resume even if flags that shape the run (steps, lr, batch size, data, ...) differ from the
+    checkpoint's (the schedule then changes mid-run)"""
     bench: bool = False
     """time rollouts of --bench-frames frames with the checkpoint (NFE and seconds per frame),
     add them to metrics.json, exit"""
@@ -378,11 +381,72 @@ def first_stage_command(args, out):
     `out`."""
     flags = [
         f"--data {args.data}" * (args.data != "smoke"),
-        f"--data-dir {args.data_dir}" * bool(args.data_dir),
+        f"--data-dir {shlex.quote(str(args.data_dir))}" * bool(args.data_dir),
         f"--resolution {args.resolution}" * (args.resolution != 64),
-        f"--out-dir {out}" * (out != "runs/train_vqvae"),
+        f"--out-dir {shlex.quote(out)}" * (out != "runs/train_vqvae"),
     ]
     return " ".join(["python train_vqvae.py", *filter(None, flags)])
+
+
+def first_stage_fits(path, args):
+    """Whether path holds first_stage.json for these --data/--resolution flags (and, where its
+    args.json says, the same --data-dir)."""
+    found = []
+    for name in ("first_stage.json", "args.json"):
+        try:
+            with open(os.path.join(path, name)) as f:
+                found.append(json.load(f))
+        except (OSError, ValueError):
+            found.append({})
+    meta, made_with = found
+    same_dir = made_with.get("data_dir", args.data_dir) == args.data_dir
+    return same_dir and (meta.get("data"), meta.get("resolution")) == (args.data, args.resolution)
+
+
+def first_stage_advice(args, path=None):
+    """How to get a first stage for these flags: make it in path, if given and no run is there
+    (train_vqvae.py would resume that run), else in the first free runs/train_vqvae_<data>[_<res>]
+    folder, or pass the folder that already holds one."""
+    base = f"runs/train_vqvae_{args.data}" + f"_{args.resolution}" * (args.resolution != 64)
+    out = path
+    k = 1
+    while out is None or os.path.exists(os.path.join(out, "ckpt.pt")):
+        out = base if k == 1 else f"{base}_{k}"
+        if out != path and first_stage_fits(out, args):
+            return f"a matching one is in {out}: pass --vqvae {shlex.quote(out)}"
+        k += 1
+    passing = f" and pass --vqvae {shlex.quote(out)}" if out != path else ""
+    return f"make one with `{first_stage_command(args, out)}`{passing}"
+
+
+def check_data(args, splits):
+    """Stop with one line when --resolution or the data cannot work, before the first stage is
+    looked at (its errors suggest a train_vqvae.py command, which would fail the same way)."""
+    if args.resolution % 8 or args.resolution < 8:
+        raise SystemExit(
+            f"error: --resolution {args.resolution} is not a positive multiple of 8 (the first "
+            "stage's encoder halves it 3 times); use e.g. 64"
+        )
+    where = {
+        "folder": "a folder of videos",
+        "npz": "an .npz file or a folder of train.npz, val.npz",
+    }
+    d = args.data_dir
+    if args.data in where and not d:
+        raise SystemExit(f"error: --data {args.data} needs --data-dir, {where[args.data]}")
+    if args.data == "npz":
+        paths = [os.path.join(d, f"{s}.npz") for s in splits] if os.path.isdir(d) else [d]
+        for path in paths:
+            if not os.path.isfile(path):
+                raise SystemExit(f"error: --data npz reads {where['npz']}; {path} does not exist")
+    try:
+        if args.data == "folder":
+            for split in splits:
+                toy_data.split_files(toy_data.list_videos(d), split)
+        if args.data == "moving_mnist" and d:  # reads the digits (cached for the run)
+            toy_data.make_dataset(args.data, 1, args.resolution, 1, args.seed, "val", d)[0]
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: --data {args.data}: {e}")
 
 
 def load_first_stage(path, args):
@@ -392,17 +456,16 @@ def load_first_stage(path, args):
     if not all(os.path.isfile(f) for f in files):
         raise SystemExit(
             f"error: no first stage in {path} (first_stage.json, first_stage_encode.pt2, "
-            f"first_stage_decode.pt2); make it with `{first_stage_command(args, path)}`"
+            f"first_stage_decode.pt2); {first_stage_advice(args, path)}"
         )
     with open(files[0], "rb") as f:
         raw = f.read()
     meta = json.loads(raw)
     if (meta.get("data"), meta.get("resolution")) != (args.data, args.resolution):
-        new = f"runs/train_vqvae_{args.data}" + f"_{args.resolution}" * (args.resolution != 64)
         raise SystemExit(
             f"error: the first stage in {path} was trained on --data {meta.get('data')} at "
-            f"{meta.get('resolution')} px, not --data {args.data} at {args.resolution} px; make a "
-            f"matching one with `{first_stage_command(args, new)}` and pass --vqvae {new}"
+            f"{meta.get('resolution')} px, not --data {args.data} at {args.resolution} px; "
+            f"{first_stage_advice(args)}"
         )
     try:
         encode, decode = (torch.export.load(f).module().requires_grad_(False) for f in files[1:])
@@ -413,7 +476,7 @@ def load_first_stage(path, args):
     except Exception as e:
         raise SystemExit(
             f"error: cannot load the first stage in {path} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:100]}); remake it with `{first_stage_command(args, path)}`"
+            f"{str(e).splitlines()[0][:100]}); {first_stage_advice(args, path)}"
         )
     return (encode, decode, stats), meta, hashlib.sha256(raw).hexdigest()[:12]
 
@@ -430,7 +493,9 @@ def load_clips(args, n_clips, n_frames, split, rank=0, world=1):
     # per-frame simulation ops are tiny: extra threads only contend (5x slower on a busy CPU)
     torch.set_num_threads(1)
     try:
-        clips = [ds[i]["video"] for i in range(rank, min(n_clips, len(ds)), world)]
+        indices = range(rank, min(n_clips, len(ds)), world)
+        shown = progress(indices, len(indices), f"{split} clips", show=rank == 0)
+        clips = [ds[i]["video"] for i in shown]
     finally:
         torch.set_num_threads(threads)
     if not clips:
@@ -457,11 +522,14 @@ def load_video(args, channels):
 
 
 @torch.no_grad()
-def encode_clips(encode, clips, stats, batch=256):
+def encode_clips(encode, clips, stats, batch=256, what=None):
     """uint8 clips (N, T, C, H, W) -> latents (N, T, c, h, w) normalised per channel with the first
-    stage's mean and std (unit scale, like the noise the flow starts from)."""
+    stage's mean and std (unit scale, like the noise the flow starts from). With `what`, a
+    progress line names it."""
     x = clips.flatten(0, 1)
-    z = torch.cat([encode(x[i : i + batch].float() / 255) for i in range(0, len(x), batch)])
+    starts = range(0, len(x), batch)
+    shown = progress(starts, len(starts), f"{what} ({batch} frames a batch)", show=what is not None)
+    z = torch.cat([encode(x[i : i + batch].float() / 255) for i in shown])
     return ((z - stats[0]) / stats[1]).unflatten(0, clips.shape[:2])
 
 
@@ -483,7 +551,7 @@ def training_latents(args, fs, fs_id, rank=0, world=1):
     if path and os.path.isfile(path):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     clips = load_clips(args, args.train_clips, args.frames, "train", rank, world)
-    z = encode_clips(fs[0], clips, fs[2])
+    z = encode_clips(fs[0], clips, fs[2], what="encoding train clips" if rank == 0 else None)
     if path:
         os.makedirs(args.latent_cache, exist_ok=True)
         torch.save(z, path + f".tmp{rank}")
@@ -689,9 +757,21 @@ def write_metrics(results, perf, args, step, t_start, n_eval):
         },
     }
     write_json(os.path.join(args.out_dir, "metrics.json"), report)
-    print(
-        f"outputs in {args.out_dir} (metrics.json, samples/, plots/); "
-        f"tensorboard --logdir {args.out_dir}"
+
+
+def summary(results, args, trained):
+    """The last line of a run: the held-out prediction against copy_last (and the first stage's
+    own reconstruction, the best a latent predictor can do) and where every output is."""
+    ours, base = results[:2]
+    copy_last, first_stage = base["copy_last"], base["first_stage"]
+    files = "ckpt.pt, args.json, " * trained + "metrics.json, samples/, plots/"
+    if trained:
+        files += f", TensorBoard events (tensorboard --logdir {args.out_dir})"
+    return (
+        f"held-out prediction of {args.horizon} frames after {args.context}: PSNR "
+        f"{ours['psnr']:.2f} dB (copy_last {copy_last['psnr']:.2f}, first stage "
+        f"{first_stage['psnr']:.2f}), SSIM {ours['ssim']:.4f} (copy_last "
+        f"{copy_last['ssim']:.4f}); in {args.out_dir}: {files}"
     )
 
 
@@ -750,20 +830,29 @@ def sample_from_checkpoint(raw, fs, clips, z_val, demo, video, args, rt, step):
         n_params = sum(p.numel() for p in raw.parameters())
         perf = {"train_samples_per_s": None, "mfu": None, "params": n_params}
         write_metrics(results, perf, args, step, t_start, len(clips))
+        print(summary(results, args, trained=False))
 
 
 # ---------------------------------------------------------------------------------------- training
+SAMPLING_FLAGS = (  # change only evaluation, samples and the latent cache's place: free on resume
+    "bench bench_frames video solver ode_steps warm_start past_horizon val_draws context horizon "
+    "rollout eval_clips vqvae latent_cache"
+).split()
+
+
 def check_args(args):
     """Stop with one line on bad flags, before anything is written. -> (checkpoint path, whether
     the run only samples from a checkpoint: --eval-only, --bench or --video)"""
-    counts = (args.context, args.horizon, args.rollout, args.ode_steps, args.val_draws)
-    if args.frames < 3 or min(*counts, *args.bench_frames) < 1:
+    counts = ["steps", "batch_size", "train_clips", "eval_clips", "frames", "context", "horizon"]
+    counts += ["rollout", "width", "heads", "depth", "ode_steps", "val_draws"]
+    check_counts(args, counts + ["log_every", "eval_every", "sample_every", "ckpt_every"])
+    if args.frames < 3 or min(args.bench_frames) < 1:
         raise SystemExit(
-            "error: need --frames >= 3 (target, reference, context) and --context, --horizon, "
-            f"--rollout, --ode-steps, --val-draws, --bench-frames >= 1, got {args.frames}, "
-            f"{args.context}, {args.horizon}, {args.rollout}, {args.ode_steps}, "
-            f"{args.val_draws}, {args.bench_frames}"
+            "error: need --frames >= 3 (target, reference, context) and --bench-frames >= 1, got "
+            f"{args.frames} and {args.bench_frames}"
         )
+    if args.width % args.heads:
+        raise SystemExit(f"error: --heads {args.heads} must divide --width {args.width}")
     if not 0 <= args.warm_start < 1 or args.past_horizon == 1 or (args.past_horizon or 0) < 0:
         raise SystemExit(
             "error: need 0 <= --warm-start < 1 and --past-horizon 0 or >= 2 (it counts the "
@@ -774,6 +863,7 @@ def check_args(args):
             f"error: unknown data kind {args.data!r}; use one of {', '.join(toy_data.KINDS)}"
         )
     sample_only = args.eval_only or args.bench or args.video is not None
+    check_data(args, ("val",) if sample_only else ("train", "val"))
     ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     if args.ckpt and not os.path.isfile(args.ckpt):
         raise SystemExit(
@@ -1319,6 +1409,10 @@ def main(args: Args):
     rt = setup(args)
     ckpt_path, sample_only = check_args(args)  # before anything is written
     fs, meta, fs_id = load_first_stage(args.vqvae, args)  # (encode, decode, latent statistics)
+    raw, arch, ckpt = load_model(args, meta, fs_id, ckpt_path, args.resume or sample_only, rt)
+    if ckpt and not sample_only:  # before any data is made: a refused resume fails fast
+        check_resume(ckpt, args, ckpt_path, free=SAMPLING_FLAGS)
+    step = ckpt["step"] if ckpt else 0
     eval_clips = load_clips(args, args.eval_clips, args.context + args.horizon, "val")
     video = None
     if args.video is not None:
@@ -1329,8 +1423,6 @@ def main(args: Args):
             f"warning: no probe at {probe}, so fd_probe will be None; run `python train_probe.py`",
             flush=True,
         )
-    raw, arch, ckpt = load_model(args, meta, fs_id, ckpt_path, args.resume or sample_only, rt)
-    step = ckpt["step"] if ckpt else 0
     z_val = encode_clips(fs[0], eval_clips, fs[2])
     # long rollouts for the GIFs
     demo = load_clips(args, min(4, args.eval_clips), args.context + args.rollout, "val")
@@ -1364,7 +1456,7 @@ def main(args: Args):
     meter = LossMeter(["loss"], rt.device)
     speed = SpeedMeter(step, peak_flops(rt))
     t_start = time.time()
-    try:
+    with Control(rt) as control:
         while step < args.steps:
             lr = river_lr_at(step, args.steps, args.lr, args.warmup_steps)
             set_lr([opt], lr)
@@ -1374,28 +1466,27 @@ def main(args: Args):
             meter.add(loss.detach().view(1))
             step += 1
             speed.tick(step, flops)
-            if step % args.log_every == 0 or step == args.steps:
+            stop, log_now = control.poll(step, speed.start)
+            if log_now or step % args.log_every == 0 or step == args.steps:
                 samples = args.batch_size * rt.world
                 log_progress(
                     meter, speed, writer, raw.parameters(), rt, step, args.steps, lr, samples
                 )
-            # the final evaluation follows the loop
-            if rt.master and step < args.steps and step % args.eval_every == 0:
+            more = step < args.steps and not stop  # the final evaluation follows the loop
+            if rt.master and more and step % args.eval_every == 0:
                 run_eval(raw, fs, eval_clips, z_val, args, rt, step, writer)
-            if rt.master and step < args.steps and step % args.sample_every == 0:
+            if rt.master and more and step % args.sample_every == 0:
                 save_samples(raw, fs, demo, args, rt.device, rt.amp, step, writer)
-            if step % args.ckpt_every == 0 or step == args.steps:
+            if stop or step % args.ckpt_every == 0 or step == args.steps:
                 # never save weights that have gone non-finite since the last log
                 meter.means(rt, raw.parameters(), f"before step {step}")
                 save_checkpoint(ckpt_file, step, args, arch, gen.get_state(), rt, **state)
-            speed.lap()
-    except KeyboardInterrupt:
-        meter.means(rt, raw.parameters(), f"before step {step}")
-        save_checkpoint(ckpt_file, step, args, arch, gen.get_state(), rt, **state)
-        raise SystemExit(
-            f"interrupted at step {step}; checkpoint saved in {args.out_dir}, run the same command "
-            "to resume"
-        )
+            if stop:
+                raise SystemExit(
+                    f"interrupted after step {step}; saved {ckpt_file}: run the same command to "
+                    "resume"
+                )
+            speed.lap()  # evaluation and checkpoint time stay out of the speed figures
 
     if rt.master:
         results = run_eval(raw, fs, eval_clips, z_val, args, rt, step, writer)
@@ -1406,8 +1497,9 @@ def main(args: Args):
         writer.close()
         curves_png = os.path.join(args.out_dir, "plots", "training_curves.png")
         viz.plot_training_curves(args.out_dir, curves_png)
+        print(summary(results, args, trained=True))
     teardown(rt)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    run(main, tyro.cli(Args))

@@ -83,6 +83,9 @@ class Args:
     ckpt: str | None = None
     """checkpoint to evaluate or generate with; None: every stage in out_dir (--generate:
     ckpt_self_forcing.pt)"""
+    accept_changed_args: bool = False
+    """resume even if flags that shape the run (steps, lr, batch size, data, ...) differ from the
+    checkpoint's (the schedule then changes mid-run)"""
     generate: tuple[str, ...] = ()
     """prompts to generate, streaming chunk by chunk, --frames long, into out_dir/generated.gif,
     then exit"""
@@ -95,7 +98,7 @@ class Args:
     sample_every: int = 1000
     """write sample GIFs every N steps of a stage"""
     ckpt_every: int = 250
-    """write the stage checkpoint every N steps (and at the end and on Ctrl-C)"""
+    """write the stage checkpoint every N steps (and at the end, and on Ctrl-C or SIGTERM)"""
     # system
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """auto: CUDA if present, else CPU"""
@@ -138,8 +141,8 @@ class Args:
     """teacher peak learning rate (AdamW; ODE regression: lr/3), after 100 warm-up steps,
     cosine-decayed to lr/10"""
     gen_lr: float = 1e-4
-    """generator and critic learning rate of the DMD stages (constant after 10 warm-up steps; AdamW
-    betas (0, 0.999))"""
+    """learning rate of the DMD stages (AdamW betas (0, 0.999)): the generator's, constant after 10
+    warm-up steps; the critic's, constant from its first update (no warm-up)"""
     # method
     shift: float = 5.0
     """timestep shift k of the sigma grid: sigma = k s / (1 + (k - 1) s)"""
@@ -510,13 +513,13 @@ def cache_context(model, context, context_sigma, words, b, kv, keep, ahead_noise
 
 
 @torch.no_grad()
-def sample_teacher(model, noise, words, steps, shift, guidance, keep=()):
+def sample_teacher(model, noise, words, steps, shift, guidance, keep=(), shown=""):
     """Euler on the probability-flow ODE over the shifted grid with CFG, all frames at once.
-    -> x0, states at steps in keep."""
+    -> x0, states at steps in keep. shown: print the progress under this name."""
     sig = shift_sigma(torch.linspace(1, 0, steps + 1), shift).tolist()
     x = noise
     states = []
-    for i in range(steps):
+    for i in progress(range(steps), steps, shown, show=bool(shown)):
         if i in keep:
             states.append(x)
         x0 = cfg_x0(model, x, sig[i], words, guidance)
@@ -546,9 +549,10 @@ def make_ode_pairs(teacher, words, args, rt, seed):
     shape = (len(words), args.frames, 3, args.resolution, args.resolution)
     noise = torch.randn(shape, generator=gen, device=rt.device)
     keep = range(0, ODE_EULER, ODE_EULER // args.denoise_steps)
+    shown = f"ODE pairs (Euler steps of {len(words)} teacher videos)" if rt.master else ""
     with rt.amp:
         x0, s = sample_teacher(
-            teacher, noise, words.to(rt.device), ODE_EULER, args.shift, args.guidance, keep
+            teacher, noise, words.to(rt.device), ODE_EULER, args.shift, args.guidance, keep, shown
         )
     return torch.stack(s, 1).half().cpu(), x0.half().cpu()
 
@@ -691,7 +695,8 @@ def load_clips(args, n_clips, split, rank=0, world=1, holdout=(), only=()):
     random layout (the evaluation's held-out prompts)."""
     if only:
         items = []
-        for i, p in enumerate((only * n_clips)[:n_clips]):
+        wanted = (only * n_clips)[:n_clips]
+        for i, p in progress(enumerate(wanted), n_clips, f"{split} clips", show=rank == 0):
             rng = np.random.default_rng([args.seed, 10 + toy_data.SPLITS.index(split), i])
             attrs = toy_data.parse_prompt(p)
             video = toy_data.render_attrs(rng, attrs, args.resolution, args.resolution, args.frames)
@@ -709,7 +714,9 @@ def load_clips(args, n_clips, split, rank=0, world=1, holdout=(), only=()):
             for i in range(len(ds))
             if toy_data.make_prompt(toy_data.sample_attrs(ds.rng(i))) not in holdout
         ][:n_clips]
-        items = [ds[i] for i in keep[rank::world]]  # toy_data renders with one thread
+        mine = keep[rank::world]
+        shown = progress(mine, len(mine), f"{split} clips", show=rank == 0)
+        items = [ds[i] for i in shown]  # toy_data renders with one thread
     if not items:
         raise SystemExit(
             f"error: --data {args.data} gave no {split} clips; raise --train-clips/--eval-clips"
@@ -848,17 +855,28 @@ def save_pictures(model, videos, prompts, stage, args, rt, step, writer):
     viz.save_video_grid(steps, f"{samples}/denoising_{stage}.png", captions)
 
 
-def write_metrics(stage, row, perf, step, args, real):
-    """Merge a stage's row into out_dir/metrics.json ("eval": self_forcing; "baselines": the other
-    stages and the real videos). -> every row so far, by stage."""
+def read_metrics(args):
+    """out_dir/metrics.json as this script wrote it ({} if there is none or another script's)."""
     path = os.path.join(args.out_dir, "metrics.json")
     old = {}
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
-    if old.get("script") != SCRIPT:  # another script's metrics.json is replaced
-        old = {}
-    rows = {**old.get("baselines", {}), "self_forcing": old.get("eval"), stage: row, "real": real}
+    return old if old.get("script") == SCRIPT else {}
+
+
+def metric_rows(metrics):
+    """metrics.json's rows by stage (and "real"); a stage's row has the step it was evaluated at."""
+    return {**metrics.get("baselines", {}), "self_forcing": metrics.get("eval")}
+
+
+def write_metrics(stage, row, perf, step, args, real):
+    """Merge a stage's row, with the step it was evaluated at, into out_dir/metrics.json ("eval":
+    self_forcing; "baselines": the other stages and the real videos); the other stages' rows stay
+    as they were. -> every row so far, by stage."""
+    path = os.path.join(args.out_dir, "metrics.json")
+    old = read_metrics(args)  # another script's metrics.json is replaced
+    rows = {**metric_rows(old), stage: {"step": step, **row}, "real": real}
     perfs = old.get("perf", {}).get("stages", {})
     if perf:
         perfs = {**perfs, stage: perf}
@@ -1023,14 +1041,24 @@ def save_stage(st, args, rt):
     save_checkpoint(stage_path(args, st.name), st.step, args, model_arch(args), data, rt, **state)
 
 
+def write_samples(st, args, rt, ev, writer):
+    """Rank 0: sample GIFs of the stage's EMA model for the first 16 evaluation prompts."""
+    gen = torch.Generator(rt.device).manual_seed(args.seed + 5)
+    words = ev["words"][:16]
+    videos = generate_videos(st.ema, st.name == "teacher", words, args.frames, args, rt, gen)
+    save_pictures(None, videos, ev["prompts"][:16], st.name, args, rt, st.step, writer)
+
+
 def train_loop(st, data, args, rt, ev, writer):
-    """Train the stage to its step count: update, EMA, log, evaluate, sample, checkpoint; Ctrl-C
-    saves a checkpoint. -> the SpeedMeter."""
+    """Train the stage to its step count: update, EMA, log, evaluate, sample, checkpoint. Ctrl-C or
+    SIGTERM: the step is finished, the stage's checkpoint saved and the run stopped. -> the
+    SpeedMeter."""
     dmd = st.name in DMD_STAGES
     meter = LossMeter(loss_names(st.name), rt.device)
     speed = SpeedMeter(st.step, peak_flops(rt))
     flops = None  # one training step, counted once (a warm-up step, so it stays out of the timing)
-    try:
+    path = stage_path(args, st.name)
+    with Control(rt) as control:
         while st.step < st.total:
             lr = lr_at(st.step, st.total, st.base_lr, 10 if dmd else 100, decay=not dmd)
             set_lr([st.opt], lr)  # the critic keeps --gen-lr
@@ -1044,50 +1072,52 @@ def train_loop(st, data, args, rt, ev, writer):
             meter.add(terms)
             st.step += 1
             speed.tick(st.step, flops)
-            if st.step % args.log_every == 0 or st.step == st.total:
+            stop, log_now = control.poll(st.step, speed.start)
+            if log_now or st.step % args.log_every == 0 or st.step == st.total:
                 samples = st.batch * rt.world
                 log_progress(
                     meter, speed, writer, st.params(), rt, st.step, st.total, lr, samples, st.name
                 )
-            more = st.step < st.total  # the final evaluation follows the loop
+            more = st.step < st.total and not stop  # the final evaluation follows the loop
             if rt.master and more and st.step % args.eval_every == 0:
                 finish_stage(st.ema, st.name, st.step, None, args, rt, ev, writer)
             if rt.master and more and st.step % args.sample_every == 0:
-                gen = torch.Generator(rt.device).manual_seed(args.seed + 5)
-                words = ev["words"][:16]
-                videos = generate_videos(
-                    st.ema, st.name == "teacher", words, args.frames, args, rt, gen
-                )
-                save_pictures(None, videos, ev["prompts"][:16], st.name, args, rt, st.step, writer)
-            if st.step % args.ckpt_every == 0 or st.step == st.total:
+                write_samples(st, args, rt, ev, writer)
+            if stop or st.step % args.ckpt_every == 0 or st.step == st.total:
                 # never save weights gone non-finite since the last log
                 meter.means(rt, st.params(), f"in stage {st.name} before step {st.step}")
                 save_stage(st, args, rt)
+            if stop:
+                raise SystemExit(
+                    f"interrupted after step {st.step} of stage {st.name}; saved {path}: run the "
+                    "same command to resume"
+                )
             speed.lap()
-    except KeyboardInterrupt:
-        meter.means(rt, st.params(), f"in stage {st.name} before step {st.step}")
-        save_stage(st, args, rt)
-        raise SystemExit(
-            f"interrupted at step {st.step} of stage {st.name}; checkpoint saved in "
-            f"{stage_path(args, st.name)}, run the same command to resume"
-        )
     return speed
 
 
+def evaluated(args, stage, step):
+    """Whether metrics.json has the stage's row at this step (a row without a step, written before
+    rows had one, counts)."""
+    row = metric_rows(read_metrics(args)).get(stage)
+    return bool(row) and row.get("step", step) == step
+
+
 def train_stage(name, args, rt, data, ev, writer):
-    """One stage: resume or start it (a finished one is skipped; --no-resume retrains it), train it,
-    evaluate its EMA model. data: the training pool (videos, word ids)."""
+    """One stage: resume or start it, train it, evaluate its EMA model. A finished stage is skipped
+    (--no-resume retrains it), but evaluated if it was stopped after its last step, before its
+    evaluation. data: the training pool (videos, word ids). -> whether this call wrote the stage's
+    row of metrics.json."""
     path = stage_path(args, name)
     ckpt = load_checkpoint(path, model_arch(args)) if args.resume and os.path.isfile(path) else None
     if ckpt and ckpt["step"] >= stage_steps(name, args):
-        return
-    needs = STAGES[: min(STAGES.index(name), 2)]  # ode: the teacher; DMD: it and the ODE student
-    for need in needs:
-        if not os.path.isfile(stage_path(args, need)):
-            raise SystemExit(
-                f"error: --stage {name} needs {stage_path(args, need)}; "
-                f"run --stage {need} first (or --stage all)"
-            )
+        fresh = rt.master and not evaluated(args, name, ckpt["step"])
+        if fresh:
+            model = load_model(path, args, rt)[0]
+            finish_stage(model, name, ckpt["step"], None, args, rt, ev, writer)
+        if rt.ddp:
+            dist.barrier()
+        return fresh
     t0 = time.time()
     st = build_stage(name, args, rt, data[1])
     if ckpt:
@@ -1109,12 +1139,57 @@ def train_stage(name, args, rt, data, ev, writer):
         finish_stage(st.ema, name, st.step, perf, args, rt, ev, writer)
     if rt.ddp:
         dist.barrier()  # the next stage starts from this stage's checkpoint
+    return rt.master
+
+
+HEADLINE = (("prompt_alignment", ".3f"), ("fd_probe", ".2f"), ("drift_2x", ".4f"))
+ORDER = ("self_forcing", "tf", "df", "ode", "teacher", "real")  # the method, then its baselines
+
+
+def kept_rows(args, fresh):
+    """One line naming the rows of metrics.json this run did not write (earlier runs' or
+    evaluations') and the step each was evaluated at; "" if there are none."""
+    rows = metric_rows(read_metrics(args))
+    kept = [
+        f"{k} (evaluated at step {rows[k].get('step', 'unknown')})"
+        for k in STAGES
+        if rows.get(k) and k not in fresh
+    ]
+    if not kept:
+        return ""
+    return (
+        f"metrics.json keeps rows of earlier runs: {', '.join(kept)}; --eval-only without --ckpt "
+        "evaluates every stage checkpoint again"
+    )
+
+
+def summary(args, trained, minutes=0.0):
+    """The last line of a run: the headline figures of every row of metrics.json, Self Forcing
+    first and then its baselines, and where every output is."""
+    rows = metric_rows(read_metrics(args))
+
+    def figures(row):
+        return " / ".join("-" if row.get(k) is None else format(row[k], f) for k, f in HEADLINE)
+
+    table = "; ".join(f"{k} {figures(rows[k])}" for k in ORDER if rows.get(k)) or "no rows"
+    out = args.out_dir
+    files = "metrics.json, samples/, plots/"
+    if trained:
+        files = f"ckpt_<stage>.pt, {files}, TensorBoard events (tensorboard --logdir {out})"
+    done = f"done in {minutes:.1f} min; " if trained else ""
+    return (
+        f"{done}held-out prompts, prompt alignment / fd_probe / drift at 2x: {table}; in {out}: "
+        f"{files}"
+    )
 
 
 # ----------------------------------------------------------------------------- entry points
 def check_inputs(args):
     """Validate every flag before anything is written -> the checkpoints to evaluate or generate
     with, the --generate prompts' word ids."""
+    counts = ["steps", "teacher_steps", "ode_steps", "train_clips", "eval_clips", "frames"]
+    counts += ["width", "depth", "chunk", "batch_size", "denoise_steps", "critic_updates"]
+    check_counts(args, counts + ["log_every", "eval_every", "sample_every", "ckpt_every"])
     if args.data != "shapes":
         raise SystemExit(
             f"error: --data {args.data!r} has no prompts; "
@@ -1152,6 +1227,32 @@ def check_inputs(args):
             "train first or pass --ckpt"
         )
     return to_eval, gen_words
+
+
+RESUME_FREE_HERE = ("stage", "generate", "explain", "eval_clips")  # sampling and evaluation only
+LATER_STAGES_ONLY = {  # flags a stage's training never reads: free to differ when it resumes
+    "teacher": ("ode_steps", "steps", "gen_lr", "guidance", "denoise_steps", "critic_updates"),
+    "ode": ("steps", "gen_lr", "critic_updates"),
+}
+
+
+def check_stages(stages, args):
+    """Before any data is made: a single stage has the checkpoints it starts from, and every stage
+    checkpoint that training will continue is this script's, of this architecture and was trained
+    with the flags that shape its stage (check_resume)."""
+    needs = STAGES[: min(STAGES.index(stages[0]), 2)]  # ode: the teacher; DMD: it and the ODE one
+    for need in needs if args.stage != "all" else ():
+        if not os.path.isfile(stage_path(args, need)):
+            raise SystemExit(
+                f"error: --stage {args.stage} needs {stage_path(args, need)}; "
+                f"run --stage {need} first (or --stage all)"
+            )
+    for name in stages if args.resume else ():
+        path = stage_path(args, name)
+        ckpt = load_checkpoint(path, model_arch(args)) if os.path.isfile(path) else None
+        if ckpt and ckpt["step"] < stage_steps(name, args):
+            free = RESUME_FREE_HERE + LATER_STAGES_ONLY.get(name, ())
+            check_resume(ckpt, args, path, free)
 
 
 def generate(path, words, args, rt):
@@ -1672,6 +1773,9 @@ def main(args: Args):
     if args.generate:
         generate(to_eval[0], gen_words, args, rt)
         return
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    if not args.eval_only:
+        check_stages(stages, args)  # fail fast: before the data is made
 
     # evaluation (rank 0): held-out prompts; each stage's row is merged into metrics.json
     ev = eval_set(args) if rt.master else None
@@ -1679,14 +1783,17 @@ def main(args: Args):
         reason = ev["real"]["prompt_alignment_unavailable"]
         print(f"warning: {reason}; until then there is no prompt_alignment or fd_probe", flush=True)
     if args.eval_only:
+        fresh = set()
         for path in to_eval if rt.master else ():
             model, ckpt = load_model(path, args, rt)
             finish_stage(model, ckpt["stage"], ckpt["step"], None, args, rt, ev, None)
+            fresh.add(ckpt["stage"])
+        if rt.master:
+            print("\n".join(filter(None, [kept_rows(args, fresh), summary(args, trained=False)])))
         teardown(rt)
         return
 
     pool, pool_words, _ = load_clips(args, args.train_clips, "train", rt.rank, rt.world, HOLDOUT)
-    stages = STAGES if args.stage == "all" else (args.stage,)
     writer = None
     if rt.master:
         writer = open_writer(args, 0)
@@ -1698,18 +1805,16 @@ def main(args: Args):
             flush=True,
         )
     t_run = time.time()
-    for stage in stages:
-        train_stage(stage, args, rt, (pool, pool_words), ev, writer)
+    fresh = {s for s in stages if train_stage(s, args, rt, (pool, pool_words), ev, writer)}
     if rt.master:
         writer.close()
         viz.plot_training_curves(
             args.out_dir, os.path.join(args.out_dir, "plots", "training_curves.png")
         )
-        minutes = (time.time() - t_run) / 60
-        out = args.out_dir
-        print(f"all done in {minutes:.1f} min; outputs in {out}; tensorboard --logdir {out}")
+        done = summary(args, trained=True, minutes=(time.time() - t_run) / 60)
+        print("\n".join(filter(None, [kept_rows(args, fresh), done])))
     teardown(rt)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    run(main, tyro.cli(Args))

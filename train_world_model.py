@@ -86,6 +86,9 @@ class Args:
     """evaluate the checkpoint, write metrics.json, samples and plots, then exit"""
     ckpt: str | None = None
     """checkpoint to resume or evaluate (default: out_dir/ckpt.pt)"""
+    accept_changed_args: bool = False
+    """resume even if flags that shape the run (steps, lr, batch size, data, ...) differ from the
+    checkpoint's (the schedule then changes mid-run)"""
     log_every: int = 50
     """print and log training losses every N steps"""
     eval_every: int = 250
@@ -502,7 +505,9 @@ def load_clips(args, n_clips, n_frames, split, rank=0, world=1):
     # per-frame simulation ops are tiny: extra threads only contend (5x slower on a busy CPU)
     torch.set_num_threads(1)
     try:
-        clips = [ds[i]["video"] for i in range(rank, min(n_clips, len(ds)), world)]
+        indices = range(rank, min(n_clips, len(ds)), world)
+        shown = progress(indices, len(indices), f"{split} clips", show=rank == 0)
+        clips = [ds[i]["video"] for i in shown]
     finally:
         torch.set_num_threads(threads)
     if not clips:
@@ -656,15 +661,25 @@ def write_metrics(results, perf, args, step, best, eval_clips, writer, t_start):
         "data": data,
     }
     write_json(os.path.join(args.out_dir, "metrics.json"), report)
-    print(
-        f"outputs in {args.out_dir} (metrics.json, samples/, plots/); "
-        f"tensorboard --logdir {args.out_dir}"
+
+
+def summary(results, args, trained):
+    """The last line of a run: the headline figures against copy-last and where the outputs are."""
+    ours, base = results[:2]
+    files = "ckpt.pt, ckpt_best.pt, metrics.json, samples/, plots/, TensorBoard events"
+    files = files if trained else "metrics.json, samples/, plots/"
+    return (
+        f"held-out prediction of {args.horizon} frames: PSNR {ours['psnr']:.2f} dB (copy_last "
+        f"{base['psnr']:.2f}), SSIM {ours['ssim']:.4f} ({base['ssim']:.4f}); in {args.out_dir}: "
+        f"{files} (tensorboard --logdir {args.out_dir})"
     )
 
 
 # ----------------------------------------------------------------------------- training loop
 def check_args(args, ckpt_path):
     """Stop with one line on flags the model or the data cannot take, before anything is written."""
+    counts = ["steps", "batch_size", "train_clips", "eval_clips", "frames", "width", "hidden"]
+    check_counts(args, counts + ["log_every", "eval_every", "sample_every", "ckpt_every"])
     if args.resolution % 8 or args.resolution < 8:
         raise SystemExit(
             f"error: --resolution {args.resolution} is not a positive multiple of 8 (the encoder "
@@ -745,6 +760,7 @@ def eval_only(raw, eval_clips, args, rt, step, best):
         n_params = sum(p.numel() for p in raw.parameters())
         perf = {"train_samples_per_s": None, "mfu": None, "params": n_params}
         write_metrics(results, perf, args, step, best, eval_clips, None, time.time())
+        print(summary(results, args, trained=False))
     teardown(rt)
 
 
@@ -1257,6 +1273,8 @@ def main(args: Args):
     raw = WorldModel(**arch).to(rt.device)
     if ckpt:
         load_weights(raw, ckpt["model"], ckpt_path)
+    if ckpt and not args.eval_only:
+        check_resume(ckpt, args, ckpt_path)
     step = ckpt["step"] if ckpt else 0
     best = ckpt.get("best_val", math.inf) if ckpt else math.inf
     if args.eval_only:
@@ -1288,7 +1306,7 @@ def main(args: Args):
     speed = SpeedMeter(step, peak_flops(rt))
     t_start = time.time()
     results = None
-    try:
+    with Control(rt) as control:
         while step < args.steps:
             lr = lr_at(step, args.steps, args.lr, args.warmup_steps)
             set_lr([opt], lr)
@@ -1298,34 +1316,33 @@ def main(args: Args):
             meter.add(torch.cat([terms, terms.new_tensor([k])]))
             step += 1
             speed.tick(step, flops[k] if flops else None)
+            stop, log_now = control.poll(step, speed.start)
             last = step == args.steps
-            if step % args.log_every == 0 or last:
+            if log_now or step % args.log_every == 0 or last:
                 samples = args.batch_size * rt.world
                 log_progress(
                     meter, speed, writer, raw.parameters(), rt, step, args.steps, lr, samples
                 )
             # before the checkpoint: it holds best_val
-            if rt.master and (step % args.eval_every == 0 or last):
+            if rt.master and not stop and (step % args.eval_every == 0 or last):
                 results, best = eval_and_keep_best(
                     raw, eval_clips, args, rt, arch, step, best, writer
                 )
-            if rt.master and not last and step % args.sample_every == 0:
+            if rt.master and not (last or stop) and step % args.sample_every == 0:
                 _, _, _, curves, frames = evaluate(raw, eval_clips[:4], args, rt.device, rt.amp)
                 save_samples(eval_clips, frames, curves, args, step, writer)
-            if step % args.ckpt_every == 0 or last:
+            if stop or step % args.ckpt_every == 0 or last:
                 # never save weights that have gone non-finite since the last log
                 meter.means(rt, raw.parameters(), f"before step {step}")
                 save_checkpoint(
                     ckpt_file, step, args, arch, gen.get_state(), rt, **state, best_val=best
                 )
+            if stop:
+                raise SystemExit(
+                    f"interrupted after step {step}; saved {ckpt_file}: run the same command to "
+                    "resume"
+                )
             speed.lap()  # evaluation and checkpoint time stay out of the speed figures
-    except KeyboardInterrupt:
-        meter.means(rt, raw.parameters(), f"before step {step}")
-        save_checkpoint(ckpt_file, step, args, arch, gen.get_state(), rt, **state, best_val=best)
-        raise SystemExit(
-            f"interrupted at step {step}; checkpoint saved in {args.out_dir}, run the same command "
-            "to resume"
-        )
 
     if rt.master:
         if results is None:  # none yet when resuming a finished run
@@ -1336,8 +1353,9 @@ def main(args: Args):
         writer.close()
         curves_png = os.path.join(args.out_dir, "plots", "training_curves.png")
         viz.plot_training_curves(args.out_dir, curves_png)
+        print(summary(results, args, trained=True))
     teardown(rt)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    run(main, tyro.cli(Args))

@@ -4,7 +4,9 @@ CLI and outputs, determinism, resume, eval-only, bench, DDP, bad input."""
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +71,10 @@ TINY = [
     "2",
     "5",
 ]
+VQVAE_TINY = (  # train_vqvae.py at 2 steps; --resolution and --out-dir are added
+    "--steps 2 --frames 4 --train-clips 4 --eval-clips 2 --width 8 --codebook-size 16 "
+    "--batch-size 8 --dtype float32 --no-compile --device cpu --warmup-steps 1"
+).split()
 FIRST_STAGE_FILES = ("first_stage.json", "first_stage_encode.pt2", "first_stage_decode.pt2")
 
 
@@ -99,29 +105,9 @@ def first_stage(tmp_path_factory, one_thread):
     cmd = [
         sys.executable,
         "train_vqvae.py",
-        "--steps",
-        "2",
+        *VQVAE_TINY,
         "--resolution",
         "32",
-        "--frames",
-        "4",
-        "--train-clips",
-        "4",
-        "--eval-clips",
-        "2",
-        "--width",
-        "8",
-        "--codebook-size",
-        "16",
-        "--batch-size",
-        "8",
-        "--dtype",
-        "float32",
-        "--no-compile",
-        "--device",
-        "cpu",
-        "--warmup-steps",
-        "1",
         "--out-dir",
         str(out),
     ]
@@ -475,8 +461,11 @@ def test_first_stage_frozen_and_unchanged(tiny, first_stage):
 
 
 # ----------------------------------------------------------------------------- determinism, resume, eval-only, bench
-def test_same_seed_same_run(tiny, first_stage, tmp_path):
+def test_same_seed_same_run(tiny, first_stage, tmp_path, capsys):
     run(tmp_path, first_stage, "--sample-every", "100")
+    last = capsys.readouterr().out.splitlines()[-1]  # the summary, after the plots
+    assert last.startswith("held-out prediction of 3 frames after 3: PSNR ")
+    assert "(copy_last " in last and f"in {tmp_path}: ckpt.pt" in last and "tensorboard" in last
     a, b = load(tiny[0] / "ckpt.pt"), load(tmp_path / "ckpt.pt")
     assert same_state(a["model"], b["model"])
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (tiny[0], tmp_path))
@@ -486,13 +475,13 @@ def test_same_seed_same_run(tiny, first_stage, tmp_path):
 def test_ctrl_c_saves_and_resume_equals_straight_run(tiny, first_stage, tmp_path, monkeypatch):
     lr_at = tr.river_lr_at
 
-    def interrupt_at_3(step, *schedule):  # called first thing in a step: a clean place to stop
-        if step == 3:
-            raise KeyboardInterrupt
+    def ctrl_c_in_step_3(step, *schedule):  # Ctrl-C arrives in the middle of the third step
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
         return lr_at(step, *schedule)
 
-    monkeypatch.setattr(tr, "river_lr_at", interrupt_at_3)
-    with pytest.raises(SystemExit, match="interrupted at step 3"):
+    monkeypatch.setattr(tr, "river_lr_at", ctrl_c_in_step_3)
+    with pytest.raises(SystemExit, match="interrupted after step 3"):
         run(tmp_path, first_stage)
     assert load(tmp_path / "ckpt.pt")["step"] == 3
     monkeypatch.setattr(tr, "river_lr_at", lr_at)
@@ -506,9 +495,24 @@ def test_ctrl_c_saves_and_resume_equals_straight_run(tiny, first_stage, tmp_path
     assert all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
 
 
-def test_eval_only_reproduces_eval(tiny, first_stage, tmp_path):
+def test_resume_with_other_sampling_flags(tiny, first_stage, tmp_path):
+    """Flags that change only evaluation and sampling may differ on resume; training flags not."""
+    d = tmp_path / "run"
+    shutil.copytree(tiny[0], d)
+    sampling = "--ode-steps 4 --warm-start 0.25 --solver euler --past-horizon 2 --val-draws 1"
+    more = "--horizon 2 --eval-clips 2 --rollout 3 --bench-frames 3"
+    run(d, first_stage, *sampling.split(), *more.split())
+    assert json.loads((d / "metrics.json").read_text())["sampler"]["solver"] == "euler"
+    assert same_state(load(d / "ckpt.pt")["model"], load(tiny[0] / "ckpt.pt")["model"])
+    with pytest.raises(SystemExit, match="trained with --seed 0 --batch-size 4, not"):
+        run(d, first_stage, "--batch-size", "2", "--seed", "1")
+
+
+def test_eval_only_reproduces_eval(tiny, first_stage, tmp_path, capsys):
     before = digest(tiny[0] / "ckpt.pt")
     run(tmp_path, first_stage, "--eval-only", "--ckpt", str(tiny[0] / "ckpt.pt"))
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("held-out prediction") and f"in {tmp_path}: metrics.json" in last
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (tiny[0], tmp_path))
     assert b["eval"] == a["eval"] and b["baselines"] == a["baselines"] and b["val"] == a["val"]
     assert b["perf"]["train_samples_per_s"] is None and b["step"] == 4
@@ -589,18 +593,59 @@ def test_torchrun_two_cpu_processes(first_stage, tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["step"] == 4
 
 
+def test_encoding_shows_progress(monkeypatch, capsys):
+    clock = iter(range(0, 1000, 2))  # 2 s between readings of the clock
+    monkeypatch.setattr(tr, "time", type("Clock", (), {"perf_counter": lambda: next(clock)}))
+    clips = torch.zeros(3, 2, 1, 8, 8, dtype=torch.uint8)
+    stats = [torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)]
+    z = tr.encode_clips(lambda x: x, clips, stats, batch=2, what="encoding train clips")
+    assert z.shape == clips.shape
+    assert "encoding train clips (2 frames a batch): 1/3, 4 s, ETA 8 s" in capsys.readouterr().out
+    tr.encode_clips(lambda x: x, clips, stats, batch=2)  # no `what`: quiet
+    assert capsys.readouterr().out == ""
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_missing_first_stage_says_how_to_make_it(tmp_path, first_stage):
     with pytest.raises(
         SystemExit,
-        match="error: no first stage in .*make it with `python train_vqvae.py --resolution 32 "
+        match="error: no first stage in .*make one with `python train_vqvae.py --resolution 32 "
         f"--out-dir {tmp_path / 'none'}`",
     ) as e:
         run(tmp_path, first_stage, "--vqvae", str(tmp_path / "none"))
     assert "\n" not in str(e.value.code) and not (tmp_path / "args.json").exists()
 
 
-def test_mismatched_first_stage(tmp_path, first_stage):
+def suggested(message, *tiny):
+    """The train_vqvae.py command an error line suggests, as argv, with tiny settings added."""
+    cmd = shlex.split(message.split("`")[1])
+    assert cmd[:2] == ["python", "train_vqvae.py"], message
+    return [sys.executable, str(ROOT / "train_vqvae.py"), *cmd[2:], *tiny]
+
+
+def test_suggested_first_stage_commands_work(tmp_path, first_stage, monkeypatch):
+    """Each train_vqvae.py command an error suggests makes a first stage this run accepts."""
+    monkeypatch.chdir(tmp_path)  # the suggested runs/ folders are relative
+    shapes = tyro.cli(tr.Args, args=[*TINY, "--data", "shapes"])
+    with pytest.raises(SystemExit, match="no first stage in fs .*; make one with `") as e:
+        run(tmp_path / "river", first_stage, "--vqvae", "fs", "--data", "shapes")
+    subprocess.run(suggested(e.value.code, *VQVAE_TINY), env=ENV, check=True, capture_output=True)
+    assert tr.load_first_stage("fs", shapes)[1]["data"] == "shapes"
+    new = "runs/train_vqvae_shapes_32"
+    with pytest.raises(SystemExit, match=f"32 px; make one .* --vqvae {new}$") as e:
+        run(tmp_path / "river", first_stage, "--data", "shapes")  # the smoke one
+    subprocess.run(suggested(e.value.code, *VQVAE_TINY), env=ENV, check=True, capture_output=True)
+    with pytest.raises(SystemExit, match=f"not --data shapes at 32 px; a matching one is in {new}"):
+        run(tmp_path / "river", first_stage, "--data", "shapes")
+    (tmp_path / "half").mkdir()  # a run without an exported first stage: made elsewhere
+    torch.save({"script": "train_vqvae.py"}, tmp_path / "half" / "ckpt.pt")
+    with pytest.raises(SystemExit, match=f"no first stage in half .*a matching one is in {new}"):
+        run(tmp_path / "river", first_stage, "--data", "shapes", "--vqvae", "half")
+    assert tr.load_first_stage(new, shapes)[1]["data"] == "shapes"
+
+
+def test_mismatched_first_stage(tmp_path, first_stage, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ folder that holds a matching first stage
     with pytest.raises(
         SystemExit,
         match="error: the first stage in .* was trained on --data smoke at 32 px, not --data "
@@ -631,6 +676,17 @@ def test_mismatched_first_stage(tmp_path, first_stage):
         (["--ckpt", "/nonexistent/ckpt.pt"], "error: --ckpt /nonexistent/ckpt.pt does not exist"),
         (["--eval-only"], "error: --eval-only, --bench and --video need a checkpoint"),
         (["--bench"], "error: --eval-only, --bench and --video need a checkpoint"),
+        (["--eval-every", "0"], "error: --eval-every 0 must be at least 1"),
+        (["--train-clips", "0"], "error: --train-clips 0 must be at least 1"),
+        (["--heads", "3"], "error: --heads 3 must divide --width 16"),
+        # data and resolution are checked before the first stage (a 32 px smoke one), whose
+        # mismatch error would suggest a train_vqvae.py command that fails the same way
+        (["--resolution", "7"], "error: --resolution 7 is not a positive multiple of 8"),
+        (["--resolution", "36"], "error: --resolution 36 is not a positive multiple of 8"),
+        (["--data", "folder"], "error: --data folder needs --data-dir"),
+        (["--data", "folder", "--data-dir", "/nonexistent"], "video folder /nonexistent does not"),
+        (["--data", "npz", "--data-dir", "/nonexistent.npz"], "/nonexistent.npz does not exist"),
+        (["--data", "moving_mnist", "--data-dir", "/nonexistent"], "MNIST path /nonexistent does"),
     ],
 )
 def test_bad_input_one_line(tmp_path, first_stage, extra, message):
@@ -663,10 +719,13 @@ def test_failing_runs_keep_good_checkpoint(tiny, first_stage, tmp_path):
     )
     with pytest.raises(SystemExit, match="error: .*another architecture: first_stage="):
         run(d, other)
+    with pytest.raises(SystemExit, match="trained with --steps 4 --lr 0.001, not --steps 12"):
+        run(d, first_stage, "--steps", "12", "--lr", "1e30")  # would reshape the schedule: refused
     with pytest.raises(SystemExit, match="error: non-finite loss"):
         run(
             d,
             first_stage,
+            "--accept-changed-args",
             "--steps",
             "12",
             "--lr",

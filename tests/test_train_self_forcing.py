@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -512,29 +513,85 @@ def test_same_seed_same_run(tiny, tmp_path):
     assert ma["drift"] == mb["drift"] and ma["drift_per_frame_2x"] == mb["drift_per_frame_2x"]
 
 
-def test_ctrl_c_saves_and_resume_equals_straight_run(tiny, tmp_path, monkeypatch):
+def ctrl_c_in_generator_step(monkeypatch, at):
+    """Ctrl-C arrives in the middle of the DMD step `at` (0-based), between its critic updates and
+    its generator update."""
+    generator_step = sf.generator_step
+
+    def step(st, *rest):
+        if st.step == at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return generator_step(st, *rest)
+
+    monkeypatch.setattr(sf, "generator_step", step)
+    return generator_step
+
+
+def test_ctrl_c_saves_and_resume_equals_straight_run(tiny, tmp_path, monkeypatch, capsys):
     for stage in ("teacher", "ode"):
         shutil.copy(tiny / f"ckpt_{stage}.pt", tmp_path)
-    lr_at = sf.lr_at
-
-    def interrupt_at_1(
-        step, total, peak, warmup, decay=True
-    ):  # first thing in a step: a clean place to stop
-        if step == 1:
-            raise KeyboardInterrupt
-        return lr_at(step, total, peak, warmup, decay)
-
-    monkeypatch.setattr(sf, "lr_at", interrupt_at_1)
-    with pytest.raises(SystemExit, match="interrupted at step 1 of stage self_forcing"):
+    generator_step = ctrl_c_in_generator_step(monkeypatch, 0)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit, match="interrupted after step 1 of stage self_forcing; saved"):
         run(tmp_path, "--stage", "self_forcing")
     assert load(tmp_path / "ckpt_self_forcing.pt")["step"] == 1
-    monkeypatch.setattr(sf, "lr_at", lr_at)
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    monkeypatch.setattr(sf, "generator_step", generator_step)
     run(tmp_path, "--stage", "self_forcing")
     a, b = load(tiny / "ckpt_self_forcing.pt"), load(tmp_path / "ckpt_self_forcing.pt")
     assert b["step"] == 2
     for k in ("model", "ema", "critic"):
         assert same_state(a[k], b[k]), k
     assert all(torch.equal(x, y) for x, y in zip(a["rng"]["data"][0], b["rng"]["data"][0]))
+    last = capsys.readouterr().out.splitlines()[-1]  # the summary, after the plots
+    assert last.startswith("done in") and "held-out prompts" in last and str(tmp_path) in last
+    assert "self_forcing " in last and "ckpt_<stage>.pt" in last
+
+
+def test_stop_in_the_last_step_skips_the_evaluation_until_resumed(tiny, tmp_path, monkeypatch):
+    """Stopped in its last step, a stage is saved finished but unevaluated: the resumed run
+    evaluates it (the same row as the straight run's) without training it again."""
+    for stage in ("teacher", "ode"):
+        shutil.copy(tiny / f"ckpt_{stage}.pt", tmp_path)
+    generator_step = ctrl_c_in_generator_step(monkeypatch, 1)
+    with pytest.raises(SystemExit, match="interrupted after step 2 of stage self_forcing"):
+        run(tmp_path, "--stage", "self_forcing")
+    assert not (tmp_path / "metrics.json").exists()  # no evaluation when stopping
+    saved = digest(tmp_path / "ckpt_self_forcing.pt")
+    monkeypatch.setattr(sf, "generator_step", generator_step)
+    run(tmp_path, "--stage", "self_forcing")
+    assert digest(tmp_path / "ckpt_self_forcing.pt") == saved  # not trained again
+    a = json.loads((tiny / "metrics.json").read_text())["eval"]
+    b = json.loads((tmp_path / "metrics.json").read_text())["eval"]
+    assert b["step"] == 2 and b["drift"] == a["drift"] and b["drift_2x"] == a["drift_2x"]
+
+
+def test_resume_with_flags_that_shape_the_stage_is_refused(tiny, tmp_path):
+    """Per stage checkpoint: its own flags must match; --stage, evaluation-only flags and flags
+    only later stages read may differ."""
+    ckpt = load(tiny / "ckpt_teacher.pt")
+    ckpt["args"]["teacher_steps"] = 5  # a teacher stopped at step 3 of 5
+    torch.save(ckpt, tmp_path / "ckpt_teacher.pt")
+
+    def check(*extra):
+        argv = [*TINY, "--out-dir", str(tmp_path), "--teacher-steps", "5", *extra]
+        args = tyro.cli(sf.Args, args=argv)
+        sf.check_stages(sf.STAGES if args.stage == "all" else (args.stage,), args)
+
+    check("--stage", "teacher", "--eval-clips", "7", "--steps", "9", "--guidance", "2")
+    with pytest.raises(
+        SystemExit, match="trained with --seed 0 --lr 0.001, not --seed 1 --lr 0.01"
+    ):
+        check("--lr", "0.01", "--seed", "1")
+    with pytest.raises(SystemExit, match="add --accept-changed-args"):
+        check("--batch-size", "2")
+    check("--batch-size", "2", "--accept-changed-args")
+    shutil.copy(tiny / "ckpt_ode.pt", tmp_path)  # finished: not checked, however the flags differ
+    check("--stage", "ode", "--lr", "0.01")
+    shutil.copy(tiny / "ckpt_self_forcing.pt", tmp_path)  # DMD: --steps and the teacher's shape it
+    message = "ckpt_self_forcing.pt was trained with --steps 2 --teacher-steps 3, not --steps 4 --"
+    with pytest.raises(SystemExit, match=message):
+        check("--stage", "self_forcing", "--steps", "4")
 
 
 def test_eval_only_reproduces_eval(tiny, tmp_path):
@@ -553,6 +610,20 @@ def test_eval_only_reproduces_eval(tiny, tmp_path):
         assert b[k] == a[k], k
     assert digest(tiny / "ckpt_self_forcing.pt") == before and not list(tmp_path.glob("ckpt_*.pt"))
     assert (tmp_path / "samples" / "denoising_self_forcing.png").exists()
+
+
+def test_eval_only_of_one_stage_names_the_rows_kept_from_earlier_runs(tiny, tmp_path, capsys):
+    d = tmp_path / "run"
+    shutil.copytree(tiny, d)
+    run(d, "--eval-only", "--stage", "ode")
+    lines = capsys.readouterr().out.splitlines()
+    kept = "teacher (evaluated at step 3), self_forcing (evaluated at step 2), tf (evaluated at step 2)"
+    assert lines[-2].startswith("metrics.json keeps rows of earlier runs: " + kept), lines[-2]
+    assert "ode (" not in lines[-2] and lines[-1].startswith("held-out prompts")
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["eval"]["step"] == 2 and {
+        r["step"] for r in m["baselines"].values() if "step" in r
+    } == {2, 3}
 
 
 def test_missing_probe_is_said_before_training(tiny, tmp_path, monkeypatch, capsys):
@@ -622,6 +693,8 @@ def test_torchrun_two_cpu_processes(tiny, tmp_path):
         (["--data", "bouncing_balls"], "error: --data 'bouncing_balls' has no prompts"),
         (["--resolution", "36"], "error: --resolution 36"),
         (["--frames", "7"], "error: --frames 7 must be a multiple of --chunk 3"),
+        (["--ckpt-every", "0"], "error: --ckpt-every 0 must be at least 1"),
+        (["--teacher-steps", "-1"], "error: --teacher-steps -1 must be at least 1"),
         (["--ckpt", "/nonexistent/ckpt.pt"], "error: --ckpt /nonexistent/ckpt.pt does not exist"),
         (["--eval-only"], "error: --eval-only needs a checkpoint"),
         (
@@ -657,6 +730,18 @@ def test_checkpoints_of_another_script_or_architecture_are_refused(tiny, tmp_pat
     good = digest(d / "ckpt_teacher.pt")
     with pytest.raises(SystemExit, match="error: .*another architecture: width=32 \\(now 64\\)"):
         run(d, "--width", "64")
-    with pytest.raises(SystemExit, match="error: non-finite loss .* in stage teacher"):
+    message = "error: .*ckpt_teacher.pt was trained with --teacher-steps 3 --lr 0.001, not"
+    with pytest.raises(SystemExit, match=message):  # would reshape the teacher's schedule: refused
         run(d, "--teacher-steps", "6", "--lr", "1e30", "--ckpt-every", "100")
+    with pytest.raises(SystemExit, match="error: non-finite loss .* in stage teacher"):
+        run(
+            d,
+            "--accept-changed-args",
+            "--teacher-steps",
+            "6",
+            "--lr",
+            "1e30",
+            "--ckpt-every",
+            "100",
+        )
     assert digest(d / "ckpt_teacher.pt") == good

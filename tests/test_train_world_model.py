@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -248,13 +249,13 @@ def test_same_seed_same_run(tiny, tmp_path):
 def test_ctrl_c_saves_and_resume_equals_straight_run(tiny, tmp_path, monkeypatch):
     lr_at = wm.lr_at
 
-    def interrupt_at_3(step, *rest):  # called first thing in a step: a clean place to stop
-        if step == 3:
-            raise KeyboardInterrupt
+    def ctrl_c_in_step_3(step, *rest):  # Ctrl-C arrives in the middle of the third step
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
         return lr_at(step, *rest)
 
-    monkeypatch.setattr(wm, "lr_at", interrupt_at_3)
-    with pytest.raises(SystemExit, match="interrupted at step 3"):
+    monkeypatch.setattr(wm, "lr_at", ctrl_c_in_step_3)
+    with pytest.raises(SystemExit, match="interrupted after step 3"):
         run(tmp_path)
     assert load(tmp_path / "ckpt.pt")["step"] == 3
     monkeypatch.setattr(wm, "lr_at", lr_at)
@@ -356,6 +357,8 @@ def test_failing_runs_keep_good_checkpoint(tiny, tmp_path):
     with pytest.raises(SystemExit, match="error: .*holds best weights only"):
         run(d, "--ckpt", str(d / "ckpt_best.pt"))
     diverge = "--steps 12 --lr 1e30 --ckpt-every 100 --eval-every 100 --sample-every 100"
+    with pytest.raises(SystemExit, match="trained with --steps 4 --lr 0.003, not --steps 12"):
+        run(d, *diverge.split())  # would reshape the schedule: refused
     with pytest.raises(SystemExit, match="error: non-finite loss"):
-        run(d, *diverge.split())
+        run(d, "--accept-changed-args", *diverge.split())
     assert digest(d / "ckpt.pt") == good and digest(d / "ckpt_best.pt") == good_best
