@@ -223,7 +223,8 @@ def probe_set(labels, n_per_kind, split, seed):
     """Probe inputs of every kind, uint8 (N, 3, 16, 32, 32), and their targets per head."""
     xs = []
     ys = []
-    for kind in metrics.PROBE_KINDS:
+    kinds = metrics.PROBE_KINDS
+    for kind in progress(kinds, len(kinds), f"{split} videos, by data kind"):
         n = n_per_kind * (4 if kind == "shapes" else 1)  # shapes feeds five attribute heads
         x, attrs = metrics.toy_probe_videos(kind, n, split, seed)
         xs.append(x)
@@ -726,8 +727,10 @@ def run(main, args):
     try:
         main(args)
     except KeyboardInterrupt:
-        saved = f"the checkpoints in {args.out_dir} are as last saved"
-        print(f"\ninterrupted; {saved}", file=sys.stderr)
+        print(
+            "\ninterrupted; checkpoints are replaced whole, so the last one saved is intact",
+            file=sys.stderr,
+        )
         raise SystemExit(130) from None
 
 
@@ -806,6 +809,7 @@ def main(args: Args):
             "error: train_probe.py runs as one process (the probe defines a metric: its weights "
             "must not depend on the world size); run it without torchrun"
         )
+    check_counts(args, ["steps", "log_every", "threads", "n_per_kind", "batch_size"])
     torch.set_num_threads(args.threads)
     t0 = time.time()
     rt = setup(args)
@@ -845,4 +849,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    run(main, tyro.cli(Args))
