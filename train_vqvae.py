@@ -492,6 +492,22 @@ def evaluate(model, clips, args, rt, batch=64):
     return scores, rec, z[: clips.shape[1]]
 
 
+def resize_baseline(clips):
+    """The frames shrunk to the latent grid (area average, full colour: 3 numbers per cell
+    where the VQ-VAE keeps one code of 4) and enlarged back (bilinear): what a reconstruction
+    from that many cells gets without learning anything -> psnr, ssim, mse on the same frames."""
+    target = clips.float().flatten(0, 1) / 255
+    small = F.avg_pool2d(target, 8)
+    blurred = F.interpolate(small, scale_factor=8.0, mode="bilinear").clamp(0, 1)
+    blurred = blurred.view(clips.shape)
+    target = target.view(clips.shape)
+    return {
+        "psnr": metrics.psnr(blurred, target),
+        "ssim": metrics.ssim(blurred, target),
+        "mse": metrics.mse(blurred, target),
+    }
+
+
 def save_samples(clips, rec, z0, out_dir, step, writer):
     """original | reconstruction side by side, as GIF + PNG strip, in samples/ and TensorBoard."""
     pairs = torch.cat([clips[:4].float() / 255, rec[:4]], dim=-1)  # (n, T, C, H, 2W)
@@ -556,22 +572,26 @@ def finish(raw, clips, perf, step, args, rt, writer, t_start):
         "step": step,
         "wall_s": round(time.time() - t_start, 1),
         "eval": scores,
+        "baselines": {"resize_to_latent_grid": resize_baseline(clips)},
         "perf": perf,
         "data": data,
     }
     write_json(os.path.join(args.out_dir, "metrics.json"), report)
     if args.export:
         export_first_stage(raw, args.out_dir, first_stage_meta(args, clips.shape[2], step, scores))
-    return scores
+    return report
 
 
-def summary(scores, args, trained):
+def summary(report, args, trained):
     """The last line of a run: the headline figures and where every output is."""
+    scores = report["eval"]
+    base = report["baselines"]["resize_to_latent_grid"]
     files = "ckpt.pt, metrics.json, samples/, plots/, TensorBoard events" if trained else ""
     files = files or "metrics.json, samples/"
     files += ", first_stage_*.pt2 and first_stage.json" if args.export else ""
     return (
-        f"held-out reconstruction: PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f}, "
+        f"held-out reconstruction: PSNR {scores['psnr']:.2f} dB (resized to the latent grid: "
+        f"{base['psnr']:.2f}), SSIM {scores['ssim']:.4f} ({base['ssim']:.4f}), "
         f"codebook usage {scores['codebook_usage']:.0%}; in {args.out_dir}: {files} "
         f"(tensorboard --logdir {args.out_dir})"
     )
@@ -1152,8 +1172,8 @@ def main(args: Args):
         if rt.master:
             os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
             perf = {"train_samples_per_s": None, "mfu": None, "params": n_params}
-            scores = finish(raw, eval_clips, perf, step, args, rt, None, time.time())
-            print(summary(scores, args, trained=False))
+            report = finish(raw, eval_clips, perf, step, args, rt, None, time.time())
+            print(summary(report, args, trained=False))
         teardown(rt)
         return
 
@@ -1222,11 +1242,11 @@ def main(args: Args):
     if rt.master:
         perf = speed.summary(args.batch_size * rt.world)
         perf.update(params=n_params, device=device_name(rt), dtype=rt.dtype)
-        scores = finish(raw, eval_clips, perf, step, args, rt, writer, t_start)
+        report = finish(raw, eval_clips, perf, step, args, rt, writer, t_start)
         writer.close()
         curves = os.path.join(args.out_dir, "plots", "training_curves.png")
         viz.plot_training_curves(args.out_dir, curves)
-        print(summary(scores, args, trained=True))
+        print(summary(report, args, trained=True))
     teardown(rt)
 
 

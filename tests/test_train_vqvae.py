@@ -110,6 +110,17 @@ def test_tiny_run_writes_outputs(tiny):
 
 
 # ----------------------------------------------------------------------------- quantiser and model
+def test_resize_baseline_scores_the_blurred_frames(tiny):
+    """The baseline: frames averaged over 8x8 cells and enlarged back, scored on the same frames."""
+    flat = torch.full((2, 3, 3, 16, 16), 100, dtype=torch.uint8)  # one colour: nothing to lose
+    assert tv.resize_baseline(flat)["mse"] < 1e-12
+    stripes = torch.zeros(1, 1, 1, 16, 16, dtype=torch.uint8)
+    stripes[..., ::2] = 255  # every other column: the 8x8 means are all 0.5
+    assert tv.resize_baseline(stripes)["mse"] == pytest.approx(0.25)
+    m = json.loads((tiny / "metrics.json").read_text())
+    assert m["baselines"]["resize_to_latent_grid"].keys() == {"psnr", "ssim", "mse"}
+
+
 def test_latent_shape_and_decode_range():
     model = tv.VQVAE(3, 8, 4, 32).eval()
     x = torch.rand(2, 3, 64, 64)
