@@ -189,3 +189,36 @@ def test_progress_yields_everything_and_reports_after_a_second(monkeypatch, caps
     assert list(script.progress(range(4), 4, "train clips")) == [0, 1, 2, 3]
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["train clips: 1/4, 2 s, ETA 4 s", "train clips: 3/4, 7 s, ETA 2 s"]
+
+
+def test_fp16_autocast_and_the_loss_scaler_skip_an_inf_step():
+    """The fp16 path on the CPU: autocast runs the forward in fp16, the scaler unscales before
+    clipping, and a step with an inf gradient is skipped (weights kept, scale halved)."""
+    rt = script.Runtime(
+        torch.device("cpu"),
+        "float16",
+        torch.autocast("cpu", torch.float16),
+        False,
+        0,
+        1,
+        False,
+        True,
+    )
+    scaler = script.make_scaler(rt)
+    assert scaler.is_enabled()
+    layer = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.ones(1, 4)
+    with rt.amp:
+        out = layer(x)
+    assert out.dtype == torch.float16
+    before = [p.detach().clone() for p in layer.parameters()]
+    scale = scaler.get_scale()
+    script.optimizer_step(opt, scaler, out.float().sum() * math.inf, layer.parameters(), 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
+    assert scaler.get_scale() == scale / 2
+    with rt.amp:
+        loss = layer(x).float().sum()
+    script.optimizer_step(opt, scaler, loss, layer.parameters(), 0.0)
+    # d(output)/d(weight) = the input, 1 per weight: one SGD step of lr 0.1, unscaled
+    assert torch.allclose(layer.weight, before[0] - 0.1, atol=1e-3)

@@ -121,6 +121,15 @@ def test_resize_baseline_scores_the_blurred_frames(tiny):
     assert m["baselines"]["resize_to_latent_grid"].keys() == {"psnr", "ssim", "mse"}
 
 
+def test_fp16_run_with_the_loss_scaler(tmp_path):
+    """--dtype float16: fp16 autocast with the gradient scaler, on the CPU; the scaler's state
+    is in the checkpoint and the weights stay finite."""
+    run(tmp_path, "--dtype", "float16", "--no-export", "--eval-every", "9", "--sample-every", "9")
+    ck = load(tmp_path / "ckpt.pt")
+    assert ck["scaler"]["scale"] > 0 and ck["args"]["dtype"] == "float16"
+    assert all(v.isfinite().all() for v in ck["model"].values() if v.is_floating_point())
+
+
 def test_latent_shape_and_decode_range():
     model = tv.VQVAE(3, 8, 4, 32).eval()
     x = torch.rand(2, 3, 64, 64)
