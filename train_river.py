@@ -1331,8 +1331,10 @@ def run(main, args):
     try:
         main(args)
     except KeyboardInterrupt:
-        saved = f"the checkpoints in {args.out_dir} are as last saved"
-        print(f"\ninterrupted; {saved}", file=sys.stderr)
+        print(
+            "\ninterrupted; checkpoints are replaced whole, so the last one saved is intact",
+            file=sys.stderr,
+        )
         raise SystemExit(130) from None
 
 
