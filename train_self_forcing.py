@@ -1171,7 +1171,8 @@ def summary(args, trained, minutes=0.0):
     def figures(row):
         return " / ".join("-" if row.get(k) is None else format(row[k], f) for k, f in HEADLINE)
 
-    table = "; ".join(f"{k} {figures(rows[k])}" for k in ORDER if rows.get(k)) or "no rows"
+    shown = [k for k in ORDER if any((rows.get(k) or {}).get(h) is not None for h, _ in HEADLINE)]
+    table = "; ".join(f"{k} {figures(rows[k])}" for k in shown) or "no figures"
     out = args.out_dir
     files = "metrics.json, samples/, plots/"
     if trained:
@@ -1690,8 +1691,10 @@ def run(main, args):
     try:
         main(args)
     except KeyboardInterrupt:
-        saved = f"the checkpoints in {args.out_dir} are as last saved"
-        print(f"\ninterrupted; {saved}", file=sys.stderr)
+        print(
+            "\ninterrupted; checkpoints are replaced whole, so the last one saved is intact",
+            file=sys.stderr,
+        )
         raise SystemExit(130) from None
 
 
