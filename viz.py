@@ -568,15 +568,27 @@ def latent_to_rgb(z) -> torch.Tensor:
     return out[0] if single else out
 
 
-def save_latent_picture(z, path, upscale=8, fps=4) -> Path:
-    """PCA picture of a latent: .png (frames side by side) or .gif (animated)."""
+def save_latent_picture(z, path, upscale=8, fps=4, title="default") -> Path:
+    """PCA picture of a latent: .png (frames side by side, a title above that says how to read
+    it; title=None for none) or .gif (animated)."""
     p = _out_path(path, (".png", ".gif"))
     rgb = latent_to_rgb(z)
     u = _rgb(rgb[None] if rgb.ndim == 3 else rgb, upscale)
     if p.suffix.lower() == ".gif":
         _write_gif(u, p, fps)
-    else:
-        Image.fromarray(_stack(list(u[:, None]), 2, 2)[0]).save(p)
+        return p
+    strip = _stack(list(u[:, None]), 2, 2)[0]
+    if title == "default":
+        channels = _np(z).shape[-3]
+        title = (
+            f"latent PCA: the 3 main directions of its {channels} channels as red, green, blue; "
+            "similar colours, similar latents; frames left to right"
+        )
+    if title:
+        strip = np.concatenate(
+            [_text(_wrap(title, strip.shape[1], _font()), strip.shape[1])[0], strip]
+        )
+    Image.fromarray(strip).save(p)
     return p
 
 

@@ -424,3 +424,202 @@ def test_score_prediction_scores_model_and_copy_last_on_the_same_frames():
     everything, _ = M.score_prediction(pred, context, target)  # no horizon: all frames, no _rollout
     assert everything["model"]["mse"] == pytest.approx(float(model_mse.mean()), rel=1e-6)
     assert "mse_rollout" not in everything["model"]
+
+
+# ------------------------------------------------- the method against independent references
+
+
+def test_pixel_scores_per_frame_against_numpy_loops():
+    """mse / mae (mean over C, H, W), mse_frame_sum / mae_frame_sum (sum over C, H, W) and PSNR
+    10 log10(L^2 / mse) per frame, written as plain numpy loops; the scalar is the mean of the
+    per-frame values (not the PSNR of the mean error)."""
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 2, (2, 3, 2, 5, 6))
+    t = rng.uniform(0, 2, (2, 3, 2, 5, 6))
+    p[1, 2] = t[1, 2] + 0.001  # frames of very different error: mean of PSNRs != PSNR of mean
+    want = {k: np.zeros((2, 3)) for k in ("mse", "mae", "mse_sum", "mae_sum", "psnr")}
+    for b in range(2):
+        for f in range(3):
+            d = p[b, f] - t[b, f]
+            sq, ab = 0.0, 0.0
+            for v in d.ravel():
+                sq += v * v
+                ab += abs(v)
+            want["mse"][b, f], want["mae"][b, f] = sq / d.size, ab / d.size
+            want["mse_sum"][b, f], want["mae_sum"][b, f] = sq, ab
+            want["psnr"][b, f] = 10 * math.log10(2.0**2 / (sq / d.size))
+    pt, tt = torch.from_numpy(p), torch.from_numpy(t)
+    got = {
+        "mse": M.mse(pt, tt, per_frame=True),
+        "mae": M.mae(pt, tt, per_frame=True),
+        "mse_sum": M.mse_frame_sum(pt, tt, per_frame=True),
+        "mae_sum": M.mae_frame_sum(pt, tt, per_frame=True),
+        "psnr": M.psnr(pt, tt, data_range=2.0, per_frame=True),
+    }
+    for k, w in want.items():
+        assert np.allclose(got[k].numpy(), w, rtol=1e-12), k
+    assert M.psnr(pt, tt, data_range=2.0) == pytest.approx(want["psnr"].mean(), rel=1e-12)
+    assert M.mae_frame_sum(tt, pt) == pytest.approx(want["mae_sum"].mean(), rel=1e-12)
+    assert M.mse(pt, tt) == pytest.approx(want["mse"].mean(), rel=1e-12)
+
+
+def _ssim_reference(x, y, data_range):
+    """Wang et al. 2004 written out: every 11x11 window fully inside the image, Gaussian weights
+    (sigma 1.5) normalised to 1, population (weighted) statistics; mean over the map, then over
+    the channels of a (C, H, W) frame."""
+    r = np.arange(-5, 6)
+    g = np.exp(-(r**2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    per_channel = []
+    for a, b in zip(x, y):
+        vals = []
+        for i in range(a.shape[0] - 10):
+            for j in range(a.shape[1] - 10):
+                pa, pb = a[i : i + 11, j : j + 11], b[i : i + 11, j : j + 11]
+                ma, mb = (w * pa).sum(), (w * pb).sum()
+                va, vb = (w * (pa - ma) ** 2).sum(), (w * (pb - mb) ** 2).sum()
+                cov = (w * (pa - ma) * (pb - mb)).sum()
+                num = (2 * ma * mb + c1) * (2 * cov + c2)
+                vals.append(num / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+        per_channel.append(np.mean(vals))
+    return float(np.mean(per_channel))
+
+
+def test_ssim_per_frame_against_a_written_out_reference_and_skimage():
+    """ssim(per_frame=True) on a (B, T, C, H, W) batch, in chunks smaller than the batch: each
+    frame's value is the written-out SSIM above (and skimage's, an independent library) of that
+    frame; constant frames a, b give the closed form (2ab + C1) / (a^2 + b^2 + C1). The
+    written-out reference runs without scikit-image; skimage is checked where installed."""
+    try:
+        import skimage.metrics as skm
+    except ImportError:  # scikit-image is optional: the written-out reference still pins ssim
+        skm = None
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(2, 2, 3, 13, 14, generator=g, dtype=torch.float64) * 4
+    b = (a + torch.randn(a.shape, generator=g, dtype=torch.float64)).clamp(0, 4)
+    b[0, 1] = a[0, 1].roll(1, -1)  # frames of very different similarity
+    per = M.ssim(a, b, data_range=4.0, per_frame=True, chunk=4)
+    assert per.shape == (2, 2)
+    for i in range(2):
+        for t in range(2):
+            x, y = a[i, t].numpy(), b[i, t].numpy()
+            want = _ssim_reference(x, y, 4.0)
+            assert float(per[i, t]) == pytest.approx(want, abs=1e-10)
+            if skm is None:
+                continue
+            lib = skm.structural_similarity(
+                x,
+                y,
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
+                data_range=4.0,
+                channel_axis=0,
+            )
+            assert lib == pytest.approx(want, abs=1e-10)  # the reference is skimage's SSIM
+    assert float(per.std()) > 0.05
+    c1 = 0.01**2
+    flat = M.ssim(torch.full((1, 12, 12), 0.2), torch.full((1, 12, 12), 0.7))
+    assert flat == pytest.approx((2 * 0.2 * 0.7 + c1) / (0.2**2 + 0.7**2 + c1), rel=1e-6)
+
+
+def test_frechet_distance_of_features_with_known_gaussian_statistics():
+    """frechet_distance fits mean and UNBIASED covariance to the features and returns
+    ||mu1 - mu2||^2 + sum (s1 + s2 - 2 sqrt(s1 s2)) for diagonal covariances: 1-D features
+    {0, 2} (mean 1, variance 2) vs {3, 5, 7} (mean 5, variance 4); 2-D features at the corners
+    of a rectangle (covariance diagonal, 4 a^2 / 3 and 4 b^2 / 3)."""
+    d1 = M.frechet_distance(torch.tensor([[0.0], [2.0]]), torch.tensor([[3.0], [5.0], [7.0]]))
+    assert d1 == pytest.approx(16 + 2 + 4 - 2 * math.sqrt(2 * 4), rel=1e-10)
+
+    def corners(mx, my, a, b):
+        return torch.tensor(
+            [[mx + a, my + b], [mx + a, my - b], [mx - a, my + b], [mx - a, my - b]],
+            dtype=torch.float64,
+        )
+
+    fa, fb = corners(1.0, -2.0, 3.0, 1.0), corners(-1.0, 0.5, 1.0, 2.0)
+    sa, sb = [4 * 9 / 3, 4 * 1 / 3], [4 * 1 / 3, 4 * 4 / 3]
+    want = (2.0**2 + 2.5**2) + sum(x + y - 2 * math.sqrt(x * y) for x, y in zip(sa, sb))
+    assert M.frechet_distance(fa, fb) == pytest.approx(want, rel=1e-10)
+    assert M.frechet_distance(fb, fa) == pytest.approx(want, rel=1e-10)
+
+
+class _ColourProbe(M.VideoProbe):
+    """A probe whose colour head answers the brightest channel of each video (red, green, blue)
+    and whose other heads give fixed answers: what prompt_alignment reads back per video."""
+
+    def features(self, x):
+        return x.mean((2, 3, 4))
+
+    def classify(self, f):
+        n = len(f)
+        out = {k: torch.zeros(n, len(v)) for k, v in self.labels.items()}
+        out["color"][:, :3] = torch.nn.functional.one_hot(f.argmax(1), 3).float()
+        for head, answer in (("type", "moving"), ("shape", "square"), ("motion", "clockwise")):
+            out[head][:, self.labels[head].index(answer)] = 1.0
+        out["color_to"][:, self.labels["color_to"].index("blue")] = 1.0
+        return out
+
+
+def test_prompt_alignment_reads_each_video_by_hand():
+    """prompt_alignment: per video, the fraction of the attributes its prompt names (None
+    ignored) that the probe reads back from THAT video; the score is the mean over videos, and
+    per attribute the mean over the videos that name it."""
+    from train_probe import probe_labels
+
+    probe = _ColourProbe(probe_labels())
+    videos = torch.zeros(3, 4, 3, 16, 16)
+    videos[0, :, 0] = 1  # red
+    videos[1, :, 2] = 1  # blue
+    videos[2, :, 1] = 1  # green
+    prompts = [
+        "A red square moving from left to right",  # type, shape, color right, motion wrong: 3/4
+        "A red triangle rotating clockwise",  # color, type, shape wrong; motion right: 1/4
+        "Color gradient transitioning from green to blue",  # type wrong, color, color_to: 2/3
+    ]
+    d = M.prompt_alignment(videos, prompts, probe, details=True)
+    assert d["per_video"] == pytest.approx([3 / 4, 1 / 4, 2 / 3])
+    assert d["score"] == pytest.approx((3 / 4 + 1 / 4 + 2 / 3) / 3)
+    assert d["per_attribute"] == pytest.approx(
+        {"type": 1 / 3, "shape": 1 / 2, "color": 2 / 3, "color_to": 1.0, "motion": 1 / 2}
+    )
+
+
+def _square_video(angles, cx, cy, half, size=32, sub=4):
+    """A white square of half-side `half` centred at (cx, cy) (pixel centres at integers, y down)
+    turned by angles[t] (growing angle: clockwise on screen), antialiased by sub x sub
+    supersampling: (T, 3, size, size)."""
+    offs = (np.arange(sub) + 0.5) / sub - 0.5
+    ys = (np.arange(size)[:, None] + offs[None]).ravel()
+    xs = ys.copy()
+    X, Y = np.meshgrid(xs, ys)
+    frames = []
+    for a in angles:
+        u = (X - cx) * math.cos(a) + (Y - cy) * math.sin(a)  # rotate back by a
+        v = -(X - cx) * math.sin(a) + (Y - cy) * math.cos(a)
+        inside = ((np.abs(u) <= half) & (np.abs(v) <= half)).astype(np.float64)
+        frames.append(inside.reshape(size, sub, size, sub).mean((1, 3)))
+    f = torch.from_numpy(np.stack(frames))
+    return f[:, None].expand(-1, 3, -1, -1).clone()
+
+
+def test_rotation_rate_of_a_hand_drawn_square():
+    """rotation_rate: radians per frame of a square drawn here, turning by a known step about an
+    off-centre point, clockwise on screen positive; across the +-pi/4 ambiguity of its 4-fold
+    moment, per video of a batch; a still square reads 0."""
+    n = 12
+    cases = [  # first angle, step, centre x, centre y, half side
+        (0.4, 0.12, 13.3, 17.8, 6.5),
+        (0.7, -0.2, 18.6, 14.2, 6.5),
+        (-0.3, 0.05, 15.0, 15.5, 6.5),
+        (0.2, 0.15, 8.6, 22.4, 5.0),  # far from the image centre
+    ]
+    videos = torch.stack(
+        [_square_video(a0 + s * np.arange(n), cx, cy, h) for a0, s, cx, cy, h in cases]
+    )
+    got = M.rotation_rate(videos, 4)
+    assert got.shape == (4,)
+    assert got.tolist() == pytest.approx([c[1] for c in cases], abs=2e-3)
+    still = _square_video(np.full(n, 0.3), 11.2, 19.7, 5.0)
+    assert abs(float(M.rotation_rate(still, 4))) < 1e-6

@@ -1,8 +1,10 @@
 """train_river.py: flow-matching path, ODE solvers, frame-index invariants, constant cost, learning, frozen first stage,
 CLI and outputs, determinism, resume, eval-only, bench, DDP, bad input."""
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import shlex
 import shutil
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import tyro
 
 import train_river as tr
@@ -738,3 +741,368 @@ def test_failing_runs_keep_good_checkpoint(tiny, first_stage, tmp_path):
             "100",
         )
     assert digest(d / "ckpt.pt") == good
+
+
+# ----------------------------------------------------------------------------- method pinned against independent computations
+# Every test below checks the script against a hand-computed case, a closed form or a plain
+# reference written out here, never against the function's own output. The oracle-field tests above
+# cannot tell solvers apart (its trajectories are straight lines, so any weights summing to 1 land),
+# hence the nonlinear ODE, the written-out Butcher tableau and the warm-start start point.
+S = 0.3  # a large sigma_min, so that a formula that drops it is visible in float32 and float64
+
+
+def test_path_and_target_with_sigma_by_hand():
+    """Invariant: x_t = (1 - (1 - sigma) t) eps + t z1 and u = z1 - (1 - sigma) eps, with sigma in
+    both (hand-computed at sigma = 0.3, then the formula written out on random tensors)."""
+    z1 = torch.tensor([2.0, 1.0]).view(2, 1, 1, 1)
+    eps = torch.tensor([-1.0, 3.0]).view(2, 1, 1, 1)
+    x_t, u = tr.flow_path(z1, eps, torch.tensor([0.5, 0.25]), S)
+    # (1 - 0.7 * 0.5) * -1 + 0.5 * 2 = 0.35; (1 - 0.7 * 0.25) * 3 + 0.25 * 1 = 2.725
+    assert torch.allclose(x_t.flatten(), torch.tensor([0.35, 2.725]), atol=1e-6), x_t.flatten()
+    # 2 - 0.7 * -1 = 2.7; 1 - 0.7 * 3 = -1.1
+    assert torch.allclose(u.flatten(), torch.tensor([2.7, -1.1]), atol=1e-6), u.flatten()
+    g = torch.Generator().manual_seed(3)
+    z1, eps = torch.randn(2, 6, 4, 3, 3, generator=g, dtype=torch.float64)
+    t = torch.rand(6, generator=g, dtype=torch.float64)
+    x_t, u = tr.flow_path(z1, eps, t, S)
+    for i in range(6):
+        ti = t[i].item()
+        assert torch.allclose(x_t[i], (1 - (1 - S) * ti) * eps[i] + ti * z1[i], atol=1e-12)
+        assert torch.allclose(u[i], z1[i] - (1 - S) * eps[i], atol=1e-12)
+
+
+def test_predicted_endpoint_inverts_the_path_with_sigma():
+    """Invariant: x1_hat = (1 - sigma) x_t + (1 - (1 - sigma) t) v (hand case at sigma = 0.3), and
+    with v = u it inverts the path written out here: x1_hat = z1 for any t, eps."""
+    x1 = tr.predicted_endpoint(
+        torch.tensor([0.35]).view(1, 1, 1, 1), torch.ones(1, 1, 1, 1), torch.tensor([0.5]), S
+    )
+    assert x1.item() == pytest.approx(0.7 * 0.35 + 0.65 * 1.0)  # 0.895
+    g = torch.Generator().manual_seed(4)
+    z1, eps = torch.randn(2, 8, 2, 3, 3, generator=g, dtype=torch.float64)
+    t = torch.rand(8, generator=g, dtype=torch.float64)
+    tt = t.view(-1, 1, 1, 1)
+    x_t = (1 - (1 - S) * tt) * eps + tt * z1  # the path, written out
+    u = z1 - (1 - S) * eps
+    assert torch.allclose(tr.predicted_endpoint(x_t, u, t, S), z1, atol=1e-12)
+    v = torch.randn(x_t.shape, generator=g, dtype=torch.float64)  # any field value
+    want = (1 - S) * x_t + (1 - (1 - S) * tt) * v
+    assert torch.allclose(tr.predicted_endpoint(x_t, v, t, S), want, atol=1e-12)
+
+
+def test_training_example_noise_time_and_sigma():
+    """Invariants of river_inputs: the example lies on the sigma path, with eps ~ N(0, 1) and
+    t ~ U[0, 1) (eps recovered from x_t by hand; the target then must be z1 - (1 - sigma) eps)."""
+    g = torch.Generator().manual_seed(5)
+    clips = torch.randn(4096, 4, 2, 2, 2, generator=g)
+    (x_t, t, ref, ctx, delta), u, z1 = tr.river_inputs(clips, g, S)
+    tt = t.view(-1, 1, 1, 1)
+    eps = (x_t - tt * z1) / (1 - (1 - S) * tt)
+    assert torch.allclose(u, z1 - (1 - S) * eps, atol=1e-4), "target off the sigma path"
+    assert abs(eps.mean().item()) < 0.02 and abs(eps.std().item() - 1) < 0.02, "eps not N(0, 1)"
+    assert ((t >= 0) & (t < 1)).all()
+    ks = (t.sort().values - torch.arange(len(t)) / len(t)).abs().max().item()
+    assert ks < 0.03, f"t not uniform on [0, 1): KS distance {ks:.3f}"
+
+
+class ExactField(torch.nn.Module):
+    """On clips whose frames are all equal (z1 = reference), the target field written out."""
+
+    def forward(self, x, t, ref, ctx, delta):
+        return (ref - (1 - S) * x) / (1 - (1 - S) * t.view(-1, 1, 1, 1))
+
+
+def test_loss_regresses_the_velocity_target():
+    """Invariant: the loss is the MSE between the field and u = z1 - (1 - sigma) eps: on
+    frame-constant clips the written-out exact field (z1 - (1 - sigma) x_t) / (1 - (1 - sigma) t)
+    scores ~0, and the zero field scores the mean of u^2 (u recomputed by hand from x_t)."""
+    g = torch.Generator().manual_seed(6)
+    clips = torch.randn(256, 1, 2, 3, 3, generator=g).expand(-1, 5, -1, -1, -1).contiguous()
+    loss, _ = tr.river_loss(ExactField(), clips, torch.Generator().manual_seed(7), S)
+    assert loss.item() < 1e-9, loss.item()
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, t, ref, ctx, delta):
+            return torch.zeros_like(x)
+
+    loss, ((x_t, t, *_), _, z1, _) = tr.river_loss(
+        Zero(), clips, torch.Generator().manual_seed(7), S
+    )
+    tt = t.view(-1, 1, 1, 1)
+    u = z1 - (1 - S) * (x_t - tt * z1) / (1 - (1 - S) * tt)
+    assert loss.item() == pytest.approx(u.pow(2).mean().item(), rel=1e-4)
+
+
+def _counts(values, support):
+    return torch.tensor([(values == k).sum().item() for k in support], dtype=torch.float64)
+
+
+def test_training_index_distributions():
+    """Invariant: tau ~ U{2..n-1} and, given tau, the context c ~ U{0..tau-2} (uniform, strictly
+    before the reference), over 120k seeded draws against the written-out probabilities."""
+    n, draws = 6, 120_000
+    tau, ctx, delta = tr.training_indices(n, draws, torch.Generator().manual_seed(8))
+    freq = _counts(tau, range(2, n)) / draws
+    assert (freq - 1 / (n - 2)).abs().max() < 0.01, freq
+    for k in range(2, n):
+        c = ctx[tau == k]
+        freq = _counts(c, range(k - 1)) / len(c)
+        assert freq.sum() == 1 and (freq - 1 / (k - 1)).abs().max() < 0.02, (k, freq)
+    assert torch.equal(delta, tau - 1 - ctx)
+
+
+def test_context_index_distribution_within_the_horizon():
+    """Invariant: at sampling c ~ U{max(0, L - H)..L-2} (uniform over the horizon, never the
+    reference), delta = L - 1 - c; over 60k seeded draws against the written-out probabilities."""
+    g = torch.Generator().manual_seed(9)
+    for length, horizon, lo in ((10, 6, 4), (7, 0, 0), (4, 9, 0)):
+        c, delta = tr.context_indices(length, 60_000, horizon, g)
+        freq = _counts(c, range(lo, length - 1)) / len(c)
+        assert freq.sum() == 1, (length, horizon, c.unique())
+        assert (freq - 1 / (length - 1 - lo)).abs().max() < 0.015, (length, horizon, freq)
+        assert torch.equal(delta, length - 1 - c)
+
+
+def test_time_grid_by_hand():
+    """Invariant: the ODE grid is linspace(s, 1, max(2, int((1 - s) steps))), increasing from the
+    warm start s to 1 (hand-written grids)."""
+    assert tr.time_grid(5) == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert tr.time_grid(10, 0.2) == pytest.approx([0.2 + 0.8 * i / 7 for i in range(8)])
+    assert tr.time_grid(3, 0.5) == pytest.approx([0.5, 1.0])  # int(1.5) = 1 -> 2 points
+    assert tr.time_grid(2) == pytest.approx([0.0, 1.0])
+
+
+def _rk38_reference(f, y, grid):
+    """The 3/8 rule written from its Butcher tableau (Kutta 1901), a generic explicit RK loop."""
+    c = [0.0, 1 / 3, 2 / 3, 1.0]
+    a = [[], [1 / 3], [-1 / 3, 1.0], [1.0, -1.0, 1.0]]
+    b = [1 / 8, 3 / 8, 3 / 8, 1 / 8]
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+        h = t1 - t0
+        k = []
+        for i in range(4):
+            k.append(f(t0 + c[i] * h, y + h * sum(aij * kj for aij, kj in zip(a[i], k))))
+        y = y + h * sum(bi * ki for bi, ki in zip(b, k))
+    return y
+
+
+def _nonlinear_field(t, y):
+    """dy/dt = -2 t y^2 + sin(y): nonlinear and time-dependent."""
+    return -2 * t * y**2 + torch.sin(y)
+
+
+def test_rk4_is_the_3_8_rule_step_by_step():
+    """Invariant: each rk4 step is Kutta's 3/8 rule (nodes 0, 1/3, 2/3, 1; weights 1/8, 3/8, 3/8,
+    1/8) and each euler step is y + h f(t0, y): against a Butcher-tableau reference and a hand
+    Euler step on a nonlinear, time-dependent field over an uneven grid, and the stage times."""
+    y0 = torch.tensor([0.7, -0.4, 1.3], dtype=torch.float64)
+    grid = [0.1, 0.35, 0.9, 1.0]
+    got = tr.integrate(_nonlinear_field, y0, grid, "rk4")
+    assert torch.allclose(got, _rk38_reference(_nonlinear_field, y0, grid), atol=1e-13, rtol=0)
+    seen = []
+    tr.integrate(lambda t, y: seen.append(t) or _nonlinear_field(t, y), y0, [0.1, 0.4], "rk4")
+    assert seen == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    got = tr.integrate(_nonlinear_field, y0, [0.1, 0.35], "euler")
+    assert torch.allclose(got, y0 + 0.25 * _nonlinear_field(0.1, y0), atol=1e-14, rtol=0)
+
+
+def test_solver_order_of_convergence_on_a_nonlinear_ode():
+    """Invariant: the order of the solvers. On dy/dt = -2 t y^2 (solution y = 1 / (1 / y0 + t^2),
+    curved trajectories) halving the step divides the error at t = 1 by ~16 for rk4 (4th order)
+    and ~2 for euler (1st); a wrong node or weight drops rk4 to order <= 3."""
+    y0 = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    exact = 1 / (1 / y0 + 1.0)
+
+    def err(n, solver):
+        grid = [i / n for i in range(n + 1)]
+        y = tr.integrate(lambda t, y: -2 * t * y**2, y0, grid, solver)
+        return (y - exact).abs().max().item()
+
+    ratio = err(16, "rk4") / err(32, "rk4")
+    assert 13 < ratio < 20, f"rk4 error ratio {ratio:.2f} when the step halves (4th order: ~16)"
+    ratio = err(64, "euler") / err(128, "euler")
+    assert 1.8 < ratio < 2.2, f"euler error ratio {ratio:.2f} when the step halves (~2)"
+
+
+class FirstCall(torch.nn.Module):
+    """Records the first state and time the sampler evaluates; returns a zero field."""
+
+    def __init__(self):
+        super().__init__()
+        self.x = self.t = None
+
+    def forward(self, x, t, ref, ctx, delta):
+        if self.x is None:
+            self.x, self.t = x.clone(), t.clone()
+        return torch.zeros_like(x)
+
+
+def test_warm_start_point_is_the_noised_previous_latent():
+    """Invariant: the ODE starts at t = s from y_s = (1 - (1 - sigma) s) eps + s z_last, z_last the
+    newest latent: shifting only the newest latent by d shifts y_s by s d (same noise draws), and
+    y_s - s z_last is N(0, (1 - (1 - sigma) s)^2) noise."""
+    s, d = 0.5, 2.0
+    g = torch.Generator().manual_seed(10)
+    hist = torch.randn(64, 3, 4, 8, 8, generator=g, dtype=torch.float64)
+    shifted = hist.clone()
+    shifted[:, -1] += d
+    starts = []
+    for h in (hist, shifted):
+        spy = FirstCall()
+        tr.generate(spy, h, 1, 4, "euler", s, sigma=S, gen=torch.Generator().manual_seed(11))
+        assert torch.allclose(spy.t, torch.full_like(spy.t, s)), spy.t
+        starts.append(spy.x)
+    diff = starts[1] - starts[0]
+    assert torch.allclose(diff, torch.full_like(diff, s * d), atol=1e-6), (
+        f"y_s moved by {diff.mean().item():.3f}, not s d = {s * d} when the previous latent moved"
+    )
+    noise = starts[0] - s * hist[:, -1]
+    assert abs(noise.mean().item()) < 0.02
+    assert noise.std().item() == pytest.approx(1 - (1 - S) * s, abs=0.02), noise.std().item()
+
+
+def _time_code(t, dim):
+    """sin/cos code of 200 t written out: cos of 200 t 10^(-4 i / half), then sin, i < half."""
+    half = dim // 2
+    rows = []
+    for ti in t.tolist():
+        angles = [200.0 * ti * 1e4 ** (-i / half) for i in range(half)]
+        rows.append([math.cos(a) for a in angles] + [math.sin(a) for a in angles])
+    return torch.tensor(rows)
+
+
+def test_time_embedding_by_hand():
+    """Invariant: RIVER's time code, cos half then sin half of 200 t over frequencies 10^(-4 i /
+    (d / 2)): hand values at d = 4 (t = 0.01: angles 2 and 0.02) and the written-out formula."""
+    got = tr.time_embedding(torch.tensor([0.0, 0.01]), 4)
+    want = torch.tensor([[1.0, 1.0, 0.0, 0.0], [math.cos(2), math.cos(0.02), math.sin(2), 0.02]])
+    assert torch.allclose(got, want, atol=1e-4), got
+    t = torch.tensor([0.0, 0.13, 0.5, 0.97])
+    assert torch.allclose(tr.time_embedding(t, 16), _time_code(t, 16), atol=1e-4)
+
+
+def _tiny_field(seed=0):
+    torch.manual_seed(seed)
+    return tr.VectorField(channels=2, grid=3, width=16, heads=2, depth=2, mid_depth=1).eval()
+
+
+def _field_inputs(seed=1, batch=3):
+    g = torch.Generator().manual_seed(seed)
+    x, ref, ctx = torch.randn(3, batch, 2, 3, 3, generator=g)
+    t = torch.rand(batch, generator=g)
+    delta = torch.randint(1, 6, (batch,), generator=g)
+    return x, t, ref, ctx, delta
+
+
+def test_regressor_matches_a_written_out_forward():
+    """Invariant: the U-ViT regressor's wiring, written out cell by cell with its own layers: token
+    = Linear([x_t, ref, ctx] of the cell) + [column, row] position + MLP(log delta); the time code
+    (written out) is a token in front; output block i joins the input block output saved i-th from
+    last; the time token is dropped; head Linear -> GELU -> LayerNorm -> conv 3x3."""
+    m = _tiny_field()
+    x, t, ref, ctx, delta = inputs = _field_inputs()
+    B, C, H, W = x.shape
+    with torch.no_grad():
+        dist = m.dist(torch.log(delta.double()).float()[:, None])  # (B, d)
+        cells = []
+        for i in range(H):
+            for j in range(W):
+                feats = torch.cat([x[:, :, i, j], ref[:, :, i, j], ctx[:, :, i, j]], 1)
+                cells.append(m.inp(feats) + torch.cat([m.cols[j], m.rows[i]]) + dist)
+        h = torch.cat([_time_code(t, 16)[:, None], torch.stack(cells, 1)], 1)
+        saved = []
+        for block in m.down:
+            h = block(h)
+            saved.append(h)
+        for block in m.mid:
+            h = block(h)
+        for i, block in enumerate(m.up):
+            h = block(m.skip[i](torch.cat([h, saved[len(saved) - 1 - i]], -1)))
+        lin, _, norm = m.head
+        h = norm(F.gelu(lin(h[:, 1:])))
+        want = m.out(h.transpose(1, 2).reshape(B, 16, H, W))
+        got = m(*inputs)
+    assert got.shape == x.shape
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max().item()
+
+
+def test_regressor_reads_every_input():
+    """Invariant: the field depends on each of x_t, t, the reference, the context and the context
+    distance delta (the ablations the method relies on: changing any one changes the output)."""
+    m = _tiny_field()
+    inputs = _field_inputs()
+    with torch.no_grad():
+        base = m(*inputs)
+        for k in range(5):
+            changed = list(inputs)
+            if k == 4:
+                changed[k] = inputs[k] + 3  # delta -> delta + 3
+            elif k == 1:
+                changed[k] = (inputs[k] + 0.37) % 1
+            else:
+                changed[k] = torch.randn(
+                    inputs[k].shape, generator=torch.Generator().manual_seed(k)
+                )
+            gap = (m(*changed) - base).abs().max().item()
+            assert gap > 1e-3, f"input {('x_t', 't', 'ref', 'ctx', 'delta')[k]} ignored ({gap:.1e})"
+
+
+def test_lr_schedule_against_written_out_formula(tiny):
+    """Invariant: lr(step) = peak (step + 1) / warmup for step < warmup, then
+    peak (1e-3 + 0.999 (1 - (step - warmup) / (total - warmup))^0.5), floored at peak / 1000
+    (a plain reference at every step, warm-up boundary included); and the loop applies it: the
+    tiny run's optimiser ends with lr(3) of 4 steps, warm-up 1, peak 1e-3, computed by hand."""
+    for total, warmup, peak in ((40, 7, 3.0), (25, 1, 1e-3), (12, 12, 0.5)):
+        for step in range(total + 4):
+            if step < warmup:
+                want = peak * (step + 1) / warmup
+            else:
+                frac = min(1.0, (step - warmup) / max(1, total - warmup))
+                want = peak * (1e-3 + 0.999 * math.sqrt(1 - frac))
+            got = tr.river_lr_at(step, total, peak, warmup)
+            assert got == pytest.approx(want, rel=1e-9), (total, warmup, step, got, want)
+    group = load(tiny[0] / "ckpt.pt")["optimizer"]["param_groups"][0]
+    assert group["lr"] == pytest.approx(1e-3 * (1e-3 + 0.999 * math.sqrt(1 / 3)), rel=1e-9)
+    assert group["weight_decay"] == pytest.approx(5e-6)
+
+
+class ContextEcho(torch.nn.Module):
+    """A field that returns the context it is given, recording every call's inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, ref, ctx, delta):
+        self.calls.append((x.clone(), t.clone(), ref.clone(), ctx.clone(), delta.clone()))
+        return ctx.clone()
+
+
+def test_validation_terms_by_hand():
+    """Invariants of the held-out scores: loss = MSE(v, u); the ablation feeds the reference as the
+    context; endpoint = (1 - sigma) x_t + (1 - (1 - sigma) t) v of the MODEL's v; copy-last =
+    MSE(reference, z1). On clips moving at a constant per-clip velocity, z1 = ref + (ref - ctx) /
+    delta, so every term is recomputed here from the recorded inputs of a field v = context."""
+    g = torch.Generator().manual_seed(12)
+    a, b = torch.randn(2, 16, 1, 2, 3, 3, generator=g)
+    clips = a + b * torch.arange(6.0).view(1, 6, 1, 1, 1)
+    spy, args = ContextEcho(), tr.Args(val_draws=2, seed=0, sigma_min=S)
+    val = tr.validation_losses(spy, clips, args, torch.device("cpu"), contextlib.nullcontext())
+    assert len(spy.calls) == 4  # per draw: the model's call, then the ablation's
+    sums = torch.zeros(4, dtype=torch.float64)
+    for (x_t, t, ref, ctx, delta), ablation in zip(spy.calls[::2], spy.calls[1::2]):
+        assert torch.equal(ablation[3], ref) and torch.equal(ablation[0], x_t)
+        tt, dd = t.view(-1, 1, 1, 1), delta.view(-1, 1, 1, 1)
+        z1 = ref + (ref - ctx) / dd
+        u = z1 - (1 - S) * (x_t - tt * z1) / (1 - (1 - S) * tt)
+        endpoint = (1 - S) * x_t + (1 - (1 - S) * tt) * ctx
+        for i, (p, q) in enumerate(((ctx, u), (ref, u), (endpoint, z1), (ref, z1))):
+            sums[i] += (p - q).double().pow(2).mean()
+    want = dict(
+        zip(
+            ["loss", "loss_context_is_reference", "endpoint_mse", "endpoint_mse_copy_last"],
+            sums / 2,
+        )
+    )
+    for k, v in want.items():
+        assert val[k] == pytest.approx(v.item(), rel=1e-4), (k, val[k], v.item())

@@ -194,6 +194,9 @@ def test_frame_mask_after_a_cache_is_the_tail_of_the_full_mask():
     assert not sf.frame_mask(6, 3, 6, cached=3)[
         :3, -3:
     ].any()  # the context chunk never sees the next chunk
+    for frames, chunk, window, cached in ((6, 3, 0, 6), (12, 3, 0, 0), (6, 3, 6, 3), (12, 3, 6, 0)):
+        want = plain_frame_mask(frames, chunk, window, cached)  # independent: a plain loop
+        assert torch.equal(sf.frame_mask(frames, chunk, window, cached=cached), want)
 
 
 @pytest.mark.parametrize(
@@ -305,6 +308,14 @@ def test_dmd_surrogate_gradient_and_frozen_scores():
     loss, g = sf.dmd_loss(x, teacher, critic, words, sigma, noise, 3.0)
     loss.backward()
     assert torch.allclose(x.grad, (g / g.numel()).float(), atol=1e-9) and g.abs().sum() > 0
+    with torch.no_grad():  # independent: the scores written out with the models themselves
+        xt = x + sigma.view(-1, 1, 1, 1, 1) * (noise - x)
+        s = sigma[:, None].expand(2, x.shape[1])
+        c, u = (teacher(xt, s, w)[0] for w in (words, torch.zeros_like(words)))
+        real = c + 3.0 * (c - u)
+        norm = (x - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+        want = (critic(xt, s, words)[0] - real) / norm
+    torch.testing.assert_close(x.grad * x.numel(), want, rtol=1e-3, atol=1e-4)
     assert all(
         p.grad is None for m in (teacher, critic) for p in m.parameters()
     )  # the scores get no gradient
@@ -416,6 +427,412 @@ def test_prompts_encode_and_unknown_words_list_the_vocabulary():
     )
     with pytest.raises(SystemExit, match="unknown word.*pink; the vocabulary is: .*circle"):
         sf.encode_prompt("A pink circle moving from left to right")
+
+
+# ----------------------------------------------------------------------------- pinned against independent computations
+class FixedVideo(torch.nn.Module):
+    """Stand-in generator: whatever it is given, its x0 of frames [pos, pos + T) is one fixed video
+    (a parameter); it records every call (input, sigma, position, gradient on)."""
+
+    def __init__(self, video, chunk=2):
+        super().__init__()
+        self.video = torch.nn.Parameter(video.clone())
+        self.chunk, self.window, self.tokens = chunk, 0, 1
+        self.calls = []
+
+    def forward(self, x, sigma, words, pos=0, mask=None, kv=None):
+        self.calls.append(
+            (x.detach().clone(), sigma.detach().clone(), pos, torch.is_grad_enabled())
+        )
+        return self.video[pos : pos + x.shape[1]] + 0 * x, []
+
+
+class AffineX0(torch.nn.Module):
+    """Stand-in score network: x0 = a x_t + b + p w, w = (sum of the word ids) / 100 (0 for the null
+    prompt); it records the sigma and word ids of every call."""
+
+    def __init__(self, a, b, p):
+        super().__init__()
+        self.a, self.b, self.p = (torch.nn.Parameter(torch.tensor(float(v))) for v in (a, b, p))
+        self.sigmas, self.words = [], []
+
+    def forward(self, x, sigma, words, pos=0, mask=None, kv=None):
+        self.sigmas.append(sigma[:, 0].detach().clone())
+        self.words.append(words.clone())
+        return self.a * x + self.b + self.p * prompt_weight(words), []
+
+
+def prompt_weight(words):
+    return (words.sum(-1).double() / 100).view(-1, 1, 1, 1, 1)
+
+
+def batch_words(n):
+    """n prompts in turn (their word-id sums differ, so each sample gets its own scores)."""
+    return torch.tensor([sf.encode_prompt(sf.HOLDOUT[i % len(sf.HOLDOUT)]) for i in range(n)])
+
+
+TEACHER = (0.0, 0.1, 0.6)  # a, b, p of the stand-in teacher and critic: x0 independent of x_t
+CRITIC = (0.0, -0.2, 0.3)
+
+
+def standin_stage(batch=4, frames=4, chunk=2, seed=0):
+    """A self_forcing Stage of stand-ins: generator = FixedVideo, teacher and critic = AffineX0."""
+    g = torch.Generator().manual_seed(seed)
+    model = FixedVideo(0.5 + 0.3 * torch.randn(frames, 3, 4, 4, generator=g), chunk)
+    teacher, critic = AffineX0(*TEACHER).requires_grad_(False), AffineX0(*CRITIC)
+    st = sf.Stage(
+        name="self_forcing",
+        model=model,
+        net=model,
+        ema=copy.deepcopy(model),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        opt=torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.0, 0.999)),
+        gen=torch.Generator().manual_seed(seed + 1),
+        ngen=torch.Generator().manual_seed(seed + 2),
+        sigmas=sf.few_step_sigmas(),
+        total=1,
+        batch=batch,
+        base_lr=1e-3,
+        teacher=teacher,
+        critic=critic,
+        opt_critic=torch.optim.AdamW(critic.parameters(), lr=1e-3, betas=(0.0, 0.999)),
+    )
+    rt = sf.Runtime(torch.device("cpu"), "float32", nullcontext(), False, 0, 1, False, True)
+    real = torch.randn(batch, frames, 3, 4, 4, generator=g)  # real clips: unlike the fixed video
+    return st, rt, real, batch_words(batch)
+
+
+def hand_dmd_gradient(x, xt, words, teacher, critic, guidance):
+    """DMD by hand: real = c + w (c - u) from the teacher, fake from the critic (conditional),
+    g = (fake - real) / mean|x - real| per sample."""
+    (ta, tb, tp), (ca, cb, cp) = teacher, critic
+    w = prompt_weight(words)
+    u = ta * xt + tb
+    c = u + tp * w
+    real = c + guidance * (c - u)
+    fake = ca * xt + cb + cp * w
+    norm = (x - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    return (fake - real) / norm
+
+
+def test_dmd_gradient_is_fake_minus_guided_real_over_per_sample_norm():
+    """dmd_loss: d loss / dx = g / numel with g = (x0_fake - x0_real) / mean|x - x0_real| per
+    sample, x0_real = c + w (c - u) from the teacher, x0_fake from the critic, both at
+    x_t = (1 - sigma) x + sigma noise (stand-ins with known linear x0)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 3, 4, 4, generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    sigma, words, guidance = torch.tensor([0.3, 0.8, 0.55]), batch_words(3), 3.0
+    t_abp, c_abp = (0.7, 0.1, 0.5), (0.4, -0.3, 0.2)
+    xd = x.double()
+    s = sigma.double().view(-1, 1, 1, 1, 1)
+    xt = (1 - s) * xd + s * noise.double()
+    want = hand_dmd_gradient(xd, xt, words, t_abp, c_abp, guidance)
+    teacher, critic = AffineX0(*t_abp), AffineX0(*c_abp)
+    x.requires_grad_(True)
+    loss, got = sf.dmd_loss(x, teacher, critic, words, sigma, noise, guidance)
+    loss.backward()
+    torch.testing.assert_close(x.grad.double() * x.numel(), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    # the real score is the teacher on [prompt; null prompt], the fake score the critic, prompted
+    assert [len(w) for w in teacher.words] == [6] and not teacher.words[0][3:].any()
+    assert torch.equal(critic.words[0], words)
+
+
+def test_generator_step_real_score_is_the_teacher_and_fake_score_the_critic():
+    """generator_step: the generator's parameters get (1/numel) sum over the batch of
+    g = (critic x0 - teacher CFG x0) / mean|video - teacher CFG x0|, for its rollout video (stand-ins
+    whose x0 does not depend on x_t: the expected gradient is known without the noise)."""
+    st, rt, real, words = standin_stage()
+    video = st.model.video.detach().clone().double()
+    want = hand_dmd_gradient(video[None], 0.0, words, TEACHER, CRITIC, 3.0).expand(4, *video.shape)
+    loss, g, s = sf.generator_step(st, real, words, sf.Args(guidance=3.0), rt)
+    torch.testing.assert_close(g.double(), want, rtol=1e-5, atol=1e-6)
+    numel = real.numel()
+    torch.testing.assert_close(
+        st.model.video.grad.double(), want.sum(0) / numel, rtol=1e-4, atol=1e-9
+    )
+    assert torch.equal(st.teacher.sigmas[0], torch.cat([st.critic.sigmas[0]] * 2))  # the same t
+
+
+def test_critic_learns_the_generators_rollouts_not_real_clips():
+    """critic_step: flow matching of the critic on the generator's rollout (detached), not on the
+    real clips: with a critic x0 = b + p w (no x_t), the loss is mean (b + p w - rollout)^2 and
+    dloss/db = 2 mean(b + p w - rollout); the generator gets no gradient."""
+    st, rt, real, words = standin_stage()
+    fake = st.model.video.detach().clone()[None].double()
+    _, b, p = CRITIC
+    err = b + p * prompt_weight(words) - fake
+    loss = sf.critic_step(st, real, words, sf.Args(), rt).detach()
+    assert float(loss) == pytest.approx(float(err.square().mean()), rel=1e-5)
+    assert float(st.critic.b.grad) == pytest.approx(float(2 * err.mean()), rel=1e-4)
+    assert st.model.video.grad is None  # no gradient reaches the generator
+    assert float(loss) != pytest.approx(
+        float((b + p * prompt_weight(words) - real).square().mean()), rel=1e-2
+    )
+
+
+@pytest.mark.parametrize("ratio", [None, 2])
+def test_critic_updates_per_generator_update_counted(ratio):
+    """train_step: per generator update, --critic-updates critic optimizer steps (default 5, the
+    paper's dfake_gen_update_ratio), counted by AdamW's own step counters."""
+    st, rt, *_ = standin_stage(batch=2)
+    videos = (torch.rand(6, 4, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 255).byte()
+    args = sf.Args() if ratio is None else sf.Args(critic_updates=ratio)
+    for _ in range(2):
+        sf.train_step(st, (videos, batch_words(6)), args, rt)
+    want = 5 if ratio is None else ratio
+    assert [float(s["step"]) for s in st.opt_critic.state.values()] == [2.0 * want] * 3
+    assert [float(s["step"]) for s in st.opt.state.values()] == [2.0]
+
+
+def test_generators_rollout_exit_step_is_uniform_over_the_denoising_steps():
+    """student_sample: the exit step s is uniform on {0..3} over many rollouts, and the rollout's
+    one grad-enabled forward per chunk runs at sigma_s (steps after it never run)."""
+    st, rt, real, words = standin_stage(batch=1)
+    sigmas = (1000 * sf.few_step_sigmas()).tolist()
+    draws = []
+    for _ in range(800):
+        st.model.calls.clear()
+        _, _, s = sf.student_sample(st, real, words, rt)
+        draws.append(s)
+        graded = [1000 * float(sig.flatten()[0]) for _, sig, _, grad in st.model.calls if grad]
+        assert graded == pytest.approx([sigmas[s]] * 2)  # 2 chunks
+        assert len(st.model.calls) == 2 * (s + 1) + 1  # plus one cache pass
+    freq = torch.bincount(torch.tensor(draws), minlength=4) / len(draws)
+    assert (freq - 0.25).abs().max() < 0.05, freq
+
+
+def test_renoising_uses_fresh_noise_at_the_next_sigma():
+    """rollout: between steps x = (1 - sigma') x0 + sigma' eps with eps fresh N(0, 1) noise, not the
+    chunk's starting noise: with x0 a fixed video, eps = (x - (1 - sigma') x0) / sigma' has mean 0,
+    std 1 and no correlation with the chunk's noise or the previous step's eps."""
+    video = 0.5 + 0.3 * torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    model = FixedVideo(video)
+    noise = torch.randn(4, 8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    sigmas = sf.few_step_sigmas()
+    with torch.no_grad():
+        sf.rollout(model, noise, batch_words(4), sigmas, torch.Generator().manual_seed(2))
+    renoised = [(x, float(s.flatten()[0]), p) for x, s, p, _ in model.calls if x.shape[1] == 2]
+    renoised = [r for r in renoised if r[1] < 1]
+    assert [s for _, s, _ in renoised] == pytest.approx(sigmas[1:].tolist() * 4)
+    previous = None
+    for x, s, pos in renoised:
+        eps = (x - (1 - s) * video[pos : pos + 2]) / s
+        start = noise[:, pos : pos + 2]
+        assert abs(eps.mean()) < 0.05 and abs(eps.std() - 1) < 0.05, (pos, s)
+        assert abs(torch.corrcoef(torch.stack([eps.flatten(), start.flatten()]))[0, 1]) < 0.1
+        if previous is not None and previous.shape == eps.shape:
+            assert abs(torch.corrcoef(torch.stack([eps.flatten(), previous.flatten()]))[0, 1]) < 0.1
+        previous = eps
+
+
+def inverse_shift(sigma, k):
+    """s of sigma = k s / (1 + (k - 1) s), the shift map written out."""
+    return sigma / (k - (k - 1) * sigma)
+
+
+@pytest.mark.parametrize("shift", [5.0, 3.0])
+def test_sample_sigma_follows_the_shifted_grid(shift):
+    """sample_sigma: t ~ U{0..999} on the grid s = 1 - t / 1000, then sigma = k s / (1 + (k - 1) s):
+    the inverse map of the draws is uniform on the grid (KS distance) and lands on grid points."""
+    n = 20000
+    sigma = sf.sample_sigma(n, shift, torch.Generator().manual_seed(0), "cpu").double()
+    s = inverse_shift(sigma, shift)
+    assert ((s * 1000).round() - s * 1000).abs().max() < 1e-2 and s.min() >= 0.001 - 1e-6
+    ks = (s.sort().values - (torch.arange(n) + 0.5) / n).abs().max()
+    assert ks < 0.015, ks
+
+
+def test_dmd_and_critic_sigma_are_shifted_and_clamped():
+    """critic_step and generator_step draw one sigma per video by the shifted grid (k = --shift),
+    clamped to [0.02, 0.98]: the inverse shift map of the draws has the uniform's quantiles; the real
+    and fake scores see the same sigma."""
+    st, rt, real, words = standin_stage(batch=1024, frames=2)
+    args = sf.Args()
+    sf.critic_step(st, real, words, args, rt)
+    sf.generator_step(st, real, words, args, rt)
+    critic_draw, generator_draw = st.critic.sigmas
+    assert torch.equal(st.teacher.sigmas[0], torch.cat([generator_draw] * 2))
+    for sigma in (critic_draw, generator_draw):
+        assert sigma.min() >= 0.02 - 1e-6 and sigma.max() == pytest.approx(0.98)
+        q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.85])
+        s = inverse_shift(sigma.double().quantile(q.double()), args.shift)
+        assert (s - q).abs().max() < 0.05, s
+
+
+def test_ema_update_equals_a_plain_loop():
+    """ema_update: after k updates ema = d ema + (1 - d) model each time (d = 0.9, model weights
+    changing every step)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = copy.deepcopy(model)
+    want = [p.detach().clone() for p in ema.parameters()]
+    for k in range(4):
+        for p in model.parameters():
+            p.data.add_(torch.randn_like(p) * (k + 1))
+        sf.ema_update(ema, model, 0.9)
+        want = [0.9 * e + 0.1 * p.detach() for e, p in zip(want, model.parameters())]
+    for e, w in zip(ema.parameters(), want):
+        torch.testing.assert_close(e.detach(), w, rtol=1e-6, atol=1e-6)
+
+
+def test_train_loop_ema_starts_at_a_third_with_decay_099(monkeypatch, tmp_path):
+    """train_loop: the EMA copies the model for the first third of the steps, then follows it with
+    decay 0.99 (the paper's: from step 200 of 600), checked against a plain loop."""
+    values = [1.0, 3.0, 10.0, 30.0, 100.0, 300.0]
+
+    def fake_train_step(st, data, args, rt):
+        for p in st.model.parameters():
+            p.data.fill_(values[st.step])
+        return [0.0]
+
+    monkeypatch.setattr(sf, "train_step", fake_train_step)
+    st, rt, *_ = standin_stage()
+    st.name, st.critic, st.opt_critic, st.total = "teacher", None, None, len(values)
+    args = sf.Args(out_dir=str(tmp_path), log_every=100, eval_every=100, sample_every=100)
+    sf.train_loop(st, None, args, rt, None, None)
+    ema = 0.0
+    for step, v in enumerate(values):
+        decay = 0.99 if step >= len(values) // 3 else 0.0
+        ema = decay * ema + (1 - decay) * v
+    assert float(st.ema.video.detach().flatten()[0]) == pytest.approx(ema, rel=1e-5)
+
+
+def plain_frame_mask(frames, chunk, window=0, cached=0):
+    """Block-causal by a loop over (query, key) frames: keys are `cached` earlier frames, then the
+    queries; chunks are counted in absolute frames (the queries start a chunk); query frame i sees
+    key frame j iff chunk(j) <= chunk(i) and j is among the last `window` frames up to the end of
+    i's chunk (window 0: all)."""
+    start = -(-cached // chunk) * chunk  # absolute index of the first query frame
+    mask = torch.zeros(frames, cached + frames, dtype=torch.bool)
+    for i in range(frames):
+        qi = start + i
+        for j in range(cached + frames):
+            kj = start - cached + j
+            end = (qi // chunk + 1) * chunk
+            mask[i, j] = kj // chunk <= qi // chunk and (window == 0 or end - kj <= window)
+    return mask
+
+
+@pytest.mark.parametrize(
+    "frames, chunk, window, cached",
+    [
+        (12, 3, 0, 0),
+        (12, 3, 9, 0),
+        (12, 3, 5, 0),
+        (8, 2, 5, 0),
+        (6, 3, 6, 3),
+        (4, 2, 5, 3),
+        (6, 3, 0, 6),
+    ],
+)
+def test_frame_mask_equals_a_plain_loop(frames, chunk, window, cached):
+    """frame_mask: frame i attends frame j iff chunk(j) <= chunk(i) and j is within the window."""
+    assert torch.equal(
+        sf.frame_mask(frames, chunk, window, cached=cached),
+        plain_frame_mask(frames, chunk, window, cached),
+    )
+
+
+def test_flow_matching_loss_by_hand():
+    """flow_matching_loss: mean (x0_hat(x_t) - x0)^2 at x_t = (1 - sigma) x0 + sigma noise, one
+    sigma per video (a linear stand-in x0_hat = a x_t + b + p w)."""
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 4, 3, 4, 4, generator=g)
+    sigma, words = torch.tensor([0.2, 0.9]), batch_words(2)
+    s = sigma.double().view(-1, 1, 1, 1, 1)
+    xt = (1 - s) * x0.double() + s * noise.double()
+    want = (0.6 * xt - 0.1 + 0.4 * prompt_weight(words) - x0.double()).square().mean()
+    got = sf.flow_matching_loss(AffineX0(0.6, -0.1, 0.4), x0, words, sigma, noise)
+    assert float(got.detach()) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_teacher_step_drops_one_prompt_in_ten():
+    """teacher_step: flow matching with the prompt replaced by the null prompt (all 0) for 10% of
+    the videos (what CFG needs), the others unchanged."""
+    st, rt, *_ = standin_stage()
+    model = AffineX0(0.5, 0.0, 0.1)
+    st.name, st.model, st.net = "teacher", model, model
+    st.opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    n = 4000
+    words = batch_words(n)
+    x = torch.randn(n, 2, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    sf.teacher_step(st, x, words, sf.Args(), rt)
+    seen = model.words[0]
+    null = ~seen.any(-1)
+    assert abs(float(null.float().mean()) - 0.1) < 0.015
+    assert torch.equal(seen[~null], words[~null])
+
+
+class Echo(torch.nn.Module):
+    """Stand-in student: x0 = its input; records input, sigma and mask."""
+
+    def __init__(self, chunk, window):
+        super().__init__()
+        self.chunk, self.window = chunk, window
+        self.calls = []
+
+    def forward(self, x, sigma, words, pos=0, mask=None, kv=None):
+        self.calls.append((x, sigma, mask))
+        return x + 0.0, []
+
+
+def test_ode_regression_each_chunk_picks_its_own_state_and_sigma():
+    """ode_regression_loss: each chunk takes trajectory state k (uniform over the K states, drawn per
+    chunk) with its noise level sigmas[k], one forward under the block-causal mask; the loss is
+    mse(x0, the trajectory's end)."""
+    B, K, T, c = 512, 4, 6, 2
+    sigmas = sf.few_step_sigmas()
+    k = torch.arange(K).view(1, K, 1, 1, 1, 1).float()
+    t = torch.arange(T).view(1, 1, T, 1, 1, 1).float()
+    states = (k + 0.01 * t).expand(B, K, T, 1, 2, 2).contiguous()
+    target = torch.randn(B, T, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    model = Echo(c, 4)
+    loss = sf.ode_regression_loss(
+        model, states, target, batch_words(B), sigmas, torch.Generator().manual_seed(1)
+    )
+    ((x, sigma, mask),) = model.calls
+    picked = (x[:, :, 0, 0, 0] - 0.01 * torch.arange(T)).round().long()  # (B, T): the state index
+    assert torch.equal(picked, picked[:, ::c].repeat_interleave(c, 1))  # one state per chunk
+    torch.testing.assert_close(sigma, sigmas[picked])
+    freq = torch.bincount(picked.flatten(), minlength=K) / picked.numel()
+    assert (freq - 1 / K).abs().max() < 0.03, freq
+    differ = (picked[:, 0] != picked[:, c]).float().mean()  # independent draws: 3/4 differ
+    assert abs(float(differ) - 0.75) < 0.06, differ
+    assert torch.equal(mask, plain_frame_mask(T, c, 4))
+    assert float(loss) == pytest.approx(float((x - target).square().mean()), rel=1e-5)
+
+
+def test_teacher_ode_is_euler_with_cfg_and_its_states_sit_at_the_few_step_sigmas(tmp_path):
+    """sample_teacher: Euler x' = x0 + sigma' (x - x0) / sigma on the shifted grid with x0 =
+    c + w (c - u) (a plain loop with a linear stand-in teacher); make_ode_pairs keeps the states at
+    the student's few-step sigmas: with x0 = 0, state k = sigma_k noise (sigma_0 = 1)."""
+    words = batch_words(3)
+    noise = torch.randn(3, 2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    steps, shift, guidance = 8, 3.0, 2.0
+    grid = [shift * s / (1 + (shift - 1) * s) for s in torch.linspace(1, 0, steps + 1).tolist()]
+    x, want_states, w = noise.double(), [], prompt_weight(words)
+    for i in range(steps):
+        if i in (0, 3):
+            want_states.append(x)
+        u = 0.4 * x + 0.1
+        c = u + 0.5 * w
+        x0 = c + guidance * (c - u)
+        x = x0 + grid[i + 1] * (x - x0) / grid[i]
+    end, states = sf.sample_teacher(
+        AffineX0(0.4, 0.1, 0.5), noise, words, steps, shift, guidance, keep=(0, 3)
+    )
+    torch.testing.assert_close(end.double(), x, rtol=1e-4, atol=1e-5)
+    for got, want in zip(states, want_states, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    args = sf.Args(frames=2, resolution=4, guidance=guidance)
+    rt = sf.Runtime(torch.device("cpu"), "float32", nullcontext(), False, 0, 1, False, True)
+    states, ends = sf.make_ode_pairs(AffineX0(0.0, 0.0, 0.0), words, args, rt, seed=0)
+    ratio = states.float() / states[:, :1].float()
+    want = sf.few_step_sigmas(4, args.shift).view(1, 4, 1, 1, 1, 1).expand_as(ratio)
+    torch.testing.assert_close(ratio, want, rtol=2e-3, atol=2e-3)
+    assert ends.abs().max() == 0
 
 
 # ----------------------------------------------------------------------------- CLI, outputs, determinism, resume

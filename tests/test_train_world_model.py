@@ -3,6 +3,7 @@ determinism, resume, eval-only, DDP, bad input."""
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import tyro
 
 import train_world_model as wm
@@ -362,3 +364,388 @@ def test_failing_runs_keep_good_checkpoint(tiny, tmp_path):
     with pytest.raises(SystemExit, match="error: non-finite loss"):
         run(d, "--accept-changed-args", *diverge.split())
     assert digest(d / "ckpt.pt") == good and digest(d / "ckpt_best.pt") == good_best
+
+
+# ----------------------------------------------------------------------------- method invariants
+# Each test below checks the script against a computation written out here: numbers by hand, a
+# closed form, or a plain re-implementation that reads only the modules' parameters.
+def conv(x, layer):
+    """The 3x3 'same' convolution of a Conv2d layer, written with its weights."""
+    return F.conv2d(x, layer.weight, layer.bias, padding=layer.padding)
+
+
+def ref_gru_step(m, z, h):
+    """ConvGRU, Ballas et al.: r resets the state inside the candidate, u keeps the old state."""
+    x = F.silu(conv(z, m.inp))
+    h = torch.zeros_like(x) if h is None else h
+    n = x.shape[1]
+    gates = torch.sigmoid(conv(torch.cat([x, h], 1), m.gates))
+    r, u = gates[:, :n], gates[:, n:]
+    cand = torch.tanh(conv(torch.cat([x, r * h], 1), m.cand))
+    h = u * h + (1 - u) * cand
+    return z + conv(h, m.out), h
+
+
+def ref_lstm_step(m, z, state):
+    """ConvLSTM, Shi et al. (no peepholes); the gates' conv outputs are ordered i, f, o, g."""
+    x = F.silu(conv(z, m.inp))
+    h, c = (torch.zeros_like(x), torch.zeros_like(x)) if state is None else state
+    n = x.shape[1]
+    a = conv(torch.cat([x, h], 1), m.gates)
+    i, f, o, g = (a[:, j * n : (j + 1) * n] for j in range(4))
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    return z + conv(h, m.out), (h, c)
+
+
+def ref_space_bias(block, grid):
+    """(heads, N, N): the learned bias of the offset (dy, dx) = query cell - key cell."""
+    n = grid * grid
+    bias = torch.empty(block.heads, n, n)
+    for q in range(n):
+        for k in range(n):
+            dy, dx = q // grid - k // grid, q % grid - k % grid
+            bias[:, q, k] = block.space[:, (dy + grid - 1) * (2 * grid - 1) + dx + grid - 1]
+    return bias
+
+
+def ref_transformer_step(m, z, frames, slopes, grid):
+    """One step of the causal transformer, written out. frames: per layer, the (k, v) of the
+    frames seen so far, oldest first (the caller's own list). Keys of the last m.window frames
+    only; the current frame's cells attend to each other and to those; ALiBi -slope * age."""
+    B, C, H, W = z.shape
+    x = conv(z, m.inp).flatten(2).transpose(1, 2) + m.pos
+    for blk, seen in zip(m.blocks, frames):
+        D, nh = x.shape[-1], blk.heads
+        dh = D // nh
+        qkv = F.linear(F.layer_norm(x, (D,), blk.n1.weight, blk.n1.bias), blk.qkv.weight)
+        qkv = qkv + blk.qkv.bias
+        q, k, v = (
+            qkv[..., j * D : (j + 1) * D].view(B, -1, nh, dh).transpose(1, 2) for j in (0, 1, 2)
+        )
+        seen.append((k, v))
+        window = seen[-m.window :]
+        space = ref_space_bias(blk, grid)
+        scores = []
+        for f, (kf, _) in enumerate(window):
+            age = len(window) - 1 - f
+            s = q @ kf.transpose(-1, -2) / math.sqrt(dh) - slopes.view(-1, 1, 1) * age + space
+            scores.append(s)
+        w = torch.softmax(torch.cat(scores, -1), -1)
+        out = w @ torch.cat([vf for _, vf in window], 2)
+        x = x + F.linear(out.transpose(1, 2).reshape(B, -1, D), blk.proj.weight, blk.proj.bias)
+        y = F.layer_norm(x, (D,), blk.n2.weight, blk.n2.bias)
+        l1, l2 = blk.mlp[0], blk.mlp[2]
+        x = x + F.linear(F.gelu(F.linear(y, l1.weight, l1.bias)), l2.weight, l2.bias)
+    x = F.layer_norm(x, (x.shape[-1],), m.norm.weight, m.norm.bias)
+    return z + conv(x.transpose(1, 2).reshape(B, -1, H, W), m.out)
+
+
+def ref_rollout(model, z_context, steps):
+    """Read the context latents one by one (state carried), then feed each prediction back."""
+    state = None
+    for t in range(z_context.shape[1]):
+        z, state = model.dynamics(z_context[:, t], state)
+    preds = [z]
+    while len(preds) < steps:
+        z, state = model.dynamics(preds[-1], state)
+        preds.append(z)
+    return torch.stack(preds, 1)
+
+
+def ref_losses(context, target, rec, pred, kind, gdl_weight, temporal_weight):
+    """[total, rec, pred, gdl, temporal] written out: pixel loss of the reconstructed context and
+    the predicted frames; GDL (alpha 1) over the whole sequence; MSE of frame differences with the
+    last (reconstructed | true) context frame anchoring the first predicted difference."""
+
+    def pix(a, b):
+        d = a - b
+        return {"mse": (d**2).mean(), "l1": d.abs().mean(), "mse+l1": (d**2 + d.abs()).mean()}[kind]
+
+    p, t = torch.cat([rec, pred], 1), torch.cat([context, target], 1)
+    gx = ((p[..., 1:] - p[..., :-1]).abs() - (t[..., 1:] - t[..., :-1]).abs()).abs().mean()
+    gy = ((p[..., 1:, :] - p[..., :-1, :]).abs() - (t[..., 1:, :] - t[..., :-1, :]).abs()).abs()
+    l_gdl = gx + gy.mean()
+    c = context.shape[1]
+    dp, dt = p[:, c:] - p[:, c - 1 : -1], t[:, c:] - t[:, c - 1 : -1]
+    l_tmp = ((dp - dt) ** 2).mean()
+    l_rec, l_pred = pix(rec, context), pix(pred, target)
+    total = l_rec + l_pred + gdl_weight * l_gdl + temporal_weight * l_tmp
+    return torch.stack([total, l_rec, l_pred, l_gdl, l_tmp])
+
+
+def test_gradient_difference_loss_hand_computed():
+    """GDL = mean |(|dx pred| - |dx true|)| + the same along y (Mathieu et al., alpha 1), on a
+    2x3 frame worked out by hand: x part (1+2+2+0)/4, y part (1+0+0)/3."""
+    pred = torch.tensor([[0.0, 1.0, 3.0], [2.0, 2.0, 0.0]]).view(1, 1, 1, 2, 3)
+    true = torch.tensor([[1.0, 1.0, 1.0], [0.0, 2.0, 4.0]]).view(1, 1, 1, 2, 3)
+    assert float(wm.gradient_difference_loss(pred, true)) == pytest.approx(5 / 4 + 1 / 3, rel=1e-6)
+    # transposed frames: the two parts swap axes (x part 1/3, y part 5/4), the sum stays
+    flipped = wm.gradient_difference_loss(pred.transpose(-1, -2), true.transpose(-1, -2))
+    assert float(flipped) == pytest.approx(5 / 4 + 1 / 3, rel=1e-6)
+
+
+def test_temporal_loss_hand_computed():
+    """temporal = mean((dpred_t - dtrue_t)^2) over frame differences along T: a 3-frame, 2-pixel
+    case by hand. dpred = [1, 2], [0, 3]; dtrue = [2, 2], [0, 0] -> (1 + 0 + 0 + 9) / 4."""
+    pred = torch.tensor([[0.0, 0.0], [1.0, 2.0], [1.0, 5.0]]).view(1, 3, 1, 1, 2)
+    true = torch.tensor([[0.0, 0.0], [2.0, 2.0], [2.0, 2.0]]).view(1, 3, 1, 1, 2)
+    assert float(wm.temporal_loss(pred, true)) == pytest.approx(10 / 4, rel=1e-6)
+    assert float(wm.temporal_loss(true + 7.0, true)) == 0  # same motion, other brightness
+
+
+@pytest.mark.parametrize("kind", ["mse", "l1", "mse+l1"])
+def test_world_model_losses_terms_and_weights(kind):
+    """Every term against ref_losses, and the weights on the right terms: --gdl-weight on the
+    gradient difference, --temporal-weight on the temporal term (distinct weights 0.3 and 0.7)."""
+    g = torch.Generator().manual_seed(1)
+    ctx, tgt, rec, pred = (torch.rand(2, n, 2, 5, 6, generator=g) for n in (3, 2, 3, 2))
+    total, terms = wm.world_model_losses(ctx, tgt, rec, pred, kind, 0.3, 0.7)
+    ref = ref_losses(ctx, tgt, rec, pred, kind, 0.3, 0.7)
+    assert torch.allclose(terms, ref, rtol=1e-5, atol=1e-7), (terms, ref)
+    assert float(total) == pytest.approx(float(ref[0]), rel=1e-5)
+    # each weight scales its own term only
+    t_g, _ = wm.world_model_losses(ctx, tgt, rec, pred, kind, 1.3, 0.7)
+    t_t, _ = wm.world_model_losses(ctx, tgt, rec, pred, kind, 0.3, 1.7)
+    assert float(t_g - total) == pytest.approx(float(ref[3]), rel=1e-4)
+    assert float(t_t - total) == pytest.approx(float(ref[4]), rel=1e-4)
+
+
+def test_rollout_losses_score_context_and_first_k_targets_exactly():
+    """rollout_losses = ref_losses on (x[:, :c] vs the reconstruction, x[:, c:c+k] vs the first k
+    of `steps` predicted frames) with the args' loss kind and weights; frames after c + k never
+    count, the last of the k does."""
+    args = wm.Args(context=3, recon_loss="l1", gdl_weight=0.3, temporal_weight=0.7)
+    model = tiny_model("gru")
+    x = torch.rand(2, 3 + 4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        rec, pred, _ = model(x[:, :3], 4)
+        total, terms, _, _ = wm.rollout_losses(model, x, 2, args, nullcontext(), steps=4)
+        later = x.clone()
+        later[:, 5:] = 1 - later[:, 5:]
+        _, terms_later, _, _ = wm.rollout_losses(model, later, 2, args, nullcontext(), steps=4)
+        last = x.clone()
+        last[:, 4] = 1 - last[:, 4]
+        _, terms_last, _, _ = wm.rollout_losses(model, last, 2, args, nullcontext(), steps=4)
+    ref = ref_losses(x[:, :3], x[:, 3:5], rec, pred[:, :2], "l1", 0.3, 0.7)
+    assert torch.allclose(terms, ref, rtol=1e-5), (terms, ref)
+    assert float(total) == pytest.approx(float(ref[0]), rel=1e-5)
+    assert torch.equal(terms_later, terms)
+    assert terms_last[2] != terms[2]
+
+
+def test_gru_cell_hand_computed_gate_combination():
+    """ConvGRU on a 1x1 grid with hand-set weights: x = silu(z), r = sigmoid(0) = 1/2 (first
+    half of the gates), u = sigmoid(ln 3) = 3/4 (second half), candidate tanh(x + 2 r h), and
+    h' = u h + (1 - u) candidate; the next latent is z + h'."""
+    m = wm.ConvGRU(1, 1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        m.inp.weight[0, 0, 1, 1] = 1.0
+        m.gates.bias[1] = math.log(3.0)
+        m.cand.weight[0, 0, 1, 1] = 1.0  # x
+        m.cand.weight[0, 1, 1, 1] = 2.0  # r * h
+        m.out.weight[0, 0, 1, 1] = 1.0
+        z_next, h_next = m(torch.full((1, 1, 1, 1), 0.3), torch.full((1, 1, 1, 1), 0.5))
+    x = 0.3 / (1 + math.exp(-0.3))
+    cand = math.tanh(x + 2 * 0.5 * 0.5)
+    h = 0.75 * 0.5 + 0.25 * cand
+    assert float(h_next) == pytest.approx(h, rel=1e-6)
+    assert float(z_next) == pytest.approx(0.3 + h, rel=1e-6)
+
+
+def test_lstm_cell_equals_torch_lstm_cell_on_one_cell():
+    """ConvLSTM on a 1x1 grid (only the 3x3 kernels' centres see anything) is nn.LSTMCell with
+    the centre weights, gates reordered from (i, f, o, g) to torch's (i, f, g, o); the state
+    (h, c) is carried over 3 steps."""
+    torch.manual_seed(3)
+    m = wm.ConvLSTM(2, 3)
+    cell = torch.nn.LSTMCell(3, 3)
+    order = [0, 1, 3, 2]  # torch's i, f, g, o taken from our chunks i, f, o, g
+    w = m.gates.weight[:, :, 1, 1].view(4, 3, 6)[order].reshape(12, 6)
+    with torch.no_grad():
+        cell.weight_ih.copy_(w[:, :3])
+        cell.weight_hh.copy_(w[:, 3:])
+        cell.bias_ih.copy_(m.gates.bias.view(4, 3)[order].reshape(12))
+        cell.bias_hh.zero_()
+        m.out.weight.normal_(0, 0.5)
+        state, ref = None, None
+        for t in range(3):
+            z = torch.randn(2, 2, 1, 1)
+            out, state = m(z, state)
+            x = F.silu(F.linear(z[:, :, 0, 0], m.inp.weight[:, :, 1, 1], m.inp.bias))
+            ref = cell(x, ref)
+            assert torch.allclose(state[0][:, :, 0, 0], ref[0], atol=1e-6), t
+            assert torch.allclose(state[1][:, :, 0, 0], ref[1], atol=1e-6), t
+            z_ref = z[:, :, 0, 0] + F.linear(ref[0], m.out.weight[:, :, 1, 1], m.out.bias)
+            assert torch.allclose(out[:, :, 0, 0], z_ref, atol=1e-6), t
+
+
+@pytest.mark.parametrize("dynamics", ["gru", "lstm"])
+def test_recurrent_cells_match_reference_steps(dynamics):
+    """The ConvGRU / ConvLSTM update over 4 steps on a 3x3 grid against ref_gru_step /
+    ref_lstm_step: gates, candidate and the recurrent state carried from step to step."""
+    model = tiny_model(dynamics)
+    ref_step = ref_gru_step if dynamics == "gru" else ref_lstm_step
+    g = torch.Generator().manual_seed(4)
+    state = ref_state = None
+    with torch.no_grad():
+        for t in range(4):
+            z = torch.randn(2, 4, 3, 3, generator=g)
+            out, state = model.dynamics(z, state)
+            ref, ref_state = ref_step(model.dynamics, z, ref_state)
+            assert torch.allclose(out, ref, atol=1e-5), t
+
+
+def test_transformer_step_matches_reference_attention():
+    """Causal transformer over 6 steps (past its window of 3) against ref_transformer_step: keys
+    of the current frame and the last window-1 frames only, ALiBi slopes 2^-4, 2^-8 for 2 heads
+    times frames back, the learned bias of (query cell - key cell), residuals and norms."""
+    model = tiny_model("transformer")
+    m = model.dynamics
+    slopes = torch.tensor([2.0**-4, 2.0**-8])
+    assert torch.allclose(m.slopes, slopes)
+    frames = [[] for _ in m.blocks]
+    g = torch.Generator().manual_seed(5)
+    caches = None
+    with torch.no_grad():
+        # steeper ALiBi so a wrong age or sign shows clearly
+        m.slopes.mul_(16.0)
+        for t in range(6):
+            z = torch.randn(2, 4, 4, 4, generator=g)
+            out, caches = m(z, caches)
+            ref = ref_transformer_step(m, z, frames, 16.0 * slopes, 4)
+            assert torch.allclose(out, ref, atol=1e-5), (t, (out - ref).abs().max())
+
+
+def test_transformer_space_bias_starts_local():
+    """The spatial bias starts at -(dy^2 + dx^2) for the offset (dy, dx) between query and key
+    cells, the same for every head (a fresh model)."""
+    blk = wm.CausalTransformer(4, 8, 1, 2, 3, 3).blocks[0]
+    bias = ref_space_bias(blk, 3)
+    for q in range(9):
+        for k in range(9):
+            dy, dx = q // 3 - k // 3, q % 3 - k % 3
+            assert torch.equal(bias[:, q, k], torch.full((2,), -float(dy * dy + dx * dx)))
+
+
+def test_transformer_is_causal_and_windowed():
+    """One layer, window 3: a later frame never changes an earlier output; the output at step t
+    depends on frames t-2..t and not on frame t-3 (outside the window)."""
+    torch.manual_seed(6)
+    m = wm.CausalTransformer(4, 8, 1, 2, 4, 3)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(7)
+    seq = torch.randn(6, 1, 4, 4, 4, generator=g)
+
+    def outputs(frames):
+        caches, outs = None, []
+        with torch.no_grad():
+            for z in frames:
+                out, caches = m(z, caches)
+                outs.append(out)
+        return outs
+
+    base = outputs(seq)
+    changed = seq.clone()
+    changed[1] = torch.randn(1, 4, 4, 4, generator=g)
+    other = outputs(changed)
+    assert torch.equal(base[0], other[0])  # a later frame never changes an earlier output
+    assert all(not torch.allclose(base[t], other[t], atol=1e-6) for t in (1, 2, 3))  # in window
+    assert all(torch.allclose(base[t], other[t], atol=1e-6) for t in (4, 5))  # out of the window
+    late = seq.clone()
+    late[4] = torch.randn(1, 4, 4, 4, generator=g)
+    assert all(torch.equal(a, b) for a, b in zip(base[:4], outputs(late)[:4]))
+
+
+@pytest.mark.parametrize("dynamics", wm.DYNAMICS)
+def test_forward_rolls_out_on_own_latents_against_reference(dynamics):
+    """WorldModel.forward against ref_rollout: context encoded from x*2-1, the state carried over
+    the context, every predicted latent fed back (own predictions, not encoded truth), frames
+    decoded as (decoder + 1) / 2; the gradient flows back through the fed-back latents."""
+    model = tiny_model(dynamics)
+    ctx = torch.rand(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    rec, pred, z_pred = model(ctx, 4)
+    z = model.encoder(ctx.flatten(0, 1) * 2 - 1).unflatten(0, (2, 3))
+    z_ref = ref_rollout(model, z, 4)
+    assert torch.allclose(z_pred, z_ref, atol=1e-5), (
+        "latents differ from the own-prediction rollout"
+    )
+    frames = (model.decoder(torch.cat([z, z_ref], 1).flatten(0, 1)) + 1) / 2
+    frames = frames.unflatten(0, (2, 7))
+    assert torch.allclose(rec, frames[:, :3], atol=1e-5)
+    assert torch.allclose(pred, frames[:, 3:], atol=1e-5)
+    p = model.dynamics.out.weight
+    (g,) = torch.autograd.grad(z_pred[:, 3].square().sum(), p)
+    (g_ref,) = torch.autograd.grad(z_ref[:, 3].square().sum(), p)
+    assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-6), "no gradient through fed-back latents"
+
+
+def test_curriculum_hand_schedule():
+    """rollout_len: ceil(horizon (step + 1) / (curriculum steps)), at least 1, at most horizon;
+    worked out for horizon 4 over 20 steps with curriculum 0.5 (ramp 10 steps)."""
+    args = wm.Args(steps=20, horizon=4, curriculum=0.5)
+    lens = [wm.rollout_len(s, args) for s in range(20)]
+    assert lens == [1, 1, 2, 2, 2, 3, 3, 4, 4, 4] + [4] * 10
+    args = wm.Args(steps=10, horizon=3, curriculum=1.0)
+    assert [wm.rollout_len(s, args) for s in range(10)] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 3]
+
+
+def test_training_loop_uses_curriculum_k_on_full_windows(tmp_path, monkeypatch):
+    """The training loop: step s trains at rollout length rollout_len(s) (horizon 3, curriculum
+    1.0 over 4 steps: 1, 2, 3, 3) on batches of --context + --horizon frames."""
+    calls = []
+    rollout_losses = wm.rollout_losses
+
+    def record(model, x, k, args, amp, steps=None):
+        if torch.is_grad_enabled():  # training (evaluation runs under no_grad)
+            calls.append((k, steps, tuple(x.shape)))
+        return rollout_losses(model, x, k, args, amp, steps)
+
+    monkeypatch.setattr(wm, "rollout_losses", record)
+    # plots and samples are most of a tiny run's time and none of the method
+    monkeypatch.setattr(wm, "save_samples", lambda *a: None)
+    monkeypatch.setattr(wm, "save_plots", lambda *a: None)
+    monkeypatch.setattr(wm.viz, "plot_training_curves", lambda *a: None)
+    extra = "--horizon 3 --curriculum 1.0 --eval-every 100 --sample-every 100 --ckpt-every 100"
+    run(tmp_path, *extra.split(), "--rollout", "3", "--eval-clips", "2")
+    assert [c[0] for c in calls] == [1, 2, 3, 3]
+    assert all(c[1] is None and c[2] == (2, 6, 3, 32, 32) for c in calls), calls
+
+
+def test_evaluate_scores_model_and_copy_last_on_the_same_frames():
+    """evaluate: copy-last repeats the LAST context frame (hand-computed MSE/PSNR per frame on
+    flat frames), the model is scored on its rollout after the context (clamped) against the
+    frames after the context, and the validation loss covers the first --horizon frames only."""
+    args = tyro.cli(wm.Args, args=[*TINY])  # context 3, horizon 2
+    model = tiny_model("gru")
+    t = torch.arange(7.0).view(1, 7, 1, 1, 1)
+    n = torch.arange(2.0).view(2, 1, 1, 1, 1)
+    clips = (10 + 30 * t + 7 * n).expand(2, 7, 3, 32, 32).to(torch.uint8)
+    ours, base, val, _, _ = wm.evaluate(model, clips, args, torch.device("cpu"), nullcontext())
+    mse = [(30 * j / 255) ** 2 for j in (1, 2, 3, 4)]  # frame 3 + j - 1 vs frame 2
+    assert base["mse_per_frame"] == pytest.approx(mse, rel=1e-5)
+    assert base["psnr_per_frame"] == pytest.approx([-10 * math.log10(e) for e in mse], rel=1e-5)
+    assert base["mse"] == pytest.approx((mse[0] + mse[1]) / 2, rel=1e-5)
+    x = clips.float() / 255
+    with torch.no_grad():
+        rec, pred, _ = model(x[:, :3], 4)
+    err = ((pred.clamp(0, 1) - x[:, 3:]) ** 2).mean((2, 3, 4)).mean(0)
+    assert ours["mse_per_frame"] == pytest.approx(err.tolist(), rel=1e-4)
+    assert val["pred"] == pytest.approx(float(((pred[:, :2] - x[:, 3:5]) ** 2).mean()), rel=1e-4)
+    assert val["rec"] == pytest.approx(float(((rec - x[:, :3]) ** 2).mean()), rel=1e-4)
+
+
+def test_batches_cover_every_clip_and_start():
+    """sample_batch draws the window start uniformly from 0..T-span (the last window included)
+    and the clip from the whole pool; each window is context + horizon consecutive frames."""
+    args = wm.Args(context=2, horizon=3, batch_size=400)
+    pool = torch.arange(4 * 9).view(4, 9, 1, 1, 1).to(torch.uint8)
+    x = wm.sample_batch(pool, torch.Generator().manual_seed(9), args, torch.device("cpu"))
+    values = (x.flatten(1) * 255).round().long()
+    clip, start = values[:, 0] // 9, values[:, 0] % 9
+    assert set(clip.tolist()) == {0, 1, 2, 3} and set(start.tolist()) == {0, 1, 2, 3, 4}
+    assert torch.equal(values, values[:, :1] + torch.arange(5))

@@ -156,9 +156,14 @@ def test_latent_to_rgb_range_shape_and_main_component():
 
 
 def test_save_latent_picture(tmp_path):
-    viz.save_latent_picture(torch.randn(2, 8, 4, 4), tmp_path / "z.png", upscale=4)
-    with Image.open(tmp_path / "z.png") as im:
+    z = torch.randn(2, 8, 4, 4)
+    viz.save_latent_picture(z, tmp_path / "z.png", upscale=4, title=None)
+    viz.save_latent_picture(z, tmp_path / "titled.png", upscale=4)
+    with Image.open(tmp_path / "z.png") as im, Image.open(tmp_path / "titled.png") as titled:
         assert im.size == (2 * 16 + 2, 16)
+        assert titled.size[0] == im.size[0] and titled.size[1] > im.size[1] + 10
+        picture = np.asarray(titled)[-16:]  # the title sits above an unchanged picture
+        assert np.array_equal(picture, np.asarray(im))
 
 
 def test_plots_write_png(tmp_path):

@@ -1,0 +1,198 @@
+"""Single-line breaks of train_river.py's method, each naming the invariant it breaks; every one
+must fail a test of tests/test_train_river.py (python tests/mutants/run.py train_river)."""
+
+MUTANTS = [
+    {
+        "name": "warm_start_ignores_previous_latent",
+        "invariant": "the ODE starts at s from (1 - (1 - sigma) s) eps + s z_last",
+        "old": "y = (1 - (1 - sigma) * grid[0]) * eps + grid[0] * ref",
+        "new": "y = (1 - (1 - sigma) * grid[0]) * eps",
+    },
+    {
+        "name": "warm_start_from_first_frame",
+        "invariant": "the warm start noises the newest latent, not the oldest",
+        "old": "y = (1 - (1 - sigma) * grid[0]) * eps + grid[0] * ref",
+        "new": "y = (1 - (1 - sigma) * grid[0]) * eps + grid[0] * hist[:, 0]",
+    },
+    {
+        "name": "rk4_classical_weights_on_3_8_nodes",
+        "invariant": "rk4 is the 3/8 rule: weights 1/8, 3/8, 3/8, 1/8 (4th order)",
+        "old": "y = y + dt * (k1 + 3 * (k2 + k3) + k4) / 8",
+        "new": "y = y + dt * (k1 + 2 * (k2 + k3) + k4) / 6",
+    },
+    {
+        "name": "rk4_classical_midpoint_node_with_3_8_weights",
+        "invariant": "rk4 is the 3/8 rule: second stage at t0 + h/3 from y + h k1 / 3",
+        "old": "k2 = f(t0 + dt / 3, y + dt * k1 / 3)",
+        "new": "k2 = f(t0 + dt / 2, y + dt * k1 / 2)",
+    },
+    {
+        "name": "rk4_third_stage_sign",
+        "invariant": "rk4 is the 3/8 rule: a_31 = -1/3",
+        "old": "k3 = f(t0 + 2 * dt / 3, y + dt * (k2 - k1 / 3))",
+        "new": "k3 = f(t0 + 2 * dt / 3, y + dt * (k2 + k1 / 3))",
+    },
+    {
+        "name": "rk4_last_stage_at_start_time",
+        "invariant": "rk4 is the 3/8 rule: fourth stage at t0 + h (order on a time-dependent ODE)",
+        "old": "k4 = f(t1, y + dt * (k1 - k2 + k3))",
+        "new": "k4 = f(t0, y + dt * (k1 - k2 + k3))",
+    },
+    {
+        "name": "ode_grid_reversed",
+        "invariant": "the grid runs from the warm start s up to 1 (noise to data)",
+        "old": "return torch.linspace(warm_start, 1, n, dtype=torch.float64).tolist()",
+        "new": "return torch.linspace(1, warm_start, n, dtype=torch.float64).tolist()",
+    },
+    {
+        "name": "velocity_drops_sigma_min",
+        "invariant": "target u = z1 - (1 - sigma) eps",
+        "old": "return x_t, z1 - (1 - sigma) * eps",
+        "new": "return x_t, z1 - eps",
+    },
+    {
+        "name": "path_drops_sigma_min",
+        "invariant": "x_t = (1 - (1 - sigma) t) eps + t z1",
+        "old": "x_t = (1 - (1 - sigma) * tt) * eps + tt * z1",
+        "new": "x_t = (1 - tt) * eps + tt * z1",
+    },
+    {
+        "name": "predicted_endpoint_drops_sigma_min",
+        "invariant": "x1_hat = (1 - sigma) x_t + (1 - (1 - sigma) t) v inverts the path",
+        "old": "return (1 - sigma) * x_t + (1 - (1 - sigma) * tt) * v",
+        "new": "return x_t + (1 - tt) * v",
+    },
+    {
+        "name": "training_example_ignores_sigma",
+        "invariant": "river_inputs builds the path and target with the run's sigma_min",
+        "old": "x_t, u = flow_path(z1, eps, t, sigma)",
+        "new": "x_t, u = flow_path(z1, eps, t)",
+    },
+    {
+        "name": "t_sampled_outside_unit_interval",
+        "invariant": "t ~ U[0, 1)",
+        "old": "t = torch.rand(B, generator=gen)",
+        "new": "t = torch.randn(B, generator=gen)",
+    },
+    {
+        "name": "t_not_uniform",
+        "invariant": "t ~ U[0, 1) (uniform)",
+        "old": "t = torch.rand(B, generator=gen)",
+        "new": "t = torch.rand(B, generator=gen) ** 2",
+    },
+    {
+        "name": "training_reference_context_swapped",
+        "invariant": "reference = frame tau - 1, context = frame c < tau - 1, in that order",
+        "old": "return (x_t, t, clips[rows, tau - 1], clips[rows, ctx], delta), u, z1",
+        "new": "return (x_t, t, clips[rows, ctx], clips[rows, tau - 1], delta), u, z1",
+    },
+    {
+        "name": "sampler_reference_context_swapped",
+        "invariant": "at sampling the reference is the newest latent, the context a random earlier one",
+        "old": "return model(y, t, ref, hist[rows, c.to(dev)], delta.to(dev)).to(hist.dtype)",
+        "new": "return model(y, t, hist[rows, c.to(dev)], ref, delta.to(dev)).to(hist.dtype)",
+    },
+    {
+        "name": "loss_regresses_data_not_velocity",
+        "invariant": "the loss is MSE(field, u = z1 - (1 - sigma) eps)",
+        "old": "return F.mse_loss(v, u, reduction=reduction), (inputs, u, z1, v)",
+        "new": "return F.mse_loss(v, z1, reduction=reduction), (inputs, u, z1, v)",
+    },
+    {
+        "name": "training_context_not_uniform",
+        "invariant": "given tau, the context c ~ U{0..tau-2}",
+        "old": "ctx = (torch.rand(batch, generator=gen) * (tau - 1)).long()",
+        "new": "ctx = (torch.rand(batch, generator=gen) * (tau - 2)).round().long()",
+    },
+    {
+        "name": "sampling_context_not_uniform",
+        "invariant": "at sampling c ~ U{max(0, L - H)..L-2}",
+        "old": "c = lo + (torch.rand(batch, generator=gen) * (length - 1 - lo)).long()",
+        "new": "c = lo + (torch.rand(batch, generator=gen) * (length - 2 - lo)).round().long()",
+    },
+    {
+        "name": "regressor_ignores_delta",
+        "invariant": "the regressor adds MLP(log delta) to every cell token (it uses the distance)",
+        "old": "tokens = tokens + pos + self.dist(delta.float().log()[:, None])[:, None]",
+        "new": "tokens = tokens + pos",
+    },
+    {
+        "name": "regressor_delta_without_log",
+        "invariant": "the distance enters as log(delta)",
+        "old": "tokens = tokens + pos + self.dist(delta.float().log()[:, None])[:, None]",
+        "new": "tokens = tokens + pos + self.dist(delta.float()[:, None])[:, None]",
+    },
+    {
+        "name": "regressor_ignores_context",
+        "invariant": "each cell token reads [x_t, reference, context]",
+        "old": "cells = torch.cat([x, ref, ctx], 1).flatten(2).transpose(1, 2)",
+        "new": "cells = torch.cat([x, ref, ref], 1).flatten(2).transpose(1, 2)",
+    },
+    {
+        "name": "long_skips_fifo",
+        "invariant": "output block i joins the input block output saved i-th from last (LIFO)",
+        "old": "h = block(join(torch.cat([h, skips.pop()], -1)))",
+        "new": "h = block(join(torch.cat([h, skips.pop(0)], -1)))",
+    },
+    {
+        "name": "time_code_sin_before_cos",
+        "invariant": "time code: cos half, then sin half",
+        "old": "return torch.cat([torch.cos(angles), torch.sin(angles)], -1)",
+        "new": "return torch.cat([torch.sin(angles), torch.cos(angles)], -1)",
+    },
+    {
+        "name": "lr_warmup_boundary",
+        "invariant": "warm-up covers steps 0..warmup-1, then the decay starts at peak",
+        "old": "if step < warmup:",
+        "new": "if step <= warmup:",
+    },
+    {
+        "name": "lr_linear_decay",
+        "invariant": "the decay has power 0.5",
+        "old": "return peak * (1e-3 + (1 - 1e-3) * left**0.5)",
+        "new": "return peak * (1e-3 + (1 - 1e-3) * left)",
+    },
+    {
+        "name": "validation_endpoint_from_target",
+        "invariant": "the endpoint score uses the model's field, not the target",
+        "old": "x1 = predicted_endpoint(x_t, v, t, args.sigma_min)",
+        "new": "x1 = predicted_endpoint(x_t, u, t, args.sigma_min)",
+    },
+    {
+        "name": "context_ablation_keeps_context",
+        "invariant": "the ablation feeds the reference in place of the context",
+        "old": "v_ref = model(x_t, t, ref, ref, delta).float()",
+        "new": "v_ref = model(*inputs).float()",
+    },
+    # breaks tried beyond the reviews' list, to check the tests pin invariants rather than a list
+    {
+        "name": "position_rows_before_columns",
+        "invariant": "learned position = [column half, row half]",
+        "old": "pos = torch.cat([cols, rows], -1).flatten(0, 1)",
+        "new": "pos = torch.cat([rows, cols], -1).flatten(0, 1)",
+    },
+    {
+        "name": "start_noise_uniform",
+        "invariant": "the ODE starts from Gaussian noise eps ~ N(0, 1)",
+        "old": "eps = torch.randn(ref.shape, generator=gen).to(dev)",
+        "new": "eps = torch.rand(ref.shape, generator=gen).to(dev)",
+    },
+    {
+        "name": "head_keeps_time_token",
+        "invariant": "the time token is dropped before the head",
+        "old": "h = self.head(h[:, 1:])",
+        "new": "h = self.head(h[:, :-1])",
+    },
+    {
+        "name": "loop_lr_one_step_ahead",
+        "invariant": "step k trains at lr(k)",
+        "old": "lr = river_lr_at(step, args.steps, args.lr, args.warmup_steps)",
+        "new": "lr = river_lr_at(step + 1, args.steps, args.lr, args.warmup_steps)",
+    },
+    {
+        "name": "lr_decay_over_total_steps",
+        "invariant": "the decay runs over the steps after the warm-up",
+        "old": "left = max(0.0, 1 - (step - warmup) / max(1, total - warmup))",
+        "new": "left = max(0.0, 1 - (step - warmup) / max(1, total))",
+    },
+]

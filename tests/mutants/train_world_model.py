@@ -1,0 +1,146 @@
+"""Single-line breaks of train_world_model.py's method; each must fail a test of
+tests/test_train_world_model.py (run: python tests/mutants/run.py train_world_model)."""
+
+MUTANTS = [
+    {
+        "name": "rollout_teacher_forced",
+        "invariant": "the rollout feeds its own predicted latent back, not an encoded frame",
+        "old": "            z, state = self.dynamics(z, state)",
+        "new": "            z, state = self.dynamics(z_context[:, -1], state)",
+    },
+    {
+        "name": "rollout_state_dropped",
+        "invariant": "the recurrent state is carried across the context steps",
+        "old": "            z, state = self.dynamics(z_context[:, t], state)",
+        "new": "            z, state = self.dynamics(z_context[:, t], None)",
+    },
+    {
+        "name": "pred_term_off_by_one",
+        "invariant": "the prediction term scores exactly the first k frames after the context",
+        "old": "    target = x[:, c : c + k]",
+        "new": "    target = x[:, c + 1 : c + k + 1]",
+    },
+    {
+        "name": "pred_term_last_k_of_rollout",
+        "invariant": "the prediction term scores the FIRST k predicted frames of a longer rollout",
+        "old": "x[:, :c], target, rec, pred[:, :k], args.recon_loss",
+        "new": "x[:, :c], target, rec, pred[:, -k:], args.recon_loss",
+    },
+    {
+        "name": "context_split_off_by_one",
+        "invariant": "the model sees exactly --context frames and predicts the frames after them",
+        "old": "    c = args.context\n    with amp:",
+        "new": "    c = args.context - 1\n    with amp:",
+    },
+    {
+        "name": "batch_window_one_short",
+        "invariant": "a batch is --context + --horizon consecutive frames of one clip",
+        "old": "    span = args.context + args.horizon\n",
+        "new": "    span = args.context + args.horizon - 1\n",
+    },
+    {
+        "name": "batch_last_start_never_drawn",
+        "invariant": "window starts are uniform over every valid start, the last included",
+        "old": "s = torch.randint(pool.shape[1] - span + 1,",
+        "new": "s = torch.randint(pool.shape[1] - span,",
+    },
+    {
+        "name": "gdl_weight_on_temporal_term",
+        "invariant": "--gdl-weight scales the GDL term and --temporal-weight the temporal term",
+        "old": "l_pred + gdl_weight * l_gdl + temporal_weight * l_tmp",
+        "new": "l_pred + gdl_weight * l_tmp + temporal_weight * l_gdl",
+    },
+    {
+        "name": "gdl_on_predictions_only",
+        "invariant": "the GDL covers the reconstructed context and the predicted frames",
+        "old": "l_gdl = gradient_difference_loss(torch.cat([rec, pred], 1), torch.cat([context, "
+        "target], 1))",
+        "new": "l_gdl = gradient_difference_loss(pred, target)",
+    },
+    {
+        "name": "gdl_one_axis_twice",
+        "invariant": "GDL = x-gradient part + y-gradient part",
+        "old": "    for d in (-1, -2):",
+        "new": "    for d in (-1, -1):",
+    },
+    {
+        "name": "temporal_l1",
+        "invariant": "temporal term = MSE between predicted and true frame differences",
+        "old": "return F.mse_loss(pred.diff(dim=1), target.diff(dim=1))",
+        "new": "return F.l1_loss(pred.diff(dim=1), target.diff(dim=1))",
+    },
+    {
+        "name": "temporal_anchor_true_frame",
+        "invariant": "the first predicted difference is taken from the RECONSTRUCTED last context "
+        "frame",
+        "old": "torch.cat([rec[:, -1:], pred], 1)",
+        "new": "torch.cat([context[:, -1:], pred], 1)",
+    },
+    {
+        "name": "gru_gate_flipped",
+        "invariant": "ConvGRU: h' = u h + (1 - u) tanh(candidate)",
+        "old": "h = u * h + (1 - u) * torch.tanh(",
+        "new": "h = (1 - u) * h + u * torch.tanh(",
+    },
+    {
+        "name": "lstm_forget_input_swapped",
+        "invariant": "ConvLSTM: c' = sigmoid(f) c + sigmoid(i) tanh(g)",
+        "old": "c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)",
+        "new": "c = torch.sigmoid(i) * c + torch.sigmoid(f) * torch.tanh(g)",
+    },
+    {
+        "name": "causal_age_reversed",
+        "invariant": "transformer temporal order: the newest cached frame has age 0 (the causal "
+        "ALiBi bias, not transposed)",
+        "old": "age = torch.arange(len(cache) - 1, -1, -1, device=x.device)",
+        "new": "age = torch.arange(len(cache), device=x.device)",
+    },
+    {
+        "name": "window_keeps_oldest",
+        "invariant": "the transformer attends to the LAST --context frames (window)",
+        "old": "cache = (cache + [(k, v)])[-window:]",
+        "new": "cache = (cache + [(k, v)])[:window]",
+    },
+    {
+        "name": "curriculum_never_grows",
+        "invariant": "the training loop's rollout length follows rollout_len(step)",
+        "old": "            k = rollout_len(step, args)",
+        "new": "            k = rollout_len(0, args)",
+    },
+    {
+        "name": "curriculum_step_not_shifted",
+        "invariant": "rollout_len = ceil(horizon (step + 1) / ramp), clipped to 1..horizon",
+        "old": "math.ceil(args.horizon * (step + 1) / ramp)",
+        "new": "math.ceil(args.horizon * step / ramp)",
+    },
+    {
+        "name": "copy_last_from_first_context_frame",
+        "invariant": "copy-last repeats the LAST context frame, scored on the model's frames",
+        "old": "frames[:, c:], truth[:, :c], truth[:, c:], args.horizon",
+        "new": "frames[:, c:], truth[:, :1], truth[:, c:], args.horizon",
+    },
+    {
+        "name": "val_loss_over_whole_rollout",
+        "invariant": "the validation loss covers the first --horizon predicted frames only",
+        "old": "    h = min(args.horizon, steps)",
+        "new": "    h = steps",
+    },
+    {
+        "name": "rollout_detached",
+        "invariant": "the loss backpropagates through the fed-back predicted latents",
+        "old": "            z, state = self.dynamics(z, state)",
+        "new": "            z, state = self.dynamics(z.detach(), state)",
+    },
+    {
+        "name": "alibi_sign_flipped",
+        "invariant": "ALiBi: older frames get a lower attention bias (-slope * age)",
+        "old": "bias = -slopes.view(-1, 1, 1) * age.to(slopes.dtype)",
+        "new": "bias = slopes.view(-1, 1, 1) * age.to(slopes.dtype)",
+    },
+    {
+        "name": "space_offset_transposed",
+        "invariant": "the spatial bias is indexed by (query cell - key cell), not its transpose",
+        "old": "offset = (y[:, None] - y[None] + grid - 1)",
+        "new": "offset = (y[None] - y[:, None] + grid - 1)",
+    },
+]
