@@ -1,5 +1,6 @@
 """train_vqvae.py: CLI, outputs, quantiser invariants, export, determinism, resume, DDP, bad input."""
 
+import copy
 import hashlib
 import json
 import os
@@ -7,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -432,3 +434,296 @@ def test_failing_runs_keep_good_checkpoint(tiny, tmp_path):
             "100",
         )
     assert digest(d / "ckpt.pt") == good
+
+
+# ----------------------------------------------------------------------------- method, pinned
+# Every test below checks the method against a computation written out here (hand numbers, plain
+# loops), never against the function's own output. tests/mutants/train_vqvae.py lists the breaks
+# they catch.
+CPU = tv.Runtime(torch.device("cpu"), "float32", nullcontext(), False, 0, 1, False, True)
+
+
+def brute_nearest(z, codebook):
+    """Plain loop: index of the closest code (squared L2) for every cell of z (B, D, h, w)."""
+    B, D, h, w = z.shape
+    book = codebook.tolist()
+    out = torch.empty(B, h, w, dtype=torch.long)
+    for b in range(B):
+        for i in range(h):
+            for j in range(w):
+                v = z[b, :, i, j].tolist()
+                dist = [sum((v[c] - e[c]) ** 2 for c in range(D)) for e in book]
+                out[b, i, j] = dist.index(min(dist))
+    return out
+
+
+def reference_ema(book, count, total, batches, decay, eps):
+    """Plain-Python EMA codebook (van den Oord et al. App. A.1, Laplace-smoothed counts), one
+    batch after the other, each assigned to the nearest code of the codebook at that time."""
+    book, count, total = book.tolist(), count.tolist(), total.tolist()
+    K, D = len(book), len(book[0])
+    for z in batches:
+        n = [0.0] * K
+        s = [[0.0] * D for _ in range(K)]
+        for cell, k in zip(
+            z.permute(0, 2, 3, 1).reshape(-1, D).tolist(),
+            brute_nearest(z, torch.tensor(book)).flatten().tolist(),
+        ):
+            n[k] += 1
+            s[k] = [a + b for a, b in zip(s[k], cell)]
+        count = [decay * count[k] + (1 - decay) * n[k] for k in range(K)]
+        total = [[decay * total[k][d] + (1 - decay) * s[k][d] for d in range(D)] for k in range(K)]
+        all_n = sum(count)
+        smoothed = [(count[k] + eps) / (all_n + K * eps) * all_n for k in range(K)]
+        book = [[total[k][d] / smoothed[k] for d in range(D)] for k in range(K)]
+    return torch.tensor(book), torch.tensor(count), torch.tensor(total)
+
+
+def test_nearest_code_matches_brute_force_loop():
+    """nearest_code = argmin_k ||z - e_k||^2 per cell (layout B, D, h, w; h != w)."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 3, 2, 5, generator=g)
+    codebook = torch.randn(7, 3, generator=g)
+    expected = brute_nearest(z, codebook)
+    assert len(set(expected.flatten().tolist())) >= 4  # a case where the choice matters
+    got = tv.nearest_code(z, codebook)
+    assert torch.equal(got, expected), f"{got.flatten().tolist()} vs {expected.flatten().tolist()}"
+
+
+def test_decode_snaps_to_nearest_code():
+    """decode(z) = decoder(nearest code of z), clamped: RIVER decodes its continuous samples."""
+    torch.manual_seed(0)
+    model = tv.VQVAE(1, 8, 2, 5, attention=False).eval()
+    model.codebook.copy_(torch.randn(5, 2))
+    z = torch.randn(2, 2, 2, 3)
+    zq = model.codebook[brute_nearest(z, model.codebook)].permute(0, 3, 1, 2)
+    with torch.no_grad():
+        expected = ((model.decoder(zq) + 1) / 2).clamp(0, 1)
+        assert torch.allclose(model.decode(z), expected, atol=1e-6)
+        assert not torch.allclose(model.decode(z), ((model.decoder(z) + 1) / 2).clamp(0, 1))
+
+
+def test_straight_through_gradient_exact():
+    """Straight-through estimator: the decoder sees z_q and dL/dz_e = dL/dz_q (the gradient of
+    the decoder at the codes, copied unchanged to the encoder output)."""
+    torch.manual_seed(0)
+    model = tv.VQVAE(1, 8, 2, 6, attention=False)
+    model.encoder = torch.nn.Identity()  # z_e = 2x - 1: the test holds the latents
+    model.codebook.copy_(torch.randn(6, 2))
+    x = torch.rand(2, 2, 2, 3, requires_grad=True)
+    w = torch.randn(2, 1, 16, 24)
+    x_rec = model(x)[0]
+    (x_rec * w).sum().backward()
+    zq = model.codebook[brute_nearest(2 * x.detach() - 1, model.codebook)].permute(0, 3, 1, 2)
+    zq = zq.clone().requires_grad_(True)
+    out = (model.decoder(zq) + 1) / 2
+    g_zq = torch.autograd.grad((out * w).sum(), zq)[0]
+    assert torch.allclose(x_rec, out, atol=1e-6)
+    assert g_zq.abs().min() > 0
+    err = ((x.grad - 2 * g_zq).abs().max() / g_zq.abs().max()).item()  # dz_e/dx = 2
+    assert err < 1e-5, f"encoder-side gradient off the straight-through one by {err:.3g} (rel.)"
+
+
+def test_vq_losses_hand_case_and_commitment_gradient():
+    """rec = L1 (or MSE) on pixels; commit = beta * mean (z_e - z_q)^2 with gradient
+    2 beta (z_e - z_q) / N on z_e only."""
+    x = torch.tensor([0.0, 0.5, 1.0, 0.25]).view(1, 1, 2, 2)
+    x_rec = x + torch.tensor([0.1, -0.3, 0.2, 0.0]).view(1, 1, 2, 2)
+    zq = torch.tensor([1.0, 2.0, -1.0, 0.5]).view(1, 2, 1, 2)
+    diff = torch.tensor([1.0, -2.0, 0.0, 3.0]).view(1, 2, 1, 2)
+    z = (zq + diff).requires_grad_(True)
+    rec, commit = tv.vq_losses(x, x_rec, z, zq, beta=0.4, kind="l1")
+    assert rec.item() == pytest.approx(0.15) and commit.item() == pytest.approx(0.4 * 14 / 4)
+    commit.backward()
+    assert torch.allclose(z.grad, 2 * 0.4 * diff / 4)
+    rec, commit = tv.vq_losses(x, x_rec, z, zq, beta=2.0, kind="mse")
+    assert rec.item() == pytest.approx(0.14 / 4) and commit.item() == pytest.approx(2 * 3.5)
+
+
+def test_ema_update_asymmetric_decay_hand_case():
+    """N <- g N + (1-g) n and m <- g m + (1-g) sum z with g = 0.9 (not 1-g); e = m / N."""
+    count, total = torch.tensor([1.0, 3.0]), torch.tensor([[2.0], [3.0]])
+    counts, sums = torch.tensor([3.0, 0.0]), torch.tensor([[6.0], [0.0]])
+    n, m, book = tv.ema_update(count, total, counts, sums, decay=0.9, eps=0.0)
+    assert torch.allclose(n, torch.tensor([1.2, 2.7])), f"N {n.tolist()}, expected [1.2, 2.7]"
+    assert torch.allclose(m, torch.tensor([[2.4], [2.7]])), f"m {m.tolist()}, expected [2.4, 2.7]"
+    assert torch.allclose(book, torch.tensor([[2.0], [1.0]]))
+
+
+def test_update_codebook_k_steps_matches_plain_loop():
+    """EMA codebook over 3 batches with decay 0.9 and a large Laplace eps equals a plain-Python
+    loop (nearest code by brute force, counts and sums per code, smoothed N, e = m / N)."""
+    g = torch.Generator().manual_seed(2)
+    model = tv.VQVAE(1, 8, 2, 5, attention=False)
+    model.codebook.copy_(torch.randn(5, 2, generator=g))
+    model.ema_count.copy_(torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5]))
+    model.ema_sum.copy_(model.codebook * model.ema_count[:, None])
+    batches = [torch.randn(2, 2, 3, 2, generator=g) for _ in range(3)]
+    book, count, total = reference_ema(
+        model.codebook, model.ema_count, model.ema_sum, batches, 0.9, 0.3
+    )
+    torch.manual_seed(0)
+    for z in batches:
+        restarts = tv.update_codebook(model, z, model.quantize(z)[1], 0.9, 0.3, dead_frac=0.0)
+        assert restarts == 0
+    assert torch.allclose(model.ema_count, count, atol=1e-5), f"N {model.ema_count} vs {count}"
+    assert torch.allclose(model.ema_sum, total, atol=1e-5), f"m {model.ema_sum} vs {total}"
+    assert torch.allclose(model.codebook, book, atol=1e-5), f"codes {model.codebook} vs {book}"
+
+
+def test_dead_code_restart_bookkeeping():
+    """Only codes with EMA usage < dead_frac * mean restart: the code jumps to one of the batch's
+    encoder outputs, its count becomes the mean count and its sum code * count (so e = m / N
+    holds); the live codes take their EMA step."""
+    model = tv.VQVAE(1, 8, 2, 4, attention=False)
+    model.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [50.0, 50.0]]))
+    model.ema_count.copy_(torch.tensor([4.0, 4.0, 4.0, 0.01]))
+    model.ema_sum.copy_(model.codebook * model.ema_count[:, None])
+    cells = torch.tensor([[0.1, 0.1], [0.9, 0.1], [0.1, 0.8], [0.2, 0.0]])  # codes 0, 1, 2, 0
+    z = cells.t().reshape(1, 2, 2, 2)
+    # counts [2, 1, 1, 0]; decay 0.9: N = [3.8, 3.7, 3.7, 0.009], mean 2.80225 -> only code 3
+    # is below 0.5 * mean
+    torch.manual_seed(0)
+    n_dead = tv.update_codebook(model, z, model.quantize(z)[1], 0.9, 0.0, dead_frac=0.5)
+    assert n_dead == 1
+    mean = (3.8 + 3.7 + 3.7 + 0.009) / 4
+    assert torch.allclose(model.ema_count, torch.tensor([3.8, 3.7, 3.7, mean]))
+    assert (cells - model.codebook[3]).abs().sum(1).min() < 1e-6  # on an encoder output
+    assert torch.allclose(model.ema_sum[3], model.codebook[3] * mean), f"m_3 {model.ema_sum[3]}"
+    m = torch.tensor([[0.03, 0.01], [3.6 + 0.09, 0.01], [0.01, 3.6 + 0.08]])
+    assert torch.allclose(model.ema_sum[:3], m)
+    assert torch.allclose(model.codebook[:3], m / torch.tensor([3.8, 3.7, 3.7])[:, None])
+
+
+def test_init_codebook_is_a_fixed_point_of_the_ema():
+    """init_codebook: codes at encoder outputs with count 1 and sum = code, so a step in which no
+    vector is assigned to a code leaves it where it is (e = m / N)."""
+    torch.manual_seed(0)
+    model = tv.VQVAE(1, 8, 2, 6, attention=False)
+    z = torch.randn(2, 2, 3, 3)
+    tv.init_codebook(model, z)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 2)
+    assert all((flat - e).abs().sum(1).min() < 1e-6 for e in model.codebook)
+    start = model.codebook.clone()
+    far = torch.full((1, 2, 1, 1), 1e3)  # nearest to one code only, the others get nothing
+    k = int(brute_nearest(far, start))
+    tv.update_codebook(model, far, model.quantize(far)[1], 0.9, 0.0, dead_frac=0.0)
+    others = [i for i in range(6) if i != k]
+    moved = (model.codebook[others] - start[others]).abs().max()
+    assert moved < 1e-5, f"unassigned codes moved by {moved}"
+    assert torch.allclose(model.codebook[k], 0.9 * start[k] + 0.1 * far.flatten(), atol=1e-3)
+
+
+class CodeStub(torch.nn.Module):
+    """Stands in for the VQ-VAE in evaluate(): given code indices per frame, z_e - z_q = 1 and
+    x_rec = x + 0.1 everywhere."""
+
+    def __init__(self, idx, K, D):
+        super().__init__()
+        self.register_buffer("codebook", torch.zeros(K, D))
+        self.idx = idx
+        self.seen = 0
+
+    def forward(self, x):
+        idx = self.idx[self.seen : self.seen + len(x)]
+        self.seen += len(x)
+        zq = torch.zeros(len(x), self.codebook.shape[1], *idx.shape[1:])
+        return x + 0.1, zq + 1, zq, idx
+
+
+def test_evaluate_usage_perplexity_and_loss_hand_case():
+    """usage = fraction of codes used at least once; perplexity = exp(entropy of the code
+    histogram); eval loss = rec + beta * commitment."""
+    # 4 frames x 2x2 cells over 5 codes: histogram [8, 4, 4, 0, 0] -> p [1/2, 1/4, 1/4, 0, 0]
+    idx = torch.tensor([0] * 8 + [1] * 4 + [2] * 4).view(4, 2, 2)
+    clips = torch.full((1, 4, 1, 16, 16), 100, dtype=torch.uint8)
+    args = tv.Args(beta=0.4, recon_loss="l1")
+    scores = tv.evaluate(CodeStub(idx, K=5, D=2), clips, args, CPU, batch=3)[0]
+    assert scores["codebook_usage"] == pytest.approx(3 / 5)
+    assert scores["perplexity"] == pytest.approx(2**1.5)  # exp(1.5 ln 2)
+    assert scores["loss"] == pytest.approx(0.1 + 0.4 * 1.0, rel=1e-5)
+
+
+def tiny_step_setup(gan_weight=0.0):
+    torch.manual_seed(0)
+    model = tv.VQVAE(1, 8, 2, 8, attention=False)
+    x = torch.rand(4, 1, 16, 16)
+    with torch.no_grad():
+        tv.init_codebook(model, model.encode(x))
+    args = tv.Args(
+        beta=0.7,
+        recon_loss="mse",
+        ema_decay=0.8,
+        ema_eps=0.05,
+        dead_code_frac=0.0,
+        grad_clip=0.0,
+        gan_weight=gan_weight,
+        gan_start=0,
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, x, args, opt
+
+
+def reference_losses(ref, x, beta):
+    """Plain VQ-VAE objective on a copy of the model: decoder at the nearest codes (by brute
+    force), gradient copied to z_e by hand, MSE reconstruction, beta * ||z_e - sg[z_q]||^2."""
+    z = ref.encode(x)
+    zq = ref.codebook[brute_nearest(z.detach(), ref.codebook)].permute(0, 3, 1, 2)
+    x_rec = ref.decode_latents(z + (zq - z).detach())
+    rec = ((x_rec - x) ** 2).mean()
+    commit = beta * ((z - zq) ** 2).mean()
+    return x_rec, z, zq, rec, commit
+
+
+def test_train_step_losses_gradients_and_ema_against_reference():
+    """train_step: loss = rec + beta * commit, the gradients of that objective (straight-through)
+    reach the weights, and the codebook takes one EMA step (decay, eps of the args) on the
+    batch's pre-step z_e."""
+    model, x, args, opt = tiny_step_setup()
+    ref = copy.deepcopy(model)
+    _, z, _, rec, commit = reference_losses(ref, x, args.beta)
+    (rec + commit).backward()
+    book, count, _ = reference_ema(
+        ref.codebook, ref.ema_count, ref.ema_sum, [z.detach()], args.ema_decay, args.ema_eps
+    )
+    out = tv.train_step(model, model, None, None, opt, None, tv.make_scaler(CPU), x, 0, args, CPU)
+    loss_, rec_, commit_, restarts = out.tolist()
+    assert rec_ == pytest.approx(rec.item(), rel=1e-5)
+    assert commit_ == pytest.approx(commit.item(), rel=1e-5) and commit.item() > 1e-4
+    assert loss_ == pytest.approx(rec.item() + commit.item(), rel=1e-5) and restarts == 0
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+    assert torch.allclose(model.ema_count, count, atol=1e-5), f"N {model.ema_count} vs {count}"
+    assert torch.allclose(model.codebook, book, atol=1e-5), f"codes {model.codebook} vs {book}"
+
+
+def test_train_step_gan_hinge_and_adaptive_weight_against_reference():
+    """With the GAN on: g = -mean D(x_rec); d = mean relu(1 - D(x)) + mean relu(1 + D(x_rec));
+    loss = rec + commit + gan_weight * (|d rec/d x_rec| / |d g/d x_rec|) * g, with the weights'
+    gradients of that loss."""
+    model, x, args, opt = tiny_step_setup(gan_weight=0.5)
+    torch.manual_seed(1)
+    disc = tv.patch_discriminator(1, 8)
+    with torch.no_grad():  # logits on both sides of the hinge's kinks at +-1
+        disc[-1].weight.mul_(10)
+        disc[-1].bias.zero_()
+    opt_d = torch.optim.SGD(disc.parameters(), lr=0.1)
+    ref, ref_d = copy.deepcopy(model), copy.deepcopy(disc)
+    x_rec, _, _, rec, commit = reference_losses(ref, x, args.beta)
+    real, fake = ref_d(x), ref_d(x_rec)
+    g = -fake.mean()
+    d = torch.relu(1 - real).mean() + torch.relu(1 + fake.detach()).mean()
+    g_rec = torch.autograd.grad(rec, x_rec, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(g, x_rec, retain_graph=True)[0]
+    w = (g_rec.norm() / (g_gan.norm() + 1e-4)).detach()
+    assert 1e-4 < w < 1e3 and all(t.any() for t in (real > 1, real < 1, fake > -1, fake < -1))
+    loss = rec + commit + 0.5 * w * g
+    ref.zero_grad()
+    loss.backward()
+    out = tv.train_step(model, model, disc, disc, opt, opt_d, tv.make_scaler(CPU), x, 0, args, CPU)
+    loss_, rec_, commit_, g_, d_, _ = out.tolist()
+    assert g_ == pytest.approx(g.item(), rel=1e-4, abs=1e-6)
+    assert d_ == pytest.approx(d.item(), rel=1e-5)
+    assert loss_ == pytest.approx(loss.item(), rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
