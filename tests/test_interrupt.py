@@ -78,10 +78,21 @@ def same(a, b):
     return True
 
 
+def default_sigint():
+    """A job started in the background inherits an ignored SIGINT; a terminal's job does not."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_after_line(cmd, marker, sig=signal.SIGINT, second=False):
     """Start cmd, send `sig` as soon as a line containing `marker` is printed -> (rc, output)."""
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=default_sigint,
     )
     lines = []
     for line in proc.stdout:
