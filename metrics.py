@@ -331,7 +331,8 @@ def temporal_flicker(videos) -> float:
 
 
 def rotation_rate(videos, folds: int) -> torch.Tensor:
-    """How fast one bright shape on a dark ground turns: radians per frame, clockwise on screen > 0; (B,).
+    """How fast one bright shape on a dark ground turns: radians per frame, clockwise on screen
+    > 0; (B,).
 
     The k-fold moment sum I (z - centroid)^k, z = x + iy, has angle k times the orientation of a
     shape with k-fold symmetry (4: square, 3: triangle); its frame-to-frame change, wrapped to
@@ -341,7 +342,8 @@ def rotation_rate(videos, folds: int) -> torch.Tensor:
     v = _to_rgb(_videos(videos)).double().mean(2)  # brightness weights, (B, T, H, W)
     if v.shape[1] < 2 or folds < 2:
         raise ValueError(
-            f"rotation_rate needs >= 2 frames and folds >= 2, got shape {tuple(v.shape)}, folds {folds}"
+            "rotation_rate needs >= 2 frames and folds >= 2, "
+            f"got shape {tuple(v.shape)}, folds {folds}"
         )
     ys, xs = torch.meshgrid(
         *(torch.arange(n, dtype=torch.float64) for n in v.shape[-2:]), indexing="ij"

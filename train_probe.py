@@ -75,7 +75,8 @@ class Args:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """auto: CUDA if present, else CPU"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    """autocast dtype of training; float32, not auto: the probe defines a metric, so its weights must not depend on the machine's bf16 support (evaluation is always fp32)"""
+    """autocast dtype of training; float32, not auto: the probe defines a metric, so its weights
+    must not depend on the machine's bf16 support (evaluation is always fp32)"""
     compile: tyro.conf.DisallowNone[bool | None] = None
     """torch.compile the probe for training; None (unset): on for CUDA, off otherwise"""
     threads: int = 1

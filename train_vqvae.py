@@ -69,11 +69,13 @@ class Args:
     seed: int = 0
     """random seed: model init, data sets and batch order"""
     out_dir: str = "runs/train_vqvae"
-    """folder for ckpt.pt, metrics.json, TensorBoard events, samples/, plots/ and the exported first stage"""
+    """folder for ckpt.pt, metrics.json, TensorBoard events, samples/, plots/ and the exported first
+    stage"""
     resume: bool = True
     """continue from --ckpt (or out_dir/ckpt.pt) when it exists"""
     eval_only: bool = False
-    """evaluate the checkpoint, write metrics.json, samples and the exported first stage, then exit"""
+    """evaluate the checkpoint, write metrics.json, samples and the exported first stage, then
+    exit"""
     ckpt: str | None = None
     """checkpoint to resume or evaluate; None: out_dir/ckpt.pt"""
     accept_changed_args: bool = False
@@ -91,14 +93,17 @@ class Args:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """auto: CUDA if present, else CPU"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """autocast dtype; auto: bf16 on CUDA and bf16-capable CPUs, fp16 + GradScaler on older GPUs, else fp32"""
+    """autocast dtype; auto: bf16 on CUDA and bf16-capable CPUs, fp16 + GradScaler on older GPUs,
+    else fp32"""
     compile: tyro.conf.DisallowNone[bool | None] = None
     """torch.compile the model; None (unset): on for CUDA, off otherwise"""
     # data
     data: str = "smoke"
-    """data kind: smoke, shapes, bouncing_balls, pendulum, falling, projectile, moving_mnist, folder or npz (the last two need --data-dir)"""
+    """data kind: smoke, shapes, bouncing_balls, pendulum, falling, projectile, moving_mnist, folder
+    or npz (the last two need --data-dir)"""
     data_dir: str | None = None
-    """folder of videos (--data folder), .npz file (--data npz) or MNIST files (--data moving_mnist)"""
+    """folder of videos (--data folder), .npz file (--data npz) or MNIST files
+    (--data moving_mnist)"""
     resolution: int = 64
     """frame size in pixels (divisible by 8: the latent grid is resolution/8)"""
     frames: int = 16
@@ -141,7 +146,8 @@ class Args:
     gan_start: int = 1000
     """step at which the discriminator joins (reconstructions should be decent first)"""
     export: bool = True
-    """write the frozen first stage for train_river.py (first_stage_*.pt2 + first_stage.json) at the end"""
+    """write the frozen first stage for train_river.py (first_stage_*.pt2 + first_stage.json) at the
+    end"""
 
 
 # ----------------------------------------------------------------------------- model

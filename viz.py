@@ -76,7 +76,8 @@ def to_uint8(video) -> np.ndarray:
     x = _np(video)
     if x.ndim not in (3, 4, 5) or x.shape[-3] not in (1, 3):
         raise ValueError(
-            f"to_uint8 wants channels-first (C|T,C|B,T,C, H, W) with C in (1, 3), got {tuple(x.shape)}"
+            "to_uint8 wants channels-first (C|T,C|B,T,C, H, W) with C in (1, 3), "
+            f"got {tuple(x.shape)}"
         )
     x = np.nan_to_num(x, nan=0.0)
     return np.moveaxis(np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8), -3, -1)
@@ -99,7 +100,8 @@ def _full(n, h, w, color=BG) -> np.ndarray:
 
 
 def _stack(blocks, axis, gap=GAP) -> np.ndarray:
-    """Concatenate (N, h, w, 3) blocks along axis 1 (down) or 2 (across), padding top-left with BG."""
+    """Concatenate (N, h, w, 3) blocks along axis 1 (down) or 2 (across), padding top-left with
+    BG."""
     n = max(b.shape[0] for b in blocks)
     other = 2 if axis == 1 else 1
     size = max(b.shape[other] for b in blocks)
@@ -306,7 +308,8 @@ def _panels(videos, labels, error, gain):
     for i, a in enumerate(arrs):
         if a.ndim != 5 or a.shape[2] not in (1, 3):
             raise ValueError(
-                f"panel {i} must be (T, C, H, W) or (B, T, C, H, W), C in (1, 3), got {tuple(a.shape)}"
+                f"panel {i} must be (T, C, H, W) or (B, T, C, H, W), C in (1, 3), "
+                f"got {tuple(a.shape)}"
             )
     if len({a.shape[0] for a in arrs}) > 1 or len({a.shape[3:] for a in arrs}) > 1:
         raise ValueError(
@@ -479,7 +482,8 @@ def plot_training_curves(run_dir_or_dict, path, smoothing=0.6, ncols=3) -> dict:
 
 
 class TrainingPlotter:
-    """Collect scalars in memory and plot them: `plotter.log(step, loss=0.1); plotter.save(path)`."""
+    """Collect scalars in memory and plot them:
+    `plotter.log(step, loss=0.1); plotter.save(path)`."""
 
     def __init__(self, smoothing=0.6):
         self.smoothing, self.history = smoothing, {}
