@@ -922,10 +922,7 @@ def training_state(raw, ckpt, args, rt):
 
 
 def step_flops(raw, pool, args, rt):
-    """FLOPs of one training step (forward and backward of river_loss), for MFU; None where the
-    accelerator's peak is not known (CPU)."""
-    if not peak_flops(rt):
-        return None
+    """FLOPs of one training step (forward and backward of river_loss), for GFLOP/s and MFU."""
     clips = pool[: args.batch_size].to(rt.device)
     gen = torch.Generator().manual_seed(0)
     flops = count_flops(lambda: river_loss(raw, clips, gen, args.sigma_min, rt.amp)[0].backward())
@@ -1014,16 +1011,51 @@ def device_name(rt):
     return torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else rt.device.type
 
 
+MEASURED_PEAKS = {}  # (device, dtype, threads) -> FLOP/s, measured once per process
+
+
 def peak_flops(rt):
-    """The accelerator's dense bf16/fp16 peak in FLOP/s, or None where it is not known."""
-    return next((v for k, v in PEAK_FLOPS.items() if k in device_name(rt)), None)
+    """FLOP/s to compare a step with: the accelerator's dense bf16/fp16 peak where the table knows
+    it, else a matmul in the run's dtype measured once: the best of a few 1024^3 products on the
+    threads the run uses. -> (FLOP/s, "table" or "measured")."""
+    known = next((v for k, v in PEAK_FLOPS.items() if k in device_name(rt)), None)
+    if known:
+        return known, "table"
+    key = (str(rt.device), rt.dtype, torch.get_num_threads())
+    if key not in MEASURED_PEAKS:
+        n = 1024
+        a = torch.ones(n, n, device=rt.device, dtype=getattr(torch, rt.dtype))  # no RNG draw
+        best = math.inf
+        for _ in range(6):
+            sync(rt.device)
+            t = time.perf_counter()
+            a @ a
+            sync(rt.device)
+            best = min(best, time.perf_counter() - t)
+        MEASURED_PEAKS[key] = 2 * n**3 / best
+    return MEASURED_PEAKS[key], "measured"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compiled_graphs():
+    """Graphs torch.compile has made in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def count_flops(fn):
-    """FLOPs of one call of fn() (forward and backward, as fn does them)."""
+    """FLOPs of one call of fn() (forward and backward, as fn does them). Eager: compiled code run
+    under the counter was seen to compile no new graph for the rest of the process. The global RNG
+    (dropout) is restored, so counting leaves the run as it was."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    eager = torch.compiler.set_stance("force_eager")
+    with torch.random.fork_rng(), FlopCounterMode(display=False) as counter, eager:
         fn()
     return counter.get_total_flops()
 
@@ -1207,26 +1239,38 @@ class LossMeter:
 
 
 class SpeedMeter:
-    """Training time per step, leaving out the first WARMUP_STEPS of a run and whatever happens
-    between tick() and lap() (evaluation, samples, checkpoints). flops: per step, for MFU."""
+    """Training time and FLOP/s per step, leaving out the first WARMUP_STEPS of a run (compilation,
+    allocator warm-up) and whatever happens between tick() and lap() (evaluation, samples,
+    checkpoints). peak: (FLOP/s, source) from peak_flops; flops: per step (count_flops)."""
 
     def __init__(self, start, peak):
         self.start = start
-        self.peak = peak
+        self.peak, self.peak_source = peak
         self.t_last = time.perf_counter()
+        self.t_start = self.t_last
+        self.graphs = compiled_graphs()  # made before this run's first step
+        self.warmup = None  # (seconds, graphs compiled) once the warm-up steps are done
+        self.told = False  # the warm-up line has been shown
         self.win = [0.0, 0, 0.0]  # seconds, steps, FLOPs since the last log line
         self.total = [0.0, 0, 0.0]  # the same over the run
 
     def tick(self, step, flops=None):
         """After a training step: count its time unless it is a warm-up step."""
+        now = time.perf_counter()
+        if step == self.start + WARMUP_STEPS:
+            self.warmup = (now - self.t_start, compiled_graphs() - self.graphs)
         if step > self.start + WARMUP_STEPS:
-            self.win[0] += time.perf_counter() - self.t_last
+            self.win[0] += now - self.t_last
             self.win[1] += 1
             self.win[2] += flops or 0.0
 
     def lap(self):
         """Restart the clock at the end of an iteration."""
         self.t_last = time.perf_counter()
+
+    def late_graphs(self):
+        """Graphs compiled after warm-up: recompilations, which a run should never need."""
+        return compiled_graphs() - self.graphs - self.warmup[1] if self.warmup else 0
 
     def report(self, samples_per_step, steps_left):
         """-> (text for the log line, perf scalars); then starts a new window."""
@@ -1238,22 +1282,40 @@ class SpeedMeter:
             return "warm-up", {}
         ms = 1000 * seconds / steps
         perf = {"steps_per_s": 1000 / ms, "samples_per_s": samples_per_step * 1000 / ms}
-        if flops and self.peak:
+        rate = "GFLOP/s n/a"
+        if flops:
+            perf["gflop_per_s"] = flops / seconds / 1e9
             perf["mfu"] = flops / seconds / self.peak
-        mfu = f"{perf['mfu']:.1%}" if "mfu" in perf else "n/a"
+            rate = f"{perf['gflop_per_s']:.1f} GFLOP/s, MFU {perf['mfu']:.1%}"
         eta = steps_left * ms / 60000
         samples = perf["samples_per_s"]
-        text = f"{ms:.0f} ms/step | {samples:.0f} samples/s | MFU {mfu} | ETA {eta:.1f} min"
+        text = f"{ms:.0f} ms/step | {samples:.0f} samples/s | {rate} | ETA {eta:.1f} min"
+        if not self.told:
+            self.told = True
+            s, graphs = self.warmup
+            peak = f"{self.peak / 1e9:.0f} GFLOP/s ({self.peak_source})"
+            text += f"\n  warm-up {s:.1f} s, {graphs} graphs compiled; peak {peak}"
+        if self.late_graphs():
+            text += f" | {self.late_graphs()} graphs compiled after warm-up: TORCH_LOGS=recompiles"
         return text, perf
 
     def summary(self, samples_per_step):
-        """Training speed over the whole run, for metrics.json."""
+        """Training speed over the whole run, compilation and peak memory, for metrics.json."""
         seconds, steps, flops = self.total
-        return {
+        perf = {
             "train_samples_per_s": samples_per_step * steps / seconds if seconds else None,
             "train_ms_per_step": 1000 * seconds / steps if steps else None,
-            "mfu": flops / seconds / self.peak if flops and self.peak and seconds else None,
+            "train_gflop_per_s": flops / seconds / 1e9 if flops and seconds else None,
+            "peak_gflop_per_s": self.peak / 1e9,
+            "peak_source": self.peak_source,
+            "mfu": flops / seconds / self.peak if flops and seconds else None,
+            "warmup_s": self.warmup[0] if self.warmup else None,
+            "graphs_compiled": compiled_graphs() - self.graphs,
+            "graphs_after_warmup": self.late_graphs(),
         }
+        if torch.cuda.is_initialized():
+            perf["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        return perf
 
 
 def log_scalars(writer, prefix, values, step):

@@ -21,3 +21,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def assert_flop_rate(perf):
+    """FLOPs were counted on the CPU too, against a matmul peak measured at start-up."""
+    assert perf["peak_source"] == "measured" and perf["peak_gflop_per_s"] > 0
+    assert perf["train_gflop_per_s"] > 0
+    assert perf["mfu"] == pytest.approx(perf["train_gflop_per_s"] / perf["peak_gflop_per_s"])

@@ -73,22 +73,48 @@ def test_loss_meter_means_and_non_finite_stop(tmp_path):
         meter.means(rt, weights, "before step 7")
 
 
-def test_speed_meter_leaves_out_warm_up_and_counts_flops(monkeypatch):
+def test_speed_meter_leaves_out_warm_up_and_counts_flops_and_graphs(monkeypatch):
     clock = iter(float(t) for t in range(100))
     monkeypatch.setattr(script.time, "perf_counter", lambda: next(clock))
-    speed = script.SpeedMeter(start=10, peak=100.0)  # clock 0
+    graphs = [5]  # made by an earlier run in this process: not this run's
+    monkeypatch.setattr(script, "compiled_graphs", lambda: graphs[0])
+    speed = script.SpeedMeter(start=10, peak=(100.0, "measured"))  # clock 0
     for step in range(11, 11 + script.WARMUP_STEPS + 4):
+        if step == 11:
+            graphs[0] += 3  # compiled by the first step
         speed.tick(step, flops=50.0)  # each tick and lap read the clock once: a step takes 1 s
         speed.lap()
     text, perf = speed.report(samples_per_step=8, steps_left=60)
     assert perf["steps_per_s"] == pytest.approx(1.0)  # 4 timed steps of 1 s each
     assert perf["samples_per_s"] == pytest.approx(8.0)
+    assert perf["gflop_per_s"] == pytest.approx(50e-9)
     assert perf["mfu"] == pytest.approx(0.5)  # 50 FLOPs in 1 s on a peak of 100
-    assert "1000 ms/step" in text and "ETA 1.0 min" in text
+    assert "1000 ms/step" in text and "ETA 1.0 min" in text and "MFU 50.0%" in text
+    # warm-up: from the meter's start to the end of its last step (clock 2 * WARMUP_STEPS - 1)
+    assert f"warm-up {2 * script.WARMUP_STEPS - 1:.1f} s, 3 graphs compiled" in text
+    assert "after warm-up" not in text
+    graphs[0] += 1  # a recompilation
+    speed.tick(11 + script.WARMUP_STEPS + 4, flops=50.0)
+    text, _ = speed.report(8, 0)
+    assert "warm-up 5" not in text and "1 graphs compiled after warm-up" in text
     summary = speed.summary(samples_per_step=8)
     assert summary["train_ms_per_step"] == pytest.approx(1000.0)
     assert summary["mfu"] == pytest.approx(0.5)
+    assert summary["peak_gflop_per_s"] == pytest.approx(100e-9)
+    assert summary["peak_source"] == "measured"
+    assert summary["graphs_compiled"] == 4 and summary["graphs_after_warmup"] == 1
     assert speed.report(8, 0) == ("warm-up", {})  # nothing timed since the last report
+
+
+def test_measured_peak_is_a_matmul_rate_and_measured_once(monkeypatch):
+    rt = script.Runtime(torch.device("cpu"), "float32", None, False, 0, 1, False, True)
+    monkeypatch.setattr(script, "MEASURED_PEAKS", {})
+    clock = iter(float(t) for t in range(100))  # every product takes 1 s
+    monkeypatch.setattr(script.time, "perf_counter", lambda: next(clock))
+    peak, source = script.peak_flops(rt)
+    assert source == "measured" and peak == 2 * 1024**3  # FLOPs of a 1024^3 product per second
+    assert script.peak_flops(rt) == (peak, source)  # cached: the clock is not read again
+    assert next(clock) == 12.0  # 6 products, 2 clock reads each
 
 
 def test_checkpoint_is_atomic_and_refuses_foreign_files(tmp_path):
