@@ -4,13 +4,18 @@
 # compiled, graphs compiled after warm-up (must be 0), ms/step, GFLOP/s, MFU, peak memory.
 #
 #     bash tests/gpu_check.sh [OUT_DIR]        # about 10 minutes; logs in OUT_DIR/*.log
+#     DEVICE=cpu STEPS=6 bash tests/gpu_check.sh  # a dry run of this script on the CPU (eager)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/nanoworld_gpu_check}
+DEVICE=${DEVICE:-cuda}
+N=${STEPS:-60}
 mkdir -p "$OUT"
-python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
+if [ "$DEVICE" = cuda ]; then
+  python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
+fi
 export TORCH_LOGS=recompiles  # each recompilation and its reason, in the logs
-COMMON="--device cuda --log-every 10 --no-resume --eval-every 1000 --sample-every 1000"
+COMMON="--device $DEVICE --log-every 10 --no-resume --eval-every 1000 --sample-every 1000"
 COMMON="$COMMON --ckpt-every 1000"
 DATA="--train-clips 256 --eval-clips 16"  # a small pool: data generation is not what is checked
 
@@ -24,13 +29,13 @@ step() {  # name, command...
   fi
 }
 
-step vqvae python train_vqvae.py --steps 60 $COMMON $DATA --out-dir "$OUT/vqvae"
-step world_model python train_world_model.py --steps 60 $COMMON $DATA --out-dir "$OUT/world_model"
-step river python train_river.py --steps 60 $COMMON $DATA --vqvae "$OUT/vqvae" \
+step vqvae python train_vqvae.py --steps $N $COMMON $DATA --out-dir "$OUT/vqvae"
+step world_model python train_world_model.py --steps $N $COMMON $DATA --out-dir "$OUT/world_model"
+step river python train_river.py --steps $N $COMMON $DATA --vqvae "$OUT/vqvae" \
   --out-dir "$OUT/river"
-step self_forcing python train_self_forcing.py --teacher-steps 60 --ode-steps 30 --steps 30 \
-  $COMMON $DATA --out-dir "$OUT/self_forcing"
-step probe python train_probe.py --steps 60 --log-every 10 --device cuda --compile \
+step self_forcing python train_self_forcing.py --teacher-steps $N --ode-steps $((N / 2)) \
+  --steps $((N / 2)) $COMMON $DATA --out-dir "$OUT/self_forcing"
+step probe python train_probe.py --steps $N --log-every 10 --device $DEVICE \
   --out "$OUT/probe/probe.pt"
 
 python - "$OUT" <<'PY'
