@@ -1041,6 +1041,40 @@ def create_moving_mnist_dataset(
     return output_file
 
 
+class MovingMNISTDataset(MovingMNIST):
+    """The constructor of the Moving MNIST loader that VideoGPT users know, on this generator:
+    10 * videos_per_digit clips of the train or test split. Items are {"video": (T, 1, res, res),
+    "states"}: time first, as every data set here (that loader gives (C, T, H, W)). max_velocity is
+    the step per frame as a fraction of a digit's free range, canvas_size - digit_size (0.1: the
+    original rules); frames are drawn at canvas_size and scaled to resolution."""
+
+    def __init__(
+        self,
+        sequence_length=16,
+        train=True,
+        resolution=64,
+        num_digits=2,
+        digit_size=28,
+        canvas_size=64,
+        max_velocity=0.1,
+        videos_per_digit=1000,
+        seed=42,
+        mnist_path=None,
+    ):
+        super().__init__(
+            10 * videos_per_digit,
+            sequence_length,
+            resolution,
+            num_digits,
+            digit_size,
+            canvas_size,
+            max_velocity,
+            train=train,
+            seed=seed,
+            mnist_path=mnist_path,
+        )
+
+
 # ----------------------------------------------------------------------------- your own videos
 VIDEO_EXTS = (".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")

@@ -12,11 +12,26 @@ downsampling, EMA codes with restarts instead of a codebook loss, no LPIPS, an o
 term (off by default; adaptive weight measured at the decoder output) and a linear output clamped
 to [0, 1] instead of tanh.
 
+With --temporal-downsample N > 1 it is VideoGPT's first stage instead (Yan et al., "VideoGPT: Video
+Generation using VQ-VAE and Transformers", 2021): clips (B, T, C, H, W) go through strided 4x4x4
+3D convolutions (ReLU) and axial-attention residual units (attention along time, rows and columns,
+summed) to a (T/N, H/S, W/S) grid of codes, S = --spatial-downsample, and back through transposed
+3D convolutions; the same EMA codebook. Deviations from VideoGPT's: the encoder is causal in time
+(padding in front, masked attention along time, GroupNorm per frame instead of BatchNorm), so the
+codes of the first k*N frames depend on those frames alone and frame-conditional generation can
+keep them; a 1x3x3 residual unit after every strided level (narrow layers need the drawing
+capacity); channels double per level from --width instead of a constant 240; the reconstruction
+loss is not divided by the data variance.
+
     python train_vqvae.py                                   # CPU: ~5-8 min on 2 cores, smoke data
     python train_vqvae.py --data moving_mnist --steps 3000  # any toy_data kind, 1 or 3 channels
     python train_vqvae.py --width 64 --batch-size 128 --steps 20000 --gan-weight 0.1  # GPU
     torchrun --standalone --nproc_per_node=2 train_vqvae.py # DDP (nccl on CUDA, gloo on CPU)
     python train_vqvae.py --eval-only                       # re-evaluate runs/train_vqvae/ckpt.pt
+    python train_vqvae.py --temporal-downsample 4 --spatial-downsample 4 --resolution 32 \\
+        --data moving_mnist --width 32 --latent-channels 8 --recon-loss mse --batch-size 8 \\
+        --train-clips 512 --steps 1200 --lr 2e-3 --out-dir runs/train_vqvae_3d
+                                                            # VideoGPT's first stage, ~7 min
     OMP_NUM_THREADS=1 python train_vqvae.py                 # busy CPU: far faster than 2 threads
 
 Outputs in --out-dir: ckpt.pt, args.json, metrics.json, samples/ (original | reconstruction
@@ -31,6 +46,10 @@ without this file (torch.export programs, fp32, dynamic batch):
     decode = torch.export.load("runs/train_vqvae/first_stage_decode.pt2").module()
     # latent mean/std per channel, data, shapes, codebook
     meta = json.load(open("runs/train_vqvae/first_stage.json"))
+
+In the spatio-temporal mode the programs take clips: x (B, T, C, H, W) -> z_e (B, D, T/N, H/S,
+W/S), and first_stage.json adds frames, temporal_downsample and the codebook (K x D) that
+train_videogpt.py reads codes with.
 """
 
 import copy
@@ -107,23 +126,34 @@ class Args:
     resolution: int = 64
     """frame size in pixels (divisible by 8: the latent grid is resolution/8)"""
     frames: int = 16
-    """frames per clip; training frames are drawn at random from all clips"""
+    """frames per clip; training frames (whole clips with --temporal-downsample > 1) are drawn at
+    random from all clips"""
     train_clips: int = 256
     """clips generated once into memory as the training pool (split 'train')"""
     eval_clips: int = 16
     """held-out clips (split 'val') for evaluation"""
     # model
     width: int = 32
-    """channels of the first stage; doubled twice on the way down to 8x8"""
+    """channels of the first stage; doubled twice on the way down to 8x8 (in 3D: doubled at every
+    strided level)"""
     latent_channels: int = 4
     """channels of the latent grid (4 as in RIVER's own VQ-VAE)"""
     codebook_size: int = 512
     """number of codes"""
     attention: bool = True
-    """one-head self-attention at the 8x8 level of encoder and decoder"""
+    """one-head self-attention at the 8x8 level of encoder and decoder (in 3D: axial attention in
+    the residual units)"""
+    temporal_downsample: int = 1
+    """1: the per-frame VQ-VAE (RIVER's first stage); 2, 4, ...: a spatio-temporal VQ-VAE for
+    train_videogpt.py (3D convolutions, axial attention, an encoder causal in time): a clip of
+    --frames frames becomes --frames/N code frames of (resolution/S)^2 codes, S =
+    --spatial-downsample"""
+    spatial_downsample: int = 8
+    """with --temporal-downsample > 1: how much the 3D VQ-VAE shrinks each side of a frame (a power
+    of 2; VideoGPT's Moving MNIST setting is 4); the per-frame VQ-VAE always uses 8"""
     # optim
     batch_size: int = 16
-    """frames per batch per process"""
+    """frames per batch per process (clips with --temporal-downsample > 1)"""
     lr: float = 1e-3
     """peak learning rate (Adam), after linear warm-up, cosine-decayed to lr/10"""
     warmup_steps: int = 100
@@ -195,10 +225,10 @@ class SelfAttention(nn.Module):
 
 
 def nearest_code(z, codebook):
-    """Index of the nearest code (L2) for every cell of z (B, D, h, w) -> (B, h, w).
+    """Index of the nearest code (L2) for every cell of z (B, D, [t,] h, w) -> (B, [t,] h, w).
     Plain broadcasting, not a matmul: autocast leaves it in fp32, so ties and near-ties resolve
     the same under every --dtype."""
-    flat = z.detach().float().permute(0, 2, 3, 1).unsqueeze(-2)  # (B, h, w, 1, D)
+    flat = z.detach().float().movedim(1, -1).unsqueeze(-2)  # (B, [t,] h, w, 1, D)
     return (flat - codebook).pow(2).sum(-1).argmin(-1)
 
 
@@ -262,6 +292,179 @@ class VQVAE(nn.Module):
         return x_rec, z, zq, idx
 
 
+# ----------------------------------------------------------------------------- model, 3D (VideoGPT)
+def conv_strides(downsample):
+    """(dt, ds, ds) -> per-level strides: max(log2) stride-2 levels, each axis halved while it still
+    has to shrink (VideoGPT's order: time and space together first)."""
+    levels = [int(math.log2(d)) for d in downsample]
+    return [tuple(2 if i < n else 1 for n in levels) for i in range(max(levels))]
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d padded k - s on every axis: centred in space (the extra pixel in front, as VideoGPT),
+    all in front in time, so an output frame never sees a later input frame."""
+
+    def __init__(self, cin, cout, kernel, stride=(1, 1, 1)):
+        super().__init__()
+        kernel = (kernel,) * 3 if isinstance(kernel, int) else kernel
+        self.conv = nn.Conv3d(cin, cout, kernel, stride)
+        t, h, w = (k - s for k, s in zip(kernel, stride))
+        self.pad = (w - w // 2, w // 2, h - h // 2, h // 2, t, 0)  # F.pad: last axis first
+
+    def forward(self, x):
+        return self.conv(F.pad(x, self.pad))
+
+
+class FrameNorm(nn.GroupNorm):
+    """GroupNorm of every frame on its own: statistics over channels and pixels, never over time,
+    so the encoder stays causal."""
+
+    def forward(self, x):
+        B, C, T, H, W = x.shape
+        y = super().forward(x.transpose(1, 2).reshape(B * T, C, H, W))
+        return y.view(B, T, C, H, W).transpose(1, 2)
+
+
+class AxialAttention(nn.Module):
+    """VideoGPT's axial attention: the sum of three multi-head self-attentions, along time, rows
+    and columns, each with its own projections and no position code. causal: time is masked, so a
+    latent frame sees no later one."""
+
+    def __init__(self, c, heads=2, causal=False):
+        super().__init__()
+        self.heads = heads
+        self.causal = causal
+        self.qkv = nn.ModuleList(nn.Linear(c, 3 * c) for _ in range(3))
+        self.proj = nn.ModuleList(nn.Linear(c, c) for _ in range(3))
+
+    def forward(self, x):
+        h = x.movedim(1, -1)  # (B, T, H, W, C)
+        out = torch.zeros_like(h)
+        for axis, (qkv, proj) in enumerate(zip(self.qkv, self.proj), start=1):
+            y = h.movedim(axis, -2)  # the attended axis next to the channels
+            q, k, v = qkv(y).unflatten(-1, (3, self.heads, -1)).movedim(-4, -2).unbind(-4)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and axis == 1)
+            out = out + proj(a.movedim(-3, -2).flatten(-2)).movedim(-2, axis)
+        return out.movedim(-1, 1)
+
+
+class AxialResBlock(nn.Module):
+    """VideoGPT's residual unit: x + attn(relu(norm(conv1(relu(norm(conv3(relu(norm(x))))))))),
+    the 3x3x3 conv to half the channels."""
+
+    def __init__(self, c, attention=True, causal=False):
+        super().__init__()
+        conv3 = CausalConv3d(c, c // 2, 3) if causal else nn.Conv3d(c, c // 2, 3, padding=1)
+        attn = AxialAttention(c, causal=causal) if attention else nn.Identity()
+        self.body = nn.Sequential(
+            FrameNorm(math.gcd(8, c), c),
+            nn.ReLU(),
+            conv3,
+            FrameNorm(math.gcd(8, c // 2), c // 2),
+            nn.ReLU(),
+            nn.Conv3d(c // 2, c, 1),
+            FrameNorm(math.gcd(8, c), c),
+            nn.ReLU(),
+            attn,
+        )
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class FrameResBlock(nn.Module):
+    """x + conv(relu(conv(relu(x)))) with 1x3x3 convolutions, frame by frame: capacity at every
+    strided level of encoder and decoder, where narrow layers alone give blurred strokes."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv3d(c, c, (1, 3, 3), padding=(0, 1, 1)),
+            nn.ReLU(),
+            nn.Conv3d(c, c, (1, 3, 3), padding=(0, 1, 1)),
+        )
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class VQVAE3D(nn.Module):
+    """VideoGPT's first stage: clips (B, T, C, H, W) -> codes on a (T/dt, H/ds, W/ds) grid -> clips.
+    Strided 4x4x4 convs (ReLU), a 3x3x3 conv and axial-attention residual units; the decoder mirrors
+    it with transposed convs. The encoder is causal in time (a deviation, see the docstring), so
+    the codes of the first k*dt frames are the first k latent frames of any longer clip."""
+
+    def __init__(
+        self,
+        channels=1,
+        width=16,
+        latent_channels=16,
+        codebook_size=512,
+        attention=True,
+        temporal_downsample=4,
+        spatial_downsample=8,
+        res_blocks=2,
+    ):
+        super().__init__()
+        strides = conv_strides((temporal_downsample, spatial_downsample, spatial_downsample))
+        widths = [width * 2**i for i in range(len(strides))]
+        top = widths[-1]
+        down = []
+        for cin, cout, s in zip([channels, *widths], widths, strides):
+            down += [CausalConv3d(cin, cout, 4, s), FrameResBlock(cout), nn.ReLU()]
+        self.encoder = nn.Sequential(
+            *down,
+            CausalConv3d(top, top, 3),
+            *(AxialResBlock(top, attention, causal=True) for _ in range(res_blocks)),
+            FrameNorm(math.gcd(8, top), top),
+            nn.ReLU(),
+            nn.Conv3d(top, latent_channels, 1),
+        )
+        up = []
+        for cin, cout, s in reversed(list(zip([channels, *widths], widths, strides))):
+            kernel = tuple(2 + si for si in s)  # 4 where it doubles, 3 where it keeps the size
+            up += [
+                FrameResBlock(cout),
+                nn.ConvTranspose3d(cout, cin, kernel, s, padding=1),
+                nn.ReLU(),
+            ]
+        self.decoder = nn.Sequential(
+            nn.Conv3d(latent_channels, top, 3, padding=1),
+            *(AxialResBlock(top, attention) for _ in range(res_blocks)),
+            FrameNorm(math.gcd(8, top), top),
+            nn.ReLU(),
+            *up[:-1],  # no ReLU after the last: the output is linear
+        )
+        self.register_buffer("codebook", torch.zeros(codebook_size, latent_channels))
+        self.register_buffer("ema_count", torch.zeros(codebook_size))
+        self.register_buffer("ema_sum", torch.zeros(codebook_size, latent_channels))
+
+    def encode(self, x):
+        """x (B, T, C, H, W) in [0, 1] -> z_e (B, D, T/dt, H/ds, W/ds)."""
+        return self.encoder(x.transpose(1, 2) * 2 - 1)
+
+    def quantize(self, z):
+        """-> nearest codes z_q (B, D, t, h, w) and their indices (B, t, h, w)."""
+        idx = nearest_code(z, self.codebook)
+        return self.codebook[idx].movedim(-1, 1), idx
+
+    def decode_latents(self, zq):
+        """codes (B, D, t, h, w) -> clips (B, T, C, H, W), ~[0, 1] but unclamped."""
+        return ((self.decoder(zq) + 1) / 2).transpose(1, 2)
+
+    def decode(self, z):
+        """Any latent -> nearest codes -> clips in [0, 1]."""
+        return self.decode_latents(self.quantize(z)[0]).clamp(0, 1)
+
+    def forward(self, x):
+        """-> reconstruction (unclamped), z_e, z_q (no grad) and code indices."""
+        z = self.encode(x)
+        zq, idx = self.quantize(z)
+        x_rec = self.decode_latents(z + (zq - z).detach())
+        return x_rec, z, zq, idx
+
+
 def patch_discriminator(channels=3, width=32):
     """VQGAN/pix2pix PatchGAN: one real-vs-fake logit per overlapping patch."""
     return nn.Sequential(
@@ -297,9 +500,9 @@ def ema_update(ema_count, ema_sum, counts, sums, decay=0.99, eps=1e-5):
 
 
 def encoder_samples(z, k, ddp=False):
-    """z (B, D, h, w) -> its latent vectors (N, D) and k of them drawn at random; under DDP rank
+    """z (B, D, [t,] h, w) -> its latent vectors (N, D) and k of them drawn at random; under DDP rank
     0's draw is used everywhere, so all replicas make the same codebook changes."""
-    flat = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    flat = z.detach().float().movedim(1, -1).reshape(-1, z.shape[1])
     cand = flat[torch.randint(len(flat), (k,), device=flat.device)]
     if ddp:
         dist.broadcast(cand, 0)
@@ -413,7 +616,8 @@ class Exported(nn.Module):
 def export_first_stage(model, out_dir, meta):
     """Write first_stage_{encode,decode}.pt2 (fp32, CPU, dynamic batch) and first_stage.json."""
     vq = copy.deepcopy(model).float().cpu().eval()
-    x = torch.rand(2, meta["channels"], meta["resolution"], meta["resolution"])
+    frames = [meta["frames"]] if "temporal_downsample" in meta else []  # clips in 3D
+    x = torch.rand(2, *frames, meta["channels"], meta["resolution"], meta["resolution"])
     batch = torch.export.Dim("batch", min=1, max=65536)
     for name, inp in [("encode", x), ("decode", vq.encode(x))]:
         program = torch.export.export(Exported(vq, name), (inp,), dynamic_shapes=({0: batch},))
@@ -459,6 +663,8 @@ def evaluate(model, clips, args, rt, batch=64):
     """Reconstruct held-out clips frame by frame -> (scores, reconstructions, z_e of clip 0).
     PSNR/SSIM on clamped [0, 1] frames; codebook usage = fraction of codes used at least once;
     perplexity = exp(entropy of the code histogram); z_e mean/std per channel."""
+    if args.temporal_downsample > 1:
+        return evaluate_clips(model, clips, args, rt)
     model.eval()
     frames = clips.flatten(0, 1)
     recs = []
@@ -498,10 +704,78 @@ def evaluate(model, clips, args, rt, batch=64):
     return scores, rec, z[: clips.shape[1]]
 
 
-def resize_baseline(clips):
+@torch.no_grad()
+def evaluate_clips(model, clips, args, rt, batch=4):
+    """evaluate() for the spatio-temporal VQ-VAE: whole clips in, the same scores out; the latents
+    returned are clip 0's code frames (t, D, h, w)."""
+    model.eval()
+    recs = []
+    zs = []
+    idxs = []
+    rec_loss = 0.0
+    t0 = time.perf_counter()
+    for i in range(0, len(clips), batch):
+        x = clips[i : i + batch].to(rt.device).float() / 255
+        with rt.amp:
+            x_rec, z, zq, idx = model(x)
+        rec, commit = vq_losses(x, x_rec, z, zq, args.beta, args.recon_loss)
+        rec_loss += float(rec + commit) * len(x)
+        recs.append(x_rec.float().clamp(0, 1).cpu())
+        zs.append(z.float().cpu())
+        idxs.append(idx.cpu())
+    fps = clips.shape[0] * clips.shape[1] / (time.perf_counter() - t0)
+    model.train()
+    rec = torch.cat(recs)
+    z = torch.cat(zs)
+    target = clips.float() / 255
+    p = torch.bincount(torch.cat(idxs).flatten(), minlength=model.codebook.shape[0]).double()
+    p /= p.sum()
+    scores = {
+        "psnr": metrics.psnr(rec, target),
+        "ssim": metrics.ssim(rec, target),
+        "mse": metrics.mse(rec, target),
+        "loss": rec_loss / len(clips),
+        "codebook_usage": float((p > 0).double().mean()),
+        "perplexity": float(torch.exp(-(p * p.clamp_min(1e-30).log()).sum())),
+        "latent_mean": z.mean((0, 2, 3, 4)).tolist(),
+        "latent_std": z.std((0, 2, 3, 4)).tolist(),
+        "latent_std_global": float(z.std()),
+        "recon_frames_per_s": fps,
+    }
+    return scores, rec, z[0].transpose(0, 1)
+
+
+def resize_baseline_3d(clips, dt, ds):
+    """resize_baseline for the spatio-temporal grid: each cell averages dt frames of ds x ds
+    pixels, enlarged back trilinearly."""
+    target = clips.float().transpose(1, 2) / 255  # (N, C, T, H, W)
+    small = F.avg_pool3d(target, (dt, ds, ds))
+    blurred = F.interpolate(small, scale_factor=(dt, ds, ds), mode="trilinear").clamp(0, 1)
+    blurred = blurred.transpose(1, 2)
+    target = target.transpose(1, 2)
+    return {
+        "psnr": metrics.psnr(blurred, target),
+        "ssim": metrics.ssim(blurred, target),
+        "mse": metrics.mse(blurred, target),
+    }
+
+
+def grid_factors(args):
+    """(temporal, spatial) downsampling of the latent grid."""
+    return args.temporal_downsample, args.spatial_downsample
+
+
+def pool_unit(args):
+    """What a training example is: a frame, or a clip for the spatio-temporal VQ-VAE."""
+    return "clips" if args.temporal_downsample > 1 else "frames"
+
+
+def resize_baseline(clips, temporal_downsample=1, spatial_downsample=8):
     """The frames shrunk to the latent grid (area average, full colour: 3 numbers per cell
     where the VQ-VAE keeps one code of 4) and enlarged back (bilinear): what a reconstruction
     from that many cells gets without learning anything -> psnr, ssim, mse on the same frames."""
+    if temporal_downsample > 1:
+        return resize_baseline_3d(clips, temporal_downsample, spatial_downsample)
     target = clips.float().flatten(0, 1) / 255
     small = F.avg_pool2d(target, 8)
     blurred = F.interpolate(small, scale_factor=8.0, mode="bilinear").clamp(0, 1)
@@ -543,10 +817,11 @@ def run_eval(raw, clips, args, rt, step, writer):
     return scores, rec, z0
 
 
-def first_stage_meta(args, channels, step, scores):
-    """first_stage.json: what train_river.py needs to use the exported programs."""
+def first_stage_meta(args, channels, step, scores, codebook=None):
+    """first_stage.json: what train_river.py (and train_videogpt.py) need to use the exported
+    programs."""
     latent = args.resolution // 8
-    return {
+    meta = {
         "script": SCRIPT,
         "data": args.data,
         "resolution": args.resolution,
@@ -561,6 +836,13 @@ def first_stage_meta(args, channels, step, scores):
         "latent_std": scores["latent_std"],
         "eval": scores,
     }
+    dt = args.temporal_downsample
+    if dt > 1:  # VideoGPT's prior reads codes: it needs the grid and the codebook
+        side = args.resolution // args.spatial_downsample
+        shape = [args.latent_channels, args.frames // dt, side, side]
+        meta.update(frames=args.frames, temporal_downsample=dt, latent_shape=shape)
+        meta["codebook"] = codebook.float().cpu().tolist()
+    return meta
 
 
 def finish(raw, clips, perf, step, args, rt, writer, t_start):
@@ -578,13 +860,14 @@ def finish(raw, clips, perf, step, args, rt, writer, t_start):
         "step": step,
         "wall_s": round(time.time() - t_start, 1),
         "eval": scores,
-        "baselines": {"resize_to_latent_grid": resize_baseline(clips)},
+        "baselines": {"resize_to_latent_grid": resize_baseline(clips, *grid_factors(args))},
         "perf": perf,
         "data": data,
     }
     write_json(os.path.join(args.out_dir, "metrics.json"), report)
     if args.export:
-        export_first_stage(raw, args.out_dir, first_stage_meta(args, clips.shape[2], step, scores))
+        meta = first_stage_meta(args, clips.shape[2], step, scores, raw.codebook)
+        export_first_stage(raw, args.out_dir, meta)
     return report
 
 
@@ -612,7 +895,44 @@ def model_arch(args, channels):
         "latent_channels": args.latent_channels,
         "codebook_size": args.codebook_size,
         "attention": args.attention,
+    } | (spatio_temporal(args) if args.temporal_downsample > 1 else {})
+
+
+def spatio_temporal(args):
+    """The downsampling factors of the 3D VQ-VAE (in its arch only: a per-frame one has none)."""
+    return {
+        "temporal_downsample": args.temporal_downsample,
+        "spatial_downsample": args.spatial_downsample,
     }
+
+
+def build_model(arch):
+    """The per-frame VQ-VAE, or the spatio-temporal one when the arch has a temporal_downsample."""
+    return (VQVAE3D if "temporal_downsample" in arch else VQVAE)(**arch)
+
+
+def training_pool(args, rt):
+    """This rank's training clips as single frames (N, C, H, W), or as whole clips (N, T, C, H, W)
+    for the spatio-temporal VQ-VAE."""
+    clips = load_clips(args, args.train_clips, "train", rt.rank, rt.world)
+    return clips if args.temporal_downsample > 1 else clips.flatten(0, 1)
+
+
+def check_temporal(args):
+    """--temporal-downsample: a power of 2 that divides --frames; --spatial-downsample: a power of
+    2 from 2 up that divides --resolution, and 8 for the per-frame VQ-VAE."""
+    dt = args.temporal_downsample
+    ds = args.spatial_downsample
+    if dt < 1 or dt & (dt - 1) or args.frames % dt:
+        raise SystemExit(
+            f"error: --temporal-downsample {dt} must be a power of 2 (1: per frame) that divides "
+            f"--frames {args.frames}; use e.g. --temporal-downsample 4 --frames 16"
+        )
+    if ds < 2 or ds & (ds - 1) or args.resolution % ds or (dt == 1 and ds != 8):
+        raise SystemExit(
+            f"error: --spatial-downsample {ds} must be a power of 2 that divides --resolution "
+            f"{args.resolution}, and 8 without --temporal-downsample (the per-frame VQ-VAE)"
+        )
 
 
 def checkpoint_path(args):
@@ -624,6 +944,7 @@ def checkpoint_path(args):
             f"error: --resolution {args.resolution} is not a positive multiple of 8 (the encoder "
             "halves it 3 times); use e.g. 64"
         )
+    check_temporal(args)
     path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     if args.ckpt and not os.path.isfile(args.ckpt):
         raise SystemExit(
@@ -639,7 +960,9 @@ def checkpoint_path(args):
 
 def step_flops(raw, args, channels, rt):
     """FLOPs of one training forward + backward, for the speed meter's GFLOP/s and MFU."""
-    x = torch.zeros(args.batch_size, channels, args.resolution, args.resolution, device=rt.device)
+    frames = [args.frames] if args.temporal_downsample > 1 else []  # a batch of clips in 3D
+    size = (args.batch_size, *frames, channels, args.resolution, args.resolution)
+    x = torch.zeros(size, device=rt.device)
 
     def forward_backward():
         with rt.amp:
@@ -1230,7 +1553,7 @@ def main(args: Args):
     ckpt = None
     if (args.resume or args.eval_only) and os.path.isfile(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, arch)
-    raw = VQVAE(**arch).to(rt.device)
+    raw = build_model(arch).to(rt.device)
     if ckpt:
         load_weights(raw, ckpt["model"], ckpt_path)
     if ckpt and not args.eval_only:
@@ -1248,7 +1571,7 @@ def main(args: Args):
         return
 
     # ---- training state
-    pool = load_clips(args, args.train_clips, "train", rt.rank, rt.world).flatten(0, 1)
+    pool = training_pool(args, rt)
     gen, opt, scaler, disc, opt_d = training_state(raw, channels, ckpt, args, rt)
     optimizers = [opt] if disc is None else [opt, opt_d]
     state = {"model": raw, "optimizer": opt, "scaler": scaler}  # what a checkpoint holds
@@ -1268,7 +1591,7 @@ def main(args: Args):
         writer = open_writer(args, step)
         print(
             f"train_vqvae: {n_params / 1e6:.2f}M params, {rt.device.type} {rt.dtype}, "
-            f"compile {rt.compile}, world {rt.world}, {len(pool)} training frames/rank of "
+            f"compile {rt.compile}, world {rt.world}, {len(pool)} training {pool_unit(args)}/rank of "
             f"{args.data}, from step {step} to {args.steps}; outputs in {args.out_dir}",
             flush=True,
         )

@@ -562,3 +562,44 @@ def test_cli_writes_npz_that_reads_back(tmp_path, capsys):
     np.savez(tmp_path / "novid.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="videos"):
         td.NpzVideos(str(tmp_path / "novid.npz"))
+
+
+def test_moving_mnist_dataset_constructor_and_cli(tmp_path):
+    """MovingMNISTDataset: the VideoGPT loader's arguments reach the generator (length, resolution,
+    digits, speed, split, seed); `--kind moving_mnist --out` writes uint8 clips and states."""
+    ds = td.MovingMNISTDataset(
+        sequence_length=5,
+        resolution=32,
+        num_digits=1,
+        canvas_size=48,
+        max_velocity=0.05,
+        videos_per_digit=2,
+        seed=3,
+    )
+    item = ds[1]
+    assert len(ds) == 20 and item["video"].shape == (5, 1, 32, 32)
+    assert item["states"].shape == (5, 1, 4)
+    speed = item["states"][:, 0, 2:].norm(dim=-1)  # pixels per frame at 32 px
+    assert torch.allclose(speed, torch.full((5,), 0.05 * (48 - 28) * 32 / 48), atol=1e-4)
+    same = td.MovingMNIST(20, 5, 32, 1, 28, 48, 0.05, train=True, seed=3)[1]["video"]
+    assert torch.equal(item["video"], same)
+    test = td.MovingMNISTDataset(sequence_length=5, resolution=32, train=False, seed=3)[1]
+    assert not torch.equal(test["video"][:, :, :1], item["video"][:, :, :1])
+    out = tmp_path / "mm.npz"
+    td.main(
+        [
+            "--kind",
+            "moving_mnist",
+            "--num",
+            "2",
+            "--frames",
+            "3",
+            "--resolution",
+            "16",
+            "--out",
+            str(out),
+        ]
+    )
+    with np.load(out) as z:
+        assert z["videos"].shape == (2, 3, 1, 16, 16) and z["videos"].dtype == np.uint8
+        assert z["states"].shape == (2, 3, 2, 4)

@@ -3,6 +3,7 @@
 import copy
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -729,3 +730,177 @@ def test_train_step_gan_hinge_and_adaptive_weight_against_reference():
     assert loss_ == pytest.approx(loss.item(), rel=1e-5)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+
+
+# ----------------------------------------------------------------------------- spatio-temporal mode
+# The 3D VQ-VAE of train_videogpt.py (--temporal-downsample > 1): shapes, the encoder's causality
+# in time, its parts against plain loops, a tiny run with its export. Per-frame mode is above.
+TINY_3D = [  # 16 px clips of 4 frames -> 2 x 4 x 4 codes
+    *TINY,
+    *"--temporal-downsample 2 --spatial-downsample 4 --batch-size 2 --resolution 16".split(),
+    *"--data bouncing_balls --no-export --eval-every 9 --sample-every 9".split(),
+]
+
+
+@pytest.mark.parametrize(
+    "down, strides",
+    [
+        ((4, 8, 8), [(2, 2, 2), (2, 2, 2), (1, 2, 2)]),
+        ((4, 4, 4), [(2, 2, 2), (2, 2, 2)]),
+        ((2, 4, 4), [(2, 2, 2), (1, 2, 2)]),
+        ((1, 8, 8), [(1, 2, 2)] * 3),
+        ((2, 2, 2), [(2, 2, 2)]),
+    ],
+)
+def test_3d_shapes_and_strides(down, strides):
+    """max log2 d stride-2 levels, each axis halved while it must still shrink; z_e is
+    (B, D, T/dt, H/ds, W/ds), indices long in [0, K), decode gives (B, T, C, H, W)."""
+    assert tv.conv_strides(down) == strides
+    torch.manual_seed(0)
+    model = tv.VQVAE3D(2, 4, 3, 5, True, down[0], down[1], res_blocks=1).eval()
+    assert sum(isinstance(m, torch.nn.Conv3d) and 2 in m.stride for m in model.modules()) == len(
+        strides
+    )
+    x = torch.rand(2, 8, 2, 16, 16)
+    with torch.no_grad():
+        x_rec, z, zq, idx = model(x)
+    assert z.shape == zq.shape == (2, 3, 8 // down[0], 16 // down[1], 16 // down[1])
+    assert idx.shape == (2, *z.shape[2:]) and idx.dtype == torch.long
+    assert 0 <= idx.min() and idx.max() < 5
+    assert x_rec.shape == x.shape and model.decode(z).shape == x.shape
+
+
+def test_3d_encoder_is_causal_in_time():
+    """Latent frame k sees input frames < (k + 1) dt only: changing frames from 2 dt on leaves latent
+    frames 0 and 1 bit-identical and changes frame 2 (axial attention and convolutions)."""
+    torch.manual_seed(0)
+    model = tv.VQVAE3D(1, 4, 3, 8, True, 2, 4, res_blocks=2).eval()
+    x = torch.rand(1, 8, 1, 8, 8)
+    y = x.clone()
+    y[:, 4:] = torch.rand(1, 4, 1, 8, 8)
+    with torch.no_grad():
+        a, b = model.encode(x), model.encode(y)
+        short = model.encode(x[:, :4])  # a 4-frame clip: exactly the first two latent frames
+    assert torch.equal(a[:, :, :2], b[:, :, :2])
+    assert not torch.allclose(a[:, :, 2], b[:, :, 2])
+    assert torch.allclose(short, a[:, :, :2], atol=1e-6)
+
+
+def test_causal_conv_pads_time_in_front_and_space_around():
+    """CausalConv3d = zero padding k - s: all of it in front in time, centred in space (the extra
+    pixel in front), then a plain convolution."""
+    torch.manual_seed(0)
+    conv = tv.CausalConv3d(2, 3, 4, (2, 1, 2))
+    x = torch.randn(1, 2, 6, 5, 6)
+    padded = torch.zeros(1, 2, 6 + 2, 5 + 3, 6 + 2)
+    padded[:, :, 2:, 2:7, 1:7] = x  # t: 2 in front; h: 3 = 2 + 1; w: 2 = 1 + 1
+    want = torch.nn.functional.conv3d(padded, conv.conv.weight, conv.conv.bias, (2, 1, 2))
+    assert torch.allclose(conv(x), want, atol=1e-6)
+
+
+def test_frame_norm_normalises_each_frame_alone():
+    """FrameNorm: GroupNorm statistics per (clip, frame, group), never across frames."""
+    torch.manual_seed(0)
+    norm = tv.FrameNorm(2, 4)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(4))
+        norm.bias.copy_(torch.randn(4))
+    x = torch.randn(2, 4, 3, 5, 5) * torch.arange(1, 4).view(1, 1, 3, 1, 1)
+    out = norm(x)
+    for b in range(2):
+        for t in range(3):
+            for g in range(2):
+                v = x[b, 2 * g : 2 * g + 2, t]
+                z = (v - v.mean()) / (v.var(unbiased=False) + norm.eps).sqrt()
+                want = z * norm.weight[2 * g : 2 * g + 2, None, None]
+                want = want + norm.bias[2 * g : 2 * g + 2, None, None]
+                assert torch.allclose(out[b, 2 * g : 2 * g + 2, t], want, atol=1e-5)
+
+
+def plain_attention(x, qkv, proj, heads, causal):
+    """Multi-head self-attention over the rows of x (L, C), written out with a softmax."""
+    L, C = x.shape
+    q, k, v = qkv(x).chunk(3, -1)
+    out = []
+    for h in range(heads):
+        s = slice(h * C // heads, (h + 1) * C // heads)
+        scores = q[:, s] @ k[:, s].t() / math.sqrt(C // heads)
+        if causal:
+            scores = scores.masked_fill(torch.ones(L, L).triu(1).bool(), float("-inf"))
+        out.append(scores.softmax(-1) @ v[:, s])
+    return proj(torch.cat(out, -1))
+
+
+def test_axial_attention_is_the_sum_over_time_rows_and_columns():
+    """AxialAttention at (t, i, j) = attention along time (causal if asked) + along rows + along
+    columns, each with its own projections, computed here line by line."""
+    torch.manual_seed(0)
+    attn = tv.AxialAttention(4, heads=2, causal=True)
+    x = torch.randn(1, 4, 3, 2, 5)
+    out = attn(x)
+    for t in range(3):
+        for i in range(2):
+            for j in range(5):
+                lines = (x[0, :, :, i, j].t(), x[0, :, t, :, j].t(), x[0, :, t, i, :].t())
+                where = (t, i, j)
+                want = sum(
+                    plain_attention(line, attn.qkv[a], attn.proj[a], 2, a == 0)[where[a]]
+                    for a, line in enumerate(lines)
+                )
+                assert torch.allclose(out[0, :, t, i, j], want, atol=1e-5), (t, i, j)
+
+
+def test_resize_baseline_3d_hand_case():
+    """Each cell averages dt frames of ds x ds pixels: a clip that alternates 0 and 255 every frame
+    becomes 0.5 everywhere (MSE 0.25); a constant clip loses nothing."""
+    flicker = torch.zeros(1, 4, 1, 16, 16, dtype=torch.uint8)
+    flicker[:, ::2] = 255
+    assert tv.resize_baseline(flicker, 2, 4)["mse"] == pytest.approx(0.25)
+    flat = torch.full((1, 4, 1, 16, 16), 77, dtype=torch.uint8)
+    assert tv.resize_baseline(flat, 2, 4)["mse"] < 1e-12
+
+
+@pytest.mark.parametrize("attention", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_3d_tiny_run_and_export(tmp_path, attention):
+    """--temporal-downsample 2 --spatial-downsample 4: clips of 4 frames of 16 px -> 2 x 4 x 4
+    codes, trained on whole clips; then the export: first_stage.json has the grid and the
+    codebook, the programs take clips and match the model (exporting axial attention takes
+    several seconds: slow)."""
+    run(tmp_path, *TINY_3D[len(TINY) :], "--attention" if attention else "--no-attention")
+    ck = load(tmp_path / "ckpt.pt")
+    assert ck["arch"]["temporal_downsample"] == 2 and ck["arch"]["spatial_downsample"] == 4
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["data"]["n_eval"] == 8 and 0 < m["eval"]["codebook_usage"] <= 1
+    assert len(m["eval"]["latent_std"]) == 4 and m["baselines"]["resize_to_latent_grid"]["mse"] > 0
+    model = tv.build_model(ck["arch"])
+    model.load_state_dict(ck["model"])
+    model.eval()
+    args = tyro.cli(tv.Args, args=[*TINY_3D, "--attention" if attention else "--no-attention"])
+    meta = tv.first_stage_meta(args, 3, 4, m["eval"], model.codebook)
+    tv.export_first_stage(model, str(tmp_path), meta)
+    meta = json.loads((tmp_path / "first_stage.json").read_text())
+    assert meta["latent_shape"] == [4, 2, 4, 4] and meta["frames"] == 4
+    assert meta["temporal_downsample"] == 2
+    assert torch.equal(torch.tensor(meta["codebook"]), model.codebook)
+    x = torch.rand(3, 4, 3, 16, 16)
+    enc = torch.export.load(str(tmp_path / "first_stage_encode.pt2")).module()
+    dec = torch.export.load(str(tmp_path / "first_stage_decode.pt2")).module()
+    with torch.no_grad():
+        z = model.encode(x)
+        assert torch.allclose(enc(x), z, atol=1e-5)
+        assert torch.allclose(dec(z), model.decode(z), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--temporal-downsample", "3"], "error: --temporal-downsample 3 must be a power of 2"),
+        (["--temporal-downsample", "8"], "error: --temporal-downsample 8 .* --frames 4"),
+        (["--spatial-downsample", "4"], "error: --spatial-downsample 4 .* and 8 without"),
+        (["--temporal-downsample", "2", "--spatial-downsample", "3"], "--spatial-downsample 3"),
+    ],
+)
+def test_3d_bad_input_one_line(tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message) as e:
+        run(tmp_path, *extra)
+    assert "\n" not in str(e.value.code) and not (tmp_path / "args.json").exists()

@@ -1,0 +1,155 @@
+"""Single-line breaks of train_videogpt.py's method, each naming the invariant it breaks; every one
+must fail a test of tests/test_train_videogpt.py (python tests/mutants/run.py train_videogpt)."""
+
+MUTANTS = [
+    {
+        "name": "attention_not_causal",
+        "invariant": "a code never sees a later one: causal attention over the flattened grid",
+        "old": "a = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)",
+        "new": "a = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=False)",
+    },
+    {
+        "name": "cache_mask_sees_next",
+        "invariant": "with the cache, query start + i sees keys 0 .. start + i only",
+        "old": "mask = torch.ones(L, end, dtype=torch.bool, device=x.device).tril(start)",
+        "new": "mask = torch.ones(L, end, dtype=torch.bool, device=x.device).tril(start + 1)",
+    },
+    {
+        "name": "cache_slot_from_zero",
+        "invariant": "step i writes its keys into slot i of the cache",
+        "old": 'cache["k"][:, :, start:end] = k',
+        "new": 'cache["k"][:, :, : end - start] = k',
+    },
+    {
+        "name": "cached_positions_from_zero",
+        "invariant": "tokens fed at start get the position code of start, start + 1, ...",
+        "old": "h = self.drop(x + self.positions()[start : start + x.shape[1]])",
+        "new": "h = self.drop(x + self.positions()[: x.shape[1]])",
+    },
+    {
+        "name": "position_tables_swapped",
+        "invariant": "position code concat(E_t[t], E_h[h], E_w[w]) in that order",
+        "old": "parts = (et[:, None, None], eh[None, :, None], ew[None, None, :])",
+        "new": "parts = (eh[None, :, None], et[:, None, None], ew[None, None, :])",
+    },
+    {
+        "name": "inputs_not_shifted",
+        "invariant": "position n reads code n - 1 (start token at 0): inputs shifted right",
+        "old": "return torch.cat([sos, self.code_inputs(codes[:, :-1]).to(sos.dtype)], 1)",
+        "new": "return torch.cat([sos, self.code_inputs(codes[:, 1:]).to(sos.dtype)], 1)",
+    },
+    {
+        "name": "head_not_zero",
+        "invariant": "zero-initialised head: a fresh prior is uniform (loss ln K)",
+        "old": "nn.init.zeros_(self.head.weight)",
+        "new": "nn.init.normal_(self.head.weight)",
+    },
+    {
+        "name": "gelu_without_1_702",
+        "invariant": "GELU as x * sigmoid(1.702 x)",
+        "old": "return x * torch.sigmoid(1.702 * x)",
+        "new": "return x * torch.sigmoid(x)",
+    },
+    {
+        "name": "attention_post_ln",
+        "invariant": "pre-LN: attention reads LN(x)",
+        "old": "x = x + self.drop(self.attn(self.norm1(x), cache, start))",
+        "new": "x = x + self.drop(self.attn(x, cache, start))",
+    },
+    {
+        "name": "mlp_no_residual",
+        "invariant": "the MLP branch is added to x",
+        "old": "return x + self.drop(self.mlp(self.norm2(x)))",
+        "new": "return self.drop(self.mlp(self.norm2(x)))",
+    },
+    {
+        "name": "no_final_norm",
+        "invariant": "a final LayerNorm before the head",
+        "old": "return self.head(self.norm(h))",
+        "new": "return self.head(h)",
+    },
+    {
+        "name": "loss_targets_shifted",
+        "invariant": "the logits at n are scored against code n",
+        "old": "ce = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten(), reduction=reduction)",
+        "new": "ce = F.cross_entropy(logits.float().flatten(0, 1), codes.roll(-1, 1).flatten(), reduction=reduction)",
+    },
+    {
+        "name": "temperature_multiplies",
+        "invariant": "sampling from softmax(logits / T)",
+        "old": "logits = logits.float().cpu() / temperature",
+        "new": "logits = logits.float().cpu() * temperature",
+    },
+    {
+        "name": "top_k_keeps_k_minus_1",
+        "invariant": "top-k keeps the k largest logits",
+        "old": 'logits = logits.masked_fill(logits < kth, float("-inf"))',
+        "new": 'logits = logits.masked_fill(logits <= kth, float("-inf"))',
+    },
+    {
+        "name": "prefix_dropped",
+        "invariant": "conditional sampling keeps the given codes",
+        "old": "codes[:, :P] = prefix.to(dev)",
+        "new": "codes[:, :P] = 0",
+    },
+    {
+        "name": "uncached_one_too_far",
+        "invariant": "without the cache, step i runs positions 0 .. i",
+        "old": "logits = model(codes[:, : i + 1])[:, -1]",
+        "new": "logits = model(codes[:, : i + 2])[:, i]",
+    },
+    {
+        "name": "cached_feeds_undrawn_code",
+        "invariant": "the cached step at position i feeds the code drawn at i - 1",
+        "old": "logits = model.logits(model.code_inputs(codes[:, i - 1 : i]), i, caches)[:, -1]",
+        "new": "logits = model.logits(model.code_inputs(codes[:, i : i + 1]), i, caches)[:, -1]",
+    },
+    {
+        "name": "unigram_unsmoothed",
+        "invariant": "unigram p = (count + 1) / (total + K)",
+        "old": "p = (counts.double() + 1) / (counts.double().sum() + len(counts))",
+        "new": "p = (counts.double() + 1) / (counts.double().sum() + 1)",
+    },
+    {
+        "name": "bits_in_nats",
+        "invariant": "bits = nats / ln 2",
+        "old": "per_clip = float(nll.mean()) / math.log(2)",
+        "new": "per_clip = float(nll.mean())",
+    },
+    {
+        "name": "bits_per_dim_per_token",
+        "invariant": "bits per dim divide a clip's bits by T x C x H x W",
+        "old": 'return {"bits_per_token": per_clip / n_tokens, "bits_per_dim": per_clip / dims}',
+        "new": 'return {"bits_per_token": per_clip / n_tokens, "bits_per_dim": per_clip / n_tokens}',
+    },
+    {
+        "name": "nll_mean_not_sum",
+        "invariant": "a grid's NLL sums its codes' terms",
+        "old": "out.append(ce.view(len(c), -1).double().sum(1).cpu())",
+        "new": "out.append(ce.view(len(c), -1).double().mean(1).cpu())",
+    },
+    {
+        "name": "codes_farthest",
+        "invariant": "codes are the first stage's nearest codes",
+        "old": "return (flat - codebook).pow(2).sum(-1).argmin(-1).flatten(1)",
+        "new": "return (flat - codebook).pow(2).sum(-1).argmax(-1).flatten(1)",
+    },
+    {
+        "name": "context_codes_from_the_end",
+        "invariant": "the kept codes are the first latent frames",
+        "old": "return encode_codes(fs, torch.cat([context, pad], 1))[:, :n_codes]",
+        "new": "return encode_codes(fs, torch.cat([context, pad], 1))[:, -n_codes:]",
+    },
+    {
+        "name": "unigram_counts_one_rank",
+        "invariant": "the unigram model counts the codes of every rank",
+        "old": "        counts = counts.to(rt.device)\n",
+        "new": "        return counts\n",
+    },
+    {
+        "name": "uniform_bits_per_dim",
+        "invariant": "the uniform model costs log2 K bits per code, N log2 K / (T C H W) per dim",
+        "old": '"uniform": {"bits_per_token": uniform, "bits_per_dim": uniform * n / dims},',
+        "new": '"uniform": {"bits_per_token": uniform, "bits_per_dim": uniform / dims},',
+    },
+]
