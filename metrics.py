@@ -8,6 +8,7 @@ leading dims, so `psnr(pred, true, per_frame=True).mean(0)` is a PSNR-vs-horizon
     metrics.psnr(pred, true)                     # mean of per-frame PSNRs, dB
     metrics.ssim(pred, true, per_frame=True)     # (B, T) float64, Wang et al. 2004 SSIM
     metrics.mse_frame_sum(pred, true)            # Moving MNIST convention (sum over pixels)
+    metrics.ssim_openstl(pred, true)             # SSIM as the published Moving MNIST tables
     metrics.compute_all_metrics(fake, prompts, references=real)   # dict for metrics.json
     metrics.evaluate_videos(fake, prompts, metrics=["prompt_alignment", "temporal_flicker"])
     metrics.measure_fps(sample, model, num_frames=16)              # frames/s of a generator
@@ -174,23 +175,74 @@ def ssim(pred, target, data_range: float = 1.0, per_frame: bool = False, chunk: 
     return _reduce(per, per_frame)
 
 
+def ssim_openstl(pred, target, per_frame: bool = False, chunk: int = 512):
+    """SSIM as the published Moving MNIST tables compute it: OpenSTL's metric() calls skimage's
+    structural_similarity on float frames with the defaults of scikit-image <= 0.19, which took
+    float input to span [-1, 1]. So: a 7x7 uniform window, sample covariance (x 49/48), data range
+    2 (K1 0.01 and K2 0.03 give C1 = 0.02^2 and C2 = 0.06^2, 4x ssim's), the valid region of the
+    map, its mean, then the mean over channels. Equals skimage's structural_similarity(p, t,
+    data_range=2.0, channel_axis=0) with its default window on each (C, H, W) frame. On the same
+    predictions it reads higher than ssim (Wang et al.): compare it only with those tables. Clamp
+    predictions to [0, 1] first, as they do.
+    """
+    a, b = _pair(pred, target)
+    lead, (c, h, w) = a.shape[:-3], a.shape[-3:]
+    if h < 7 or w < 7:
+        raise ValueError(f"ssim_openstl needs frames of at least 7x7 pixels, got {h}x{w}")
+    x, y = a.reshape(-1, 1, h, w), b.reshape(-1, 1, h, w)
+    box = torch.full((5, 1, 7, 7), 1 / 49, dtype=torch.float64)
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    out = []
+    for i in range(0, x.shape[0], chunk):
+        xi, yi = x[i : i + chunk], y[i : i + chunk]
+        z = torch.cat([xi, yi, xi * xi, yi * yi, xi * yi], 1)
+        mx, my, mxx, myy, mxy = F.conv2d(z, box, groups=5).unbind(1)
+        vx = (mxx - mx * mx) * 49 / 48
+        vy = (myy - my * my) * 49 / 48
+        cxy = (mxy - mx * my) * 49 / 48
+        s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+        out.append(s.mean((-2, -1)))
+    per = torch.cat(out).reshape(*lead, c).mean(-1)
+    return _reduce(per, per_frame)
+
+
 # ------------------------------------------------------------------- Frechet distances
 
 
-PREDICTION_SCORES = {"psnr": psnr, "ssim": ssim, "mse": mse, "mse_frame_sum": mse_frame_sum}
+PREDICTION_SCORES = {
+    "psnr": psnr,
+    "ssim": ssim,
+    "ssim_openstl": ssim_openstl,
+    "mse": mse,
+    "mse_frame_sum": mse_frame_sum,
+    "mae_frame_sum": mae_frame_sum,
+}
+# as in the published Moving MNIST tables: errors on the raw output, the rest on it clamped
+UNCLAMPED_SCORES = ("mse", "mse_frame_sum", "mae_frame_sum")
 
 
-def prediction_scores(pred, target, horizon=None) -> tuple[dict, dict]:
-    """Per-frame scores of predicted frames against the truth, both (N, T, C, H, W) in [0, 1].
+def prediction_scores(pred, target, horizon=None, chunk: int = 256) -> tuple[dict, dict]:
+    """Per-frame scores of predicted frames against the truth (N, T, C, H, W) in [0, 1]: the
+    errors (UNCLAMPED_SCORES) on pred as given, PSNR and SSIM on pred clamped to [0, 1]. Clips
+    are scored `chunk` at a time: float64 copies of 10,000 Moving MNIST clips would take GBs.
 
     -> (summary, per_frame). summary: for each of PREDICTION_SCORES its mean over the first
     `horizon` frames (all frames if None), `<name>_per_frame` (the mean over clips of each frame)
     and, with a horizon, `<name>_rollout` (the mean over all frames); per_frame: the (N, T)
     float64 tensors, for plots.
     """
+    pred, target = _tensor(pred, "pred"), _tensor(target, "target")
+    if pred.shape != target.shape:
+        _pair(pred[:1], target[:1])  # one line naming both shapes
+        raise ValueError(f"pred has {len(pred)} clips, target {len(target)}; pass one per clip")
     summary, per_frame = {}, {}
     for name, score in PREDICTION_SCORES.items():
-        per = score(pred, target, per_frame=True).double()
+        parts = []
+        for i in range(0, len(pred), chunk):
+            p = pred[i : i + chunk]
+            p = p if name in UNCLAMPED_SCORES else p.clamp(0, 1)
+            parts.append(score(p, target[i : i + chunk], per_frame=True))
+        per = torch.cat(parts).double()
         per_frame[name] = per
         summary[name] = float(per[:, :horizon].mean())
         if horizon is not None:
