@@ -72,6 +72,7 @@ import shlex
 import signal
 import sys
 import time
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
@@ -175,6 +176,17 @@ class Args:
     """transformer attention heads"""
     decoder_attn: bool = False
     """self-attention in the decoder at the 8x8 and 16x16 scales (the seed's 'enhanced decoder')"""
+    encoder: str = "conv"
+    """frame encoder: conv (trained with the rest), vqvae:DIR (the frozen encoder of a first stage
+    written by train_vqvae.py at --resolution), resnet18 (torchvision, ImageNet weights) or dinov2
+    (ViT-S/14); a small trained adapter maps a pretrained encoder's features to the latent grid"""
+    encoder_weights: str | None = None
+    """resnet18: a state-dict file (default: torchvision's cache, <torch hub
+    dir>/checkpoints/resnet18-f37072fd.pth); dinov2: a TorchScript file or a local torch.hub folder
+    of facebookresearch/dinov2 (default <torch hub dir>/facebookresearch_dinov2_main, weights in
+    <torch hub dir>/checkpoints/dinov2_vits14_pretrain.pth). Nothing is ever downloaded"""
+    finetune_encoder: bool = False
+    """train the weights of --encoder resnet18 or dinov2 too (frozen by default)"""
     # optim
     batch_size: int = 8
     """clips per batch per process"""
@@ -361,6 +373,71 @@ class CausalTransformer(nn.Module):
 
 
 DYNAMICS = ("gru", "lstm", "transformer")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Backbone(nn.Module):
+    """A pretrained feature extractor: frames (B, C, H, W) in [0, 1] -> features (B, channels, g, g)
+    on the latent grid. Frames are resized to `size` (the network's stride x g); ImageNet networks
+    get grey frames as RGB, normalised with ImageNet's mean and std; tokens (B, g * g, channels) are
+    laid out on the grid; shift and scale normalise the features (a first stage's latent
+    statistics). The network always runs as in inference: BatchNorm keeps its pretrained
+    statistics, and exported programs cannot switch mode. Frozen, it builds no graph."""
+
+    def __init__(self, net, channels, size, imagenet, shift=0.0, scale=1.0, trainable=False):
+        super().__init__()
+        self.net = net
+        for p in net.parameters():  # a TorchScript module has no requires_grad_()
+            p.requires_grad_(trainable)
+        self.channels = channels
+        self.size = size
+        self.imagenet = imagenet
+        self.trainable = trainable
+        self.training = False
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        for name, value in (("shift", shift), ("scale", scale)):
+            value = torch.as_tensor(value, dtype=torch.float32).reshape(1, -1, 1, 1)
+            self.register_buffer(name, value.expand(1, channels, 1, 1).clone())
+
+    def train(self, mode=True):
+        return self  # see the class docstring: the network's mode never changes
+
+    def forward(self, x):
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+        if self.imagenet:
+            x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            f = self.net(x)
+        if f.dim() == 3:  # tokens, row by row
+            g = math.isqrt(f.shape[1])
+            f = f.transpose(1, 2).unflatten(2, (g, g))
+        return (f.float() - self.shift) / self.scale
+
+
+class DinoPatches(nn.Module):
+    """DINOv2's patch features of the last layer, normalised, as a map (B, 384, h, w)."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        return self.vit.get_intermediate_layers(x, n=1, reshape=True, norm=True)[0]
+
+
+def adapter(cin, c, latent_channels):
+    """The trained map from a pretrained encoder's features to the latent grid: a 1x1 projection,
+    a residual block and the conv encoder's head."""
+    return nn.Sequential(
+        nn.Conv2d(cin, c, 1),
+        ResBlock(c, c),
+        norm(c),
+        nn.SiLU(),
+        nn.Conv2d(c, latent_channels, 3, padding=1),
+    )
 
 
 class WorldModel(nn.Module):
@@ -377,21 +454,29 @@ class WorldModel(nn.Module):
         grid=8,
         window=10,
         down=3,
+        encoder="conv",
+        backbone=None,
     ):
+        """encoder: conv, or the name of the pretrained `backbone` (a Backbone on the latent
+        grid), which an adapter follows."""
         super().__init__()
         c1, c2, c3 = width, 2 * width, 4 * width
         attn = SelfAttention if decoder_attn else (lambda c: nn.Identity())
-        # a strided stem (full-resolution layers are what costs most on a CPU), then blocks that
-        # halve the size until `down` halvings (1-3) reach the latent grid
-        self.encoder = nn.Sequential(
-            nn.Conv2d(channels, c1, 4, stride=2, padding=1),
-            ResBlock(c1, c2, "down" if down > 1 else None),
-            ResBlock(c2, c3, "down" if down > 2 else None),
-            ResBlock(c3, c3),
-            norm(c3),
-            nn.SiLU(),
-            nn.Conv2d(c3, latent_channels, 3, padding=1),
-        )
+        self.backbone = backbone
+        if encoder == "conv":
+            # a strided stem (full-resolution layers are what costs most on a CPU), then blocks
+            # that halve the size until `down` halvings (1-3) reach the latent grid
+            self.encoder = nn.Sequential(
+                nn.Conv2d(channels, c1, 4, stride=2, padding=1),
+                ResBlock(c1, c2, "down" if down > 1 else None),
+                ResBlock(c2, c3, "down" if down > 2 else None),
+                ResBlock(c3, c3),
+                norm(c3),
+                nn.SiLU(),
+                nn.Conv2d(c3, latent_channels, 3, padding=1),
+            )
+        else:
+            self.encoder = adapter(backbone.channels, c3, latent_channels)
         # pixel shuffle for the last doubling: sharp edges at 1/2 resolution's cost
         self.decoder = nn.Sequential(
             nn.Conv2d(latent_channels, c3, 3, padding=1),
@@ -415,7 +500,9 @@ class WorldModel(nn.Module):
 
     def encode(self, x):
         """x (B, C, H, W) in [0, 1] -> latent grid (B, latent_channels, H/2^down, W/2^down)."""
-        return self.encoder(x * 2 - 1)
+        if self.backbone is None:
+            return self.encoder(x * 2 - 1)
+        return self.encoder(self.backbone(x))
 
     def decode(self, z):
         """latent grid -> frames (unclamped; about [0, 1])."""
@@ -520,6 +607,205 @@ def train_step(model, opt, scaler, x, k, args, amp):
     loss, terms, _, _ = rollout_losses(model, x, k, args, amp)
     optimizer_step(opt, scaler, loss, model.parameters(), args.grad_clip)
     return terms
+
+
+# ----------------------------------------------------------------------------- pretrained encoders
+# torch.hub's file and folder names, where torchvision and torch.hub.load keep what they download
+RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's ResNet18_Weights.IMAGENET1K_V1
+DINOV2_FILE = "dinov2_vits14_pretrain.pth"
+DINOV2_REPO = "facebookresearch_dinov2_main"
+ENCODERS = ("conv", "vqvae:DIR", "resnet18", "dinov2")
+WEIGHTS_ADVICE = {
+    "resnet18": 'on a machine with internet, `python -c "import torchvision; '
+    "torchvision.models.resnet18(weights='IMAGENET1K_V1')\"` saves it as "
+    f"~/.cache/torch/hub/checkpoints/{RESNET18_FILE}; copy that file to this path or pass "
+    "--encoder-weights FILE",
+    "dinov2": 'on a machine with internet, `python -c "import torch; '
+    "torch.hub.load('facebookresearch/dinov2', 'dinov2_vits14')\"` saves the code in "
+    f"~/.cache/torch/hub/{DINOV2_REPO} and the weights in ~/.cache/torch/hub/checkpoints/"
+    f"{DINOV2_FILE}; copy both to the same places under this machine's torch hub folder "
+    "(TORCH_HOME) or pass --encoder-weights with a TorchScript file",
+}
+
+
+def encoder_kind(spec):
+    """--encoder -> conv, vqvae, resnet18 or dinov2 (what a checkpoint records)."""
+    kind = spec.split(":", 1)[0] if spec.startswith("vqvae:") else spec
+    if kind not in ("conv", "vqvae", "resnet18", "dinov2"):
+        raise SystemExit(f"error: unknown --encoder {spec!r}; use one of {', '.join(ENCODERS)}")
+    return kind
+
+
+def check_encoder_flags(args):
+    """Stop with one line on encoder flags that cannot apply."""
+    kind = encoder_kind(args.encoder)
+    if kind == "vqvae" and not args.encoder[len("vqvae:") :]:
+        raise SystemExit("error: --encoder vqvae:DIR needs the folder of a train_vqvae.py run")
+    if args.encoder_weights and kind not in WEIGHTS_ADVICE:
+        raise SystemExit(
+            f"error: --encoder-weights applies to --encoder resnet18 or dinov2, not {kind}"
+        )
+    if args.finetune_encoder and kind == "conv":
+        raise SystemExit(
+            "error: --finetune-encoder trains a pretrained encoder; the conv encoder always "
+            "trains: drop the flag"
+        )
+    if args.finetune_encoder and kind == "vqvae":
+        raise SystemExit(
+            "error: --finetune-encoder cannot train --encoder vqvae:DIR: its encoder is an "
+            "exported program (frozen); use --encoder conv to train one from scratch"
+        )
+    if kind == "vqvae" and latent_grid(args) != args.resolution // 8:
+        raise SystemExit(
+            f"error: --encoder {args.encoder} gives the first stage's latent grid, --resolution "
+            f"{args.resolution} / 8; drop --latent-grid {args.latent_grid}"
+        )
+
+
+def read_weights(path, kind, module):
+    """Load a state-dict file into module, or stop with one line that says how to get it."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no {kind} weights at {path}; {WEIGHTS_ADVICE[kind]}")
+    try:
+        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:
+        raise SystemExit(
+            f"error: cannot load {kind} weights from {path} ({type(e).__name__}: "
+            f"{first_line(e)}); {WEIGHTS_ADVICE[kind]}"
+        )
+
+
+def feature_channels(net, channels, size, grid, what):
+    """Channels of net's features for a frame of `size` px, which must lie on the grid x grid latent
+    grid as a map (1, C, grid, grid) or tokens (1, grid * grid, C); else stop with one line."""
+    try:
+        with torch.no_grad():
+            f = net(torch.zeros(1, channels, size, size))
+    except Exception as e:
+        raise SystemExit(
+            f"error: --encoder {what} failed on a {size} px frame ({type(e).__name__}: "
+            f"{first_line(e)}); see --help for what it must be"
+        )
+    shape = tuple(f.shape)
+    if shape[2:] == (grid, grid):
+        return shape[1]
+    if len(shape) == 3 and shape[1] == grid * grid:
+        return shape[2]
+    raise SystemExit(
+        f"error: --encoder {what} gave features of shape {shape} for a {size} px frame, not "
+        f"(1, C, {grid}, {grid}) or (1, {grid * grid}, C) on the latent grid"
+    )
+
+
+def resnet18_backbone(weights, grid, pretrained, trainable):
+    """torchvision's ResNet-18 up to layer2 (stride 8, 128 channels), fed frames of 8 x grid px
+    (at the default grid, the frames as they are). ImageNet weights from `weights` (default:
+    torchvision's cache) when pretrained; else the checkpoint brings them. Never downloads."""
+    try:
+        import torchvision
+    except Exception as e:  # missing, or built for another torch
+        raise SystemExit(
+            f"error: --encoder resnet18 needs torchvision ({type(e).__name__}: {first_line(e)}); "
+            "install the torchvision that matches your torch (pip install torchvision), or use "
+            "another --encoder"
+        )
+    net = torchvision.models.resnet18(weights=None)
+    if pretrained:
+        path = weights or os.path.join(torch.hub.get_dir(), "checkpoints", RESNET18_FILE)
+        read_weights(path, "resnet18", net)
+    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2")
+    net = nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names)).eval()
+    channels = feature_channels(net, 3, 8 * grid, grid, "resnet18")
+    return Backbone(net, channels, 8 * grid, imagenet=True, trainable=trainable)
+
+
+def dinov2_backbone(source, grid, pretrained, trainable):
+    """DINOv2 ViT-S/14's normalised last-layer patch features, fed frames of 14 x grid px, so that
+    its patches are the latent grid. From a TorchScript file (its forward: frames -> a feature map
+    or patch tokens), or from a local torch.hub folder of facebookresearch/dinov2 (default: torch
+    hub's own copy) with the weights of torch.hub's cache when pretrained. Never downloads."""
+    hub = torch.hub.get_dir()
+    source = source or os.path.join(hub, DINOV2_REPO)
+    size = 14 * grid
+    if os.path.isfile(source):
+        try:
+            net = torch.jit.load(source, map_location="cpu").eval()
+        except Exception as e:
+            raise SystemExit(
+                f"error: cannot load the TorchScript file {source} ({type(e).__name__}: "
+                f"{first_line(e)}); {WEIGHTS_ADVICE['dinov2']}"
+            )
+    elif os.path.isfile(os.path.join(source, "hubconf.py")):
+        try:
+            vit = torch.hub.load(source, "dinov2_vits14", source="local", pretrained=False)
+        except Exception as e:
+            raise SystemExit(
+                f"error: cannot build dinov2_vits14 from {source} ({type(e).__name__}: "
+                f"{first_line(e)}); {WEIGHTS_ADVICE['dinov2']}"
+            )
+        if pretrained:
+            read_weights(os.path.join(hub, "checkpoints", DINOV2_FILE), "dinov2", vit)
+        net = DinoPatches(vit).eval()
+    else:
+        raise SystemExit(
+            f"error: no DINOv2 at {source} (a TorchScript file, or a torch.hub folder with "
+            f"hubconf.py); {WEIGHTS_ADVICE['dinov2']}"
+        )
+    channels = feature_channels(net, 3, size, grid, "dinov2")
+    backbone = Backbone(net, channels, size, imagenet=True, trainable=trainable)
+    mask = getattr(getattr(net, "vit", None), "mask_token", None)
+    if mask is not None:  # used in masked pre-training only: DDP would wait for its gradient
+        mask.requires_grad_(False)
+    return backbone
+
+
+def vqvae_backbone(path, args, channels):
+    """The frozen encoder of a train_vqvae.py first stage (an exported program at its training
+    resolution): z_e (B, 4, H/8, W/8), normalised per channel with the latent statistics of its
+    training clips."""
+    files = [os.path.join(path, f"first_stage{s}") for s in (".json", "_encode.pt2")]
+    make = f"python train_vqvae.py --data {args.data} --resolution {args.resolution} --out-dir "
+    make += shlex.quote(path)
+    if not all(os.path.isfile(f) for f in files):
+        raise SystemExit(
+            f"error: no first stage in {path} (first_stage.json, first_stage_encode.pt2); make "
+            f"one with `{make}`"
+        )
+    try:
+        with open(files[0]) as f:
+            meta = json.load(f)
+        size, got = meta["resolution"], meta["channels"]
+        net = torch.export.load(files[1]).module()
+    except Exception as e:
+        raise SystemExit(
+            f"error: cannot load the first stage in {path} ({type(e).__name__}: "
+            f"{first_line(e)}); make one with `{make}`"
+        )
+    if (size, got) != (args.resolution, channels):
+        raise SystemExit(
+            f"error: the first stage in {path} takes {got}-channel {size} px frames, --data "
+            f"{args.data} at --resolution {args.resolution} gives {channels}-channel "
+            f"{args.resolution} px ones; pass --resolution {size} or make one with `{make}`"
+        )
+    grid = latent_grid(args)
+    feat = feature_channels(net, channels, size, grid, f"vqvae:{path}")
+    stats = (meta.get("latent_mean", 0.0), meta.get("latent_std", 1.0))
+    return Backbone(net, feat, size, imagenet=False, shift=stats[0], scale=stats[1])
+
+
+def build_backbone(args, channels, pretrained):
+    """The pretrained encoder of --encoder (None for conv), frozen unless --finetune-encoder.
+    pretrained: load its pretrained weights (not when a checkpoint brings them)."""
+    kind = encoder_kind(args.encoder)
+    grid = latent_grid(args)
+    trainable = args.finetune_encoder
+    if kind == "resnet18":
+        return resnet18_backbone(args.encoder_weights, grid, pretrained, trainable)
+    if kind == "dinov2":
+        return dinov2_backbone(args.encoder_weights, grid, pretrained, trainable)
+    if kind == "vqvae":
+        return vqvae_backbone(args.encoder[len("vqvae:") :], args, channels)
+    return None
 
 
 # ----------------------------------------------------------------------------- data
@@ -849,6 +1135,7 @@ def check_args(args, ckpt_path):
             f"error: --eval-only needs a checkpoint but {ckpt_path} does not exist; train first or "
             "pass --ckpt"
         )
+    check_encoder_flags(args)
     check_data(args)
 
 
@@ -866,7 +1153,22 @@ def model_arch(args, channels):
         grid=latent_grid(args),
         window=args.context,
         down=round(math.log2(args.resolution // latent_grid(args))),
+        encoder=encoder_kind(args.encoder),
     )
+
+
+def read_checkpoint(path, arch):
+    """load_checkpoint, with a checkpoint of another --encoder refused by that flag's name (one
+    from before --encoder has the conv encoder)."""
+    ckpt = load_checkpoint(path, {k: v for k, v in arch.items() if k != "encoder"})
+    saved = ckpt.get("arch", {}).get("encoder", "conv")
+    if saved != arch["encoder"]:
+        flag = shlex.quote(ckpt.get("args", {}).get("encoder", saved))
+        raise SystemExit(
+            f"error: {path} was trained with --encoder {flag}, not {arch['encoder']}; pass "
+            f"--encoder {flag} (the checkpoint holds its weights) or use another --out-dir"
+        )
+    return ckpt
 
 
 def step_flops(raw, args, rt, channels):
@@ -912,14 +1214,20 @@ def eval_only(raw, args, rt, step, best):
     teardown(rt)
 
 
-def start_line(args, rt, n_params, data, step):
+def start_line(args, rt, raw, data, step):
     """The first line of a training run."""
     clips = f"new training clips every step (split 'train'; {len(data)} in all)"
     if not args.fresh:
         clips = f"{len(data)} training clips/rank"
     grid = latent_grid(args)
+    n_params = sum(p.numel() for p in raw.parameters())
+    encoder = ""
+    if raw.backbone is not None:
+        trained = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+        how = "fine-tuned" if args.finetune_encoder else "frozen"
+        encoder = f" ({trained / 1e6:.2f}M trained), {args.encoder} encoder {how} + adapter"
     return (
-        f"train_world_model: {n_params / 1e6:.2f}M params, {args.dynamics} dynamics, "
+        f"train_world_model: {n_params / 1e6:.2f}M params{encoder}, {args.dynamics} dynamics, "
         f"{args.latent_channels}x{grid}x{grid} latents, {rt.device.type} {rt.dtype}, compile "
         f"{rt.compile}, world {rt.world}, {clips} of {args.data}, from step {step} to "
         f"{args.steps}; outputs in {args.out_dir}"
@@ -930,7 +1238,7 @@ def make_optimizer(raw, args, rt, ckpt):
     """AdamW, the fp16 loss scaler and this rank's data generator, restored from ckpt to resume."""
     gen = torch.Generator().manual_seed(args.seed + 1000 * rt.rank)
     opt = torch.optim.AdamW(
-        raw.parameters(),
+        [p for p in raw.parameters() if p.requires_grad],  # a frozen encoder stays out
         lr=args.lr,
         betas=(0.9, 0.99),
         weight_decay=args.weight_decay,
@@ -1493,17 +1801,18 @@ def main(args: Args):
     arch = model_arch(args, eval_clips.shape[2])
     ckpt = None
     if (args.resume or args.eval_only) and os.path.isfile(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, arch)
+        ckpt = read_checkpoint(ckpt_path, arch)
     if ckpt and not args.eval_only and "optimizer" not in ckpt:
         raise SystemExit(
             f"error: {ckpt_path} holds best weights only; resume from ckpt.pt or evaluate it with "
             "--eval-only"
         )
-    raw = WorldModel(**arch).to(rt.device)
+    backbone = build_backbone(args, arch["channels"], pretrained=ckpt is None)
+    raw = WorldModel(**arch, backbone=backbone).to(rt.device)
     if ckpt:
         load_weights(raw, ckpt["model"], ckpt_path)
-    if ckpt and not args.eval_only:
-        check_resume(ckpt, args, ckpt_path)
+    if ckpt and not args.eval_only:  # the encoder's weights come from the checkpoint
+        check_resume(ckpt, args, ckpt_path, free=("encoder", "encoder_weights"))
     step = ckpt["step"] if ckpt else 0
     best = ckpt.get("best_val", math.inf) if ckpt else math.inf
     if args.eval_only:
@@ -1520,7 +1829,7 @@ def main(args: Args):
     writer = None  # TensorBoard, rank 0 only
     if rt.master:
         writer = open_writer(args, step)
-        print(start_line(args, rt, n_params, pool, step), flush=True)
+        print(start_line(args, rt, raw, pool, step), flush=True)
 
     # ---- loop
     meter = LossMeter([*LOSS_NAMES, "rollout"], rt.device)
