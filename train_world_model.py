@@ -407,8 +407,8 @@ class Backbone(nn.Module):
     def forward(self, x):
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
-        if self.imagenet:
-            x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+        if self.imagenet:  # grey frames broadcast to RGB
+            x = (x - self.mean) / self.std
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             f = self.net(x)
         if f.dim() == 3:  # tokens, row by row
