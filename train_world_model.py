@@ -15,6 +15,18 @@ Dynamics (--dynamics): `gru` and `lstm` are convolutional recurrent cells over t
 cache and ALiBi biases on frame distance instead of time positions, so a rollout can run to any
 length.
 
+Encoders (--encoder): `conv` trains with the rest. The seed's pretrained encoders are frozen unless
+--finetune-encoder, and a small trained adapter (1x1 projection, residual block, conv head) maps
+their features to the latent grid; the decoder always trains. `vqvae:DIR`: the exported encoder of
+a train_vqvae.py first stage (frames at its resolution, which must be --resolution; its latent
+grid, resolution / 8; z_e normalised by its training statistics). `resnet18`: torchvision's, up to
+layer2 (stride 8), on frames resized to 8 x the grid (at the default grid, as they are). `dinov2`:
+ViT-S/14's last-layer patch features on frames resized to 14 x the grid (112 px for 8x8). Both get
+grey frames as RGB, normalised with ImageNet's mean and std. Pretrained networks always run in
+inference mode (BatchNorm keeps its statistics). Weights come from local files only
+(--encoder-weights, torch.hub's cache; the README says how to fetch them); checkpoints hold them,
+so resume and --eval-only need no weights file.
+
 Papers: NVIDIA, "Cosmos World Foundation Model Platform for Physical AI" (2025) and the public
 Cosmos-inspired seed project (chenli-git/cosmo_video_world_model), of which three flaws are fixed
 here: spatial latents instead of a globally pooled vector, a temporal loss that matches true motion
@@ -34,6 +46,11 @@ blurry.
     python train_world_model.py --width 32 --hidden 128 --batch-size 64 --steps 20000 --decoder-attn
     torchrun --standalone --nproc_per_node=2 train_world_model.py  # DDP (nccl on CUDA, gloo on CPU)
     python train_world_model.py --eval-only --ckpt runs/train_world_model/ckpt_best.pt --rollout 60
+    # pretrained encoders: a first stage of the same data, torchvision's ResNet-18, DINOv2
+    python train_vqvae.py --data bouncing_balls --out-dir runs/train_vqvae_balls
+    python train_world_model.py --encoder vqvae:runs/train_vqvae_balls
+    python train_world_model.py --encoder resnet18 --encoder-weights resnet18-f37072fd.pth
+    python train_world_model.py --encoder dinov2 --finetune-encoder   # torch.hub's local copy
     # a CPU shared with other jobs: far faster than 2 threads
     OMP_NUM_THREADS=1 python train_world_model.py
 
@@ -181,10 +198,11 @@ class Args:
     written by train_vqvae.py at --resolution), resnet18 (torchvision, ImageNet weights) or dinov2
     (ViT-S/14); a small trained adapter maps a pretrained encoder's features to the latent grid"""
     encoder_weights: str | None = None
-    """resnet18: a state-dict file (default: torchvision's cache, <torch hub
-    dir>/checkpoints/resnet18-f37072fd.pth); dinov2: a TorchScript file or a local torch.hub folder
-    of facebookresearch/dinov2 (default <torch hub dir>/facebookresearch_dinov2_main, weights in
-    <torch hub dir>/checkpoints/dinov2_vits14_pretrain.pth). Nothing is ever downloaded"""
+    """resnet18: a state-dict file (default: torchvision's cache file
+    checkpoints/resnet18-f37072fd.pth in torch's hub folder, ~/.cache/torch/hub or
+    $TORCH_HOME/hub); dinov2: a TorchScript file or a local torch.hub folder of
+    facebookresearch/dinov2 (default: facebookresearch_dinov2_main in the hub folder, with the
+    weights checkpoints/dinov2_vits14_pretrain.pth there). Nothing is ever downloaded"""
     finetune_encoder: bool = False
     """train the weights of --encoder resnet18 or dinov2 too (frozen by default)"""
     # optim

@@ -245,7 +245,7 @@ def test_resnet18_is_layer2_of_imagenet_normalised_frames(monkeypatch, torch_hom
     assert out.shape == (2, 16, 4, 4) and bb.channels == 16
     assert torch.allclose(out, ref, atol=1e-5)
     assert out.grad_fn is None  # frozen: no graph through the pretrained network
-    # a finer latent grid (32 / 4): frames of 8 x 8 px
+    # a finer latent grid (32 / 4 = 8 cells): frames resized to 8 x 8 = 64 px
     fine = wm.build_backbone(args_of("--encoder", "resnet18", "--latent-grid", "8"), 3, True)
     assert fine.size == 64 and fine(x).shape == (2, 16, 8, 8)
     # another state-dict file, given by --encoder-weights
@@ -407,8 +407,9 @@ def test_vqvae_run_resume_eval_only_and_refusals(first_stage, tmp_path, monkeypa
 def test_resnet18_and_dinov2_runs_and_eval_only_without_the_weights_file(
     monkeypatch, torch_home, tmp_path
 ):
-    """resnet18 and dinov2 end to end (stand-ins, random weights); --eval-only builds the network
-    without its pretrained weights (the checkpoint holds them), so it needs no weights file."""
+    """resnet18 and dinov2 end to end (stand-ins, random weights); --eval-only and resume build
+    the network without its pretrained weights (the checkpoint holds them), so they need no
+    weights file, which a new run does."""
     install_torchvision(monkeypatch, [])
     space = vit_module()
     (torch_home / "checkpoints").mkdir(parents=True)
@@ -431,6 +432,8 @@ def test_resnet18_and_dinov2_runs_and_eval_only_without_the_weights_file(
         )
         m2 = json.loads((tmp_path / f"{kind}_eval" / "metrics.json").read_text())
         assert m2["eval"]["psnr"] == pytest.approx(m["eval"]["psnr"], rel=1e-6)
+        run(tmp_path / kind, "--encoder", kind, "--steps", "3", "--accept-changed-args")
+        assert load(tmp_path / kind / "ckpt.pt")["step"] == 3
         with pytest.raises(SystemExit, match=f"error: no {kind} weights at .*checkpoints"):
             run(tmp_path / f"{kind}_new", "--encoder", kind)
 
@@ -473,7 +476,8 @@ def missing_torchvision(monkeypatch):
         (["--encoder", "vqvae:"], "error: --encoder vqvae:DIR needs the folder", None),
         (
             ["--encoder", "vqvae:/nonexistent"],
-            "error: no first stage in /nonexistent .*make one with `python train_vqvae.py --data bouncing_balls --resolution 32",
+            "error: no first stage in /nonexistent .*make one with `python train_vqvae.py "
+            "--data bouncing_balls --resolution 32",
             None,
         ),
         (
@@ -483,12 +487,14 @@ def missing_torchvision(monkeypatch):
         ),
         (
             ["--encoder", "resnet18"],
-            "error: no resnet18 weights at .*resnet18-f37072fd.pth; on a machine with internet, .*IMAGENET1K_V1",
+            "error: no resnet18 weights at .*resnet18-f37072fd.pth; on a machine with "
+            "internet, .*IMAGENET1K_V1",
             install_torchvision,
         ),
         (
             ["--encoder", "dinov2"],
-            "error: no DINOv2 at .*facebookresearch_dinov2_main .*torch.hub.load\\('facebookresearch/dinov2', 'dinov2_vits14'\\)",
+            "error: no DINOv2 at .*facebookresearch_dinov2_main .*"
+            "torch.hub.load\\('facebookresearch/dinov2', 'dinov2_vits14'\\)",
             None,
         ),
         (
