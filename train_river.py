@@ -13,8 +13,8 @@ Paper: Davtyan, Sameni, Favaro, "Efficient Video Prediction via Sparsely Conditi
 (2023). Faithful to the public code: frame sampling, sigma_min 1e-7, closed-form target, MSE, U-ViT
 regressor (time token, log-distance MLP, learned row/column positions, long skips, conv head),
 fixed-grid RK4 (3/8 rule), warm start, AdamW with warm-up then square-root decay, no guidance, no
-EMA. Deviations: latents are normalised per channel with the first stage's statistics (z_e std is
-~0.4, far from the unit-variance noise), all clips are encoded once up front, the regressor is
+EMA. Deviations: latents are normalised per channel with the first stage's statistics of training
+clips (z_e std is ~0.4, far from the unit-variance noise), all clips are encoded once up front, the regressor is
 small, lr 1e-3 with gradient clipping at 1 for a short CPU schedule, the default ODE grid has 10
 points instead of 100 (CPU), and `--past-horizon` uses max where the public code's min made it a
 no-op.
@@ -32,8 +32,8 @@ no-op.
     OMP_NUM_THREADS=1 python train_river.py  # CPU shared with other jobs: far faster than 2 threads
 
 Outputs in --out-dir: ckpt.pt, args.json, metrics.json (model, copy_last and the autoencoded truth
-on the same held-out clips; validation loss, also with the context replaced by the reference; NFE
-and time per frame; bench), TensorBoard events (train/{loss,lr}, eval/, perf/, samples/), samples/
+on the same test clips; the flow-matching loss on them, also with the context replaced by the
+reference; NFE and time per frame; bench), TensorBoard events (train/{loss,lr}, eval/, perf/, samples/), samples/
 (rollout_*.gif: truth | prediction | error of --rollout frames, context marked;
 rollout_latest.png), plots/ (horizon*.png, training_curves.png).
 """
@@ -112,7 +112,7 @@ class Args:
     or npz (must match the first stage)"""
     data_dir: str | None = None
     """folder of videos (--data folder), .npz file (--data npz) or MNIST files
-    (--data moving_mnist)"""
+    (--data moving_mnist); implies its kind when --data is left out"""
     resolution: int = 64
     """frame size in pixels (must match the first stage)"""
     frames: int = 16
@@ -127,7 +127,8 @@ class Args:
     train_clips: int = 384
     """clips generated and encoded once into the latent cache (split 'train')"""
     eval_clips: int = 32
-    """held-out clips (split 'val') of --context + --horizon frames for evaluation"""
+    """held-out clips of --context + --horizon frames: split 'val' for the evaluations during
+    training, split 'test' for the figures in metrics.json"""
     vqvae: str = "runs/train_vqvae"
     """folder of the frozen first stage written by train_vqvae.py (first_stage.json,
     first_stage_{encode,decode}.pt2)"""
@@ -506,6 +507,12 @@ def load_clips(args, n_clips, n_frames, split, rank=0, world=1):
     return (torch.stack(clips).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+def test_set(args, fs):
+    """The clips the figures in metrics.json come from (split 'test'): uint8 clips, latents."""
+    clips = load_clips(args, args.eval_clips, args.context + args.horizon, "test")
+    return clips, encode_clips(fs[0], clips, fs[2])
+
+
 def load_video(args, channels):
     """--video as a uint8 (1, T, C, H, W) clip at --resolution, grey when the first stage is."""
     try:
@@ -663,21 +670,20 @@ def evaluate(model, fs, clips, z_val, args, device, amp):
     return ours, scores, val, curves
 
 
-def run_eval(model, fs, clips, z_val, args, rt, step, writer=None):
-    """evaluate(), printed in one line and logged to TensorBoard (rank 0). -> evaluate()'s tuple"""
+def run_eval(model, fs, clips, z_val, args, rt, step, writer=None, tag="eval"):
+    """evaluate(), printed in one line and logged to TensorBoard under tag (rank 0; "eval": val
+    clips, "test": test clips). -> evaluate()'s tuple"""
     ours, base, val, curves = evaluate(model, fs, clips, z_val, args, rt.device, rt.amp)
     copy_last = base["copy_last"]
     if writer:
-        log_scalars(writer, "eval", ours, step)
-        log_scalars(writer, "eval", {f"copy_last_{k}": v for k, v in copy_last.items()}, step)
-        log_scalars(
-            writer, "eval", {f"val_{k}": v for k, v in val.items() if "_per_" not in k}, step
-        )
+        log_scalars(writer, tag, ours, step)
+        log_scalars(writer, tag, {f"copy_last_{k}": v for k, v in copy_last.items()}, step)
+        log_scalars(writer, tag, {f"val_{k}": v for k, v in val.items() if "_per_" not in k}, step)
         log_scalars(writer, "perf", {k: v for k, v in val.items() if "_per_" in k}, step)
     print(
-        f"eval step {step}: PSNR {ours['psnr']:.2f} dB (copy_last {copy_last['psnr']:.2f}, "
+        f"{tag} step {step}: PSNR {ours['psnr']:.2f} dB (copy_last {copy_last['psnr']:.2f}, "
         f"first stage {base['first_stage']['psnr']:.2f})  SSIM {ours['ssim']:.4f} "
-        f"({copy_last['ssim']:.4f}) over {args.horizon} frames | val loss {val['loss']:.4f} "
+        f"({copy_last['ssim']:.4f}) over {args.horizon} frames | loss {val['loss']:.4f} "
         f"(context := reference {val['loss_context_is_reference']:.4f})  endpoint MSE "
         f"{val['endpoint_mse']:.4f} (copy_last {val['endpoint_mse_copy_last']:.4f}) | "
         f"{val['nfe_per_frame']} NFE/frame, {val['gen_s_per_frame']:.3f} s/frame for "
@@ -728,7 +734,7 @@ def save_plots(curves, args):
         )
 
 
-def write_metrics(results, perf, args, step, t_start, n_eval):
+def write_metrics(results, perf, args, step, t_start):
     """Plots and metrics.json from evaluate()'s results (rank 0)."""
     ours, base, val, curves = results
     save_plots(curves, args)
@@ -739,7 +745,7 @@ def write_metrics(results, perf, args, step, t_start, n_eval):
         "wall_s": round(time.time() - t_start, 1),
         "eval": ours,
         "baselines": base,
-        "val": val,
+        "losses": val,  # on the same test clips
         "perf": perf,
         "sampler": {
             "solver": args.solver,
@@ -750,7 +756,8 @@ def write_metrics(results, perf, args, step, t_start, n_eval):
         "data": {
             "kind": args.data,
             "resolution": args.resolution,
-            "n_eval": n_eval,
+            "split": "test",
+            "n_eval": len(curves["model"]["psnr"]),
             "context": args.context,
             "horizon": args.horizon,
             "first_stage": args.vqvae,
@@ -824,12 +831,12 @@ def sample_from_checkpoint(raw, fs, clips, z_val, demo, video, args, rt, step):
                 flush=True,
             )
     if args.eval_only:
-        results = run_eval(raw, fs, clips, z_val, args, rt, step)
+        results = run_eval(raw, fs, *test_set(args, fs), args, rt, step, tag="test")
         t_start = time.time()
         save_samples(raw, fs, demo, args, rt.device, rt.amp, step, None)
         n_params = sum(p.numel() for p in raw.parameters())
         perf = {"train_samples_per_s": None, "mfu": None, "params": n_params}
-        write_metrics(results, perf, args, step, t_start, len(clips))
+        write_metrics(results, perf, args, step, t_start)
         print(summary(results, args, trained=False))
 
 
@@ -858,12 +865,12 @@ def check_args(args):
             "error: need 0 <= --warm-start < 1 and --past-horizon 0 or >= 2 (it counts the "
             f"reference), got {args.warm_start} and {args.past_horizon}"
         )
-    if args.data not in toy_data.KINDS:
-        raise SystemExit(
-            f"error: unknown data kind {args.data!r}; use one of {', '.join(toy_data.KINDS)}"
-        )
+    try:  # --data-dir implies its kind when --data is left at its default
+        args.data = toy_data.data_kind(args.data, args.data_dir, Args.data)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
     sample_only = args.eval_only or args.bench or args.video is not None
-    check_data(args, ("val",) if sample_only else ("train", "val"))
+    check_data(args, ("val", "test") if sample_only else toy_data.SPLITS)
     ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     if args.ckpt and not os.path.isfile(args.ckpt):
         raise SystemExit(
@@ -1554,11 +1561,11 @@ def main(args: Args):
             speed.lap()  # evaluation and checkpoint time stay out of the speed figures
 
     if rt.master:
-        results = run_eval(raw, fs, eval_clips, z_val, args, rt, step, writer)
+        results = run_eval(raw, fs, *test_set(args, fs), args, rt, step, writer, "test")
         save_samples(raw, fs, demo, args, rt.device, rt.amp, step, writer)
         speeds = speed.summary(args.batch_size * rt.world)
         perf = {**speeds, "params": n_params, "device": device_name(rt), "dtype": rt.dtype}
-        write_metrics(results, perf, args, step, t_start, len(eval_clips))
+        write_metrics(results, perf, args, step, t_start)
         writer.close()
         curves_png = os.path.join(args.out_dir, "plots", "training_curves.png")
         viz.plot_training_curves(args.out_dir, curves_png)

@@ -111,7 +111,8 @@ class Args:
     data: str = "shapes"
     """data kind: shapes (the prompted toy videos; the only kind with prompts)"""
     data_dir: str | None = None
-    """unused by shapes; kept so every script takes the same flags"""
+    """kept so every script takes the same flags: shapes reads no files, and a --data-dir (whose
+    videos have no prompts) stops with one line"""
     resolution: int = 32
     """frame size in pixels (divisible by 8: a token per 8x8 patch, reading and writing the 16x16
     window around it)"""
@@ -895,6 +896,7 @@ def write_metrics(stage, row, perf, step, args, real):
             "resolution": args.resolution,
             "frames": args.frames,
             "n_eval": args.eval_clips,
+            "split": "test",  # the real clips fd_probe and drift compare with; prompts held out
         },
     }
     write_json(path, out)
@@ -1191,6 +1193,10 @@ def check_inputs(args):
     counts = ["steps", "teacher_steps", "ode_steps", "train_clips", "eval_clips", "frames"]
     counts += ["width", "depth", "chunk", "batch_size", "denoise_steps", "critic_updates"]
     check_counts(args, counts + ["log_every", "eval_every", "sample_every", "ckpt_every"])
+    try:  # a --data-dir implies its kind (never shapes): refused below, never ignored
+        args.data = toy_data.data_kind(args.data, args.data_dir, Args.data)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
     if args.data != "shapes":
         raise SystemExit(
             f"error: --data {args.data!r} has no prompts; "

@@ -122,7 +122,7 @@ class Args:
     or npz (the last two need --data-dir)"""
     data_dir: str | None = None
     """folder of videos (--data folder), .npz file (--data npz) or MNIST files
-    (--data moving_mnist)"""
+    (--data moving_mnist); implies its kind when --data is left out"""
     resolution: int = 64
     """frame size in pixels (divisible by 8: the latent grid is resolution/8)"""
     frames: int = 16
@@ -131,7 +131,8 @@ class Args:
     train_clips: int = 256
     """clips generated once into memory as the training pool (split 'train')"""
     eval_clips: int = 16
-    """held-out clips (split 'val') for evaluation"""
+    """held-out clips: split 'val' for the evaluations during training, split 'test' for the
+    figures in metrics.json"""
     # model
     width: int = 32
     """channels of the first stage; doubled twice on the way down to 8x8 (in 3D: doubled at every
@@ -626,6 +627,15 @@ def export_first_stage(model, out_dir, meta):
 
 
 # ----------------------------------------------------------------------------- data
+def resolve_data(args):
+    """--data-dir implies its kind when --data is left at its default (toy_data.data_kind); with
+    another generated kind it stops with one line instead of being ignored."""
+    try:
+        args.data = toy_data.data_kind(args.data, args.data_dir, Args.data)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+
+
 def load_clips(args, n_clips, split, rank=0, world=1):
     """Generate clips once into a uint8 (N, T, C, H, W) tensor;
     rank r keeps clips r, r+world, ..."""
@@ -801,15 +811,16 @@ def save_samples(clips, rec, z0, out_dir, step, writer):
     viz.log_video(writer, "samples/latent_pca", pca, step, fps=4)
 
 
-def run_eval(raw, clips, args, rt, step, writer):
-    """Evaluate all held-out clips (rank 0): eval/ and perf/ scalars and one console line."""
+def run_eval(raw, clips, args, rt, step, writer, tag="eval"):
+    """Evaluate all held-out clips (rank 0): <tag>/ and perf/ scalars and one console line (tag
+    "eval": val clips, "test": test clips)."""
     scores, rec, z0 = evaluate(raw, clips, args, rt)
     if writer:
         speeds = {k: v for k, v in scores.items() if k.endswith("_per_s")}
-        log_scalars(writer, "eval", {k: v for k, v in scores.items() if k not in speeds}, step)
+        log_scalars(writer, tag, {k: v for k, v in scores.items() if k not in speeds}, step)
         log_scalars(writer, "perf", speeds, step)
     print(
-        f"eval step {step}: PSNR {scores['psnr']:.2f} dB  SSIM {scores['ssim']:.4f}  "
+        f"{tag} step {step}: PSNR {scores['psnr']:.2f} dB  SSIM {scores['ssim']:.4f}  "
         f"usage {scores['codebook_usage']:.0%}  perplexity {scores['perplexity']:.0f}  "
         f"z_e std {scores['latent_std_global']:.2f}",
         flush=True,
@@ -817,7 +828,14 @@ def run_eval(raw, clips, args, rt, step, writer):
     return scores, rec, z0
 
 
-def first_stage_meta(args, channels, step, scores, codebook=None):
+def latent_stats(raw, args, rt):
+    """Per-channel mean and std of z_e on training clips (the first --eval-clips of split
+    'train'): RIVER normalises its latents with them, so they never come from held-out clips."""
+    scores = evaluate(raw, load_clips(args, args.eval_clips, "train"), args, rt)[0]
+    return {k: scores[k] for k in ("latent_mean", "latent_std")}
+
+
+def first_stage_meta(args, channels, step, scores, stats, codebook=None):
     """first_stage.json: what train_river.py (and train_videogpt.py) need to use the exported
     programs."""
     latent = args.resolution // 8
@@ -832,8 +850,7 @@ def first_stage_meta(args, channels, step, scores, codebook=None):
         "encode": "first_stage_encode.pt2",
         "decode": "first_stage_decode.pt2",
         "step": step,
-        "latent_mean": scores["latent_mean"],
-        "latent_std": scores["latent_std"],
+        **stats,  # of training clips
         "eval": scores,
     }
     dt = args.temporal_downsample
@@ -845,14 +862,17 @@ def first_stage_meta(args, channels, step, scores, codebook=None):
     return meta
 
 
-def finish(raw, clips, perf, step, args, rt, writer, t_start):
-    """Final evaluation (rank 0): samples, metrics.json and the exported first stage."""
-    scores, rec, z0 = run_eval(raw, clips, args, rt, step, writer)
+def finish(raw, perf, step, args, rt, writer, t_start):
+    """Final evaluation on test clips (rank 0): samples, metrics.json and the exported first
+    stage."""
+    clips = load_clips(args, args.eval_clips, "test")
+    scores, rec, z0 = run_eval(raw, clips, args, rt, step, writer, "test")
     save_samples(clips, rec, z0, args.out_dir, step, writer)
     perf["recon_frames_per_s"] = scores.pop("recon_frames_per_s")
     data = {
         "kind": args.data,
         "resolution": args.resolution,
+        "split": "test",
         "n_eval": clips.shape[0] * clips.shape[1],
     }
     report = {
@@ -866,7 +886,8 @@ def finish(raw, clips, perf, step, args, rt, writer, t_start):
     }
     write_json(os.path.join(args.out_dir, "metrics.json"), report)
     if args.export:
-        meta = first_stage_meta(args, clips.shape[2], step, scores, raw.codebook)
+        stats = latent_stats(raw, args, rt)
+        meta = first_stage_meta(args, clips.shape[2], step, scores, stats, raw.codebook)
         export_first_stage(raw, args.out_dir, meta)
     return report
 
@@ -1546,6 +1567,7 @@ def teardown(rt):
 
 def main(args: Args):
     rt = setup(args)
+    resolve_data(args)
     ckpt_path = checkpoint_path(args)
     eval_clips = load_clips(args, args.eval_clips, "val")
     channels = eval_clips.shape[2]
@@ -1565,7 +1587,7 @@ def main(args: Args):
         if rt.master:
             os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
             perf = {"train_samples_per_s": None, "mfu": None, "params": n_params}
-            report = finish(raw, eval_clips, perf, step, args, rt, None, time.time())
+            report = finish(raw, perf, step, args, rt, None, time.time())
             print(summary(report, args, trained=False))
         teardown(rt)
         return
@@ -1635,7 +1657,7 @@ def main(args: Args):
     if rt.master:
         perf = speed.summary(args.batch_size * rt.world)
         perf.update(params=n_params, device=device_name(rt), dtype=rt.dtype)
-        report = finish(raw, eval_clips, perf, step, args, rt, writer, t_start)
+        report = finish(raw, perf, step, args, rt, writer, t_start)
         writer.close()
         curves = os.path.join(args.out_dir, "plots", "training_curves.png")
         viz.plot_training_curves(args.out_dir, curves)

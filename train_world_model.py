@@ -1,19 +1,31 @@
 """Latent world model: encoder -> GRU / LSTM / transformer dynamics -> decoder, rolled out on its
 own predictions.
 
-Each frame (64x64) is encoded to a small latent grid (default 4 x 8 x 8 = 256 numbers): a grid, not
-a pooled vector, so the latent keeps where things are. The dynamics model reads the latents of the
---context observed frames one by one, then predicts each next latent from its own previous
-prediction (never from the encoded truth), --horizon times in training and --rollout times at
-evaluation, which may go past the training horizon. The decoder turns latents back into frames. All
-three train together on pixel losses: reconstruction of the context frames (autoencoding) and of the
-predicted frames, an image-gradient-difference term for sharpness, and a temporal term that matches
-predicted frame differences to the true ones.
+Each frame (64x64) is encoded to a small latent grid (default 4 x 8 x 8 = 256 numbers; --latent-grid
+16 keeps 4 x 16 x 16): a grid, not a pooled vector, so the latent keeps where things are. The
+dynamics model reads the latents of the --context observed frames one by one, then predicts each
+next latent from its own previous prediction (never from the encoded truth), --horizon times in
+training and --rollout times at evaluation, which may go past the training horizon. The decoder
+turns latents back into frames. All three train together on pixel losses: reconstruction of the
+context frames (autoencoding) and of the predicted frames, an image-gradient-difference term for
+sharpness, and a temporal term that matches predicted frame differences to the true ones.
 
 Dynamics (--dynamics): `gru` and `lstm` are convolutional recurrent cells over the latent grid;
 `transformer` is a causal transformer over the latent cells of the last --context frames, with a KV
 cache and ALiBi biases on frame distance instead of time positions, so a rollout can run to any
 length.
+
+Encoders (--encoder): `conv` trains with the rest. The seed's pretrained encoders are frozen unless
+--finetune-encoder, and a small trained adapter (1x1 projection, residual block, conv head) maps
+their features to the latent grid; the decoder always trains. `vqvae:DIR`: the exported encoder of
+a train_vqvae.py first stage (frames at its resolution, which must be --resolution; its latent
+grid, resolution / 8; z_e normalised by its training statistics). `resnet18`: torchvision's, up to
+layer2 (stride 8), on frames resized to 8 x the grid (at the default grid, as they are). `dinov2`:
+ViT-S/14's last-layer patch features on frames resized to 14 x the grid (112 px for 8x8). Both get
+grey frames as RGB, normalised with ImageNet's mean and std. Pretrained networks always run in
+inference mode (BatchNorm keeps its statistics). Weights come from local files only
+(--encoder-weights, torch.hub's cache; the README says how to fetch them); checkpoints hold them,
+so resume and --eval-only need no weights file.
 
 Papers: NVIDIA, "Cosmos World Foundation Model Platform for Physical AI" (2025) and the public
 Cosmos-inspired seed project (chenli-git/cosmo_video_world_model), of which three flaws are fixed
@@ -34,11 +46,35 @@ blurry.
     python train_world_model.py --width 32 --hidden 128 --batch-size 64 --steps 20000 --decoder-attn
     torchrun --standalone --nproc_per_node=2 train_world_model.py  # DDP (nccl on CUDA, gloo on CPU)
     python train_world_model.py --eval-only --ckpt runs/train_world_model/ckpt_best.pt --rollout 60
+    # pretrained encoders: a first stage of the same data, torchvision's ResNet-18, DINOv2
+    python train_vqvae.py --data bouncing_balls --out-dir runs/train_vqvae_balls
+    python train_world_model.py --encoder vqvae:runs/train_vqvae_balls
+    python train_world_model.py --encoder resnet18 --encoder-weights resnet18-f37072fd.pth
+    python train_world_model.py --encoder dinov2 --finetune-encoder   # torch.hub's local copy
     # a CPU shared with other jobs: far faster than 2 threads
     OMP_NUM_THREADS=1 python train_world_model.py
 
+The Moving MNIST 10 -> 10 benchmark (docs/results/moving_mnist.md): fresh two-digit clips every
+step, evaluated on a file in the standard test layout (mnist_test_seq.npy, or the one toy_data.py
+writes with held-out digits); metrics.json and the last line give the per-frame MSE and MAE (sums
+over a frame's pixels), PSNR, SSIM in our convention and in the published tables' (ssim_openstl),
+and copy_last on the same clips:
+
+    python toy_data.py --kind moving_mnist --split test --num 10000 --frames 20 \
+        --out mnist_test_seq.npy
+    MMNIST="--data moving_mnist --fresh --frames 20 --context 10 --horizon 10 --rollout 10
+        --latent-grid 16 --batch-size 16 --test-file mnist_test_seq.npy"
+    OMP_NUM_THREADS=1 python train_world_model.py $MMNIST --steps 1000 --test-clips 2000  # CPU
+    python train_world_model.py $MMNIST --width 64 --hidden 128 --steps 125000 \
+        --eval-every 625 --ckpt-every 625 --sample-every 6250 --test-clips 10000         # GPU
+
+Model selection on val, figures on test: the evaluation every --eval-every steps runs on val clips
+and keeps the best weights in ckpt_best.pt; metrics.json holds those weights' figures on test
+clips (split 'test' of --data, or --test-file).
+
 Outputs in --out-dir: ckpt.pt, ckpt_best.pt (the weights with the lowest validation loss),
-args.json, metrics.json (model and copy_last baseline on the same held-out clips), TensorBoard
+args.json, metrics.json (ckpt_best.pt's weights and the copy_last baseline on the same test clips),
+TensorBoard
 events (train/ eval/ perf/ samples/), samples/ (rollout_*.gif: truth | prediction | error with the
 context boundary marked; rollout_latest.png: frames with per-frame MSE), plots/
 (horizon_{psnr,ssim,mse}.png, training_curves.png).
@@ -53,8 +89,9 @@ import shlex
 import signal
 import sys
 import time
+from collections import OrderedDict
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -111,9 +148,9 @@ class Args:
     or npz (the last two need --data-dir)"""
     data_dir: str | None = None
     """folder of videos (--data folder), .npz file (--data npz) or MNIST files (--data
-    moving_mnist)"""
+    moving_mnist); implies its kind when --data is left out"""
     resolution: int = 64
-    """frame size in pixels (divisible by 8: the latent grid is resolution/8)"""
+    """frame size in pixels (divisible by 8)"""
     frames: int = 32
     """frames per training clip; batches cut random windows of --context + --horizon frames from
     them"""
@@ -126,14 +163,26 @@ class Args:
     horizon)"""
     train_clips: int = 512
     """clips generated once into memory as the training pool (split 'train')"""
+    fresh: bool = False
+    """draw new clips for every batch instead of the --train-clips pool (clip indices of split
+    'train' never repeat; generated kinds only)"""
     eval_clips: int = 64
-    """held-out clips (split 'val') of --context + --rollout frames for evaluation"""
+    """val clips (split 'val') of --context + --rollout frames: the evaluation during training,
+    which picks ckpt_best.pt"""
+    test_clips: int = 64
+    """test clips of --context + --rollout frames behind metrics.json (split 'test' of --data, or
+    the first N of --test-file)"""
+    test_file: str | None = None
+    """a file of test clips for metrics.json instead of split 'test' of --data: an .npz, or the
+    standard time-first layout (20, N, 64, 64) of mnist_test_seq.npy"""
     # model
     width: int = 16
     """channels of encoder and decoder at 1/2 resolution; doubled twice on the way down to the
     latent grid"""
     latent_channels: int = 4
     """channels of the latent grid (4 x 8 x 8 = 256 numbers at 64x64)"""
+    latent_grid: int | None = None
+    """side of the latent grid: --resolution / 2, / 4 or / 8 (default: / 8, 8x8 at 64 px)"""
     dynamics: str = "gru"
     """dynamics model: gru (ConvGRU), lstm (ConvLSTM) or transformer (causal, over latent cells)"""
     hidden: int = 64
@@ -144,6 +193,18 @@ class Args:
     """transformer attention heads"""
     decoder_attn: bool = False
     """self-attention in the decoder at the 8x8 and 16x16 scales (the seed's 'enhanced decoder')"""
+    encoder: str = "conv"
+    """frame encoder: conv (trained with the rest), vqvae:DIR (the frozen encoder of a first stage
+    written by train_vqvae.py at --resolution), resnet18 (torchvision, ImageNet weights) or dinov2
+    (ViT-S/14); a small trained adapter maps a pretrained encoder's features to the latent grid"""
+    encoder_weights: str | None = None
+    """resnet18: a state-dict file (default: torchvision's cache file
+    checkpoints/resnet18-f37072fd.pth in torch's hub folder, ~/.cache/torch/hub or
+    $TORCH_HOME/hub); dinov2: a TorchScript file or a local torch.hub folder of
+    facebookresearch/dinov2 (default: facebookresearch_dinov2_main in the hub folder, with the
+    weights checkpoints/dinov2_vits14_pretrain.pth there). Nothing is ever downloaded"""
+    finetune_encoder: bool = False
+    """train the weights of --encoder resnet18 or dinov2 too (frozen by default)"""
     # optim
     batch_size: int = 8
     """clips per batch per process"""
@@ -330,6 +391,71 @@ class CausalTransformer(nn.Module):
 
 
 DYNAMICS = ("gru", "lstm", "transformer")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Backbone(nn.Module):
+    """A pretrained feature extractor: frames (B, C, H, W) in [0, 1] -> features (B, channels, g, g)
+    on the latent grid. Frames are resized to `size` (the network's stride x g); ImageNet networks
+    get grey frames as RGB, normalised with ImageNet's mean and std; tokens (B, g * g, channels) are
+    laid out on the grid; shift and scale normalise the features (a first stage's latent
+    statistics). The network always runs as in inference: BatchNorm keeps its pretrained
+    statistics, and exported programs cannot switch mode. Frozen, it builds no graph."""
+
+    def __init__(self, net, channels, size, imagenet, shift=0.0, scale=1.0, trainable=False):
+        super().__init__()
+        self.net = net
+        for p in net.parameters():  # a TorchScript module has no requires_grad_()
+            p.requires_grad_(trainable)
+        self.channels = channels
+        self.size = size
+        self.imagenet = imagenet
+        self.trainable = trainable
+        self.training = False
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        for name, value in (("shift", shift), ("scale", scale)):
+            value = torch.as_tensor(value, dtype=torch.float32).reshape(1, -1, 1, 1)
+            self.register_buffer(name, value.expand(1, channels, 1, 1).clone())
+
+    def train(self, mode=True):
+        return self  # see the class docstring: the network's mode never changes
+
+    def forward(self, x):
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+        if self.imagenet:  # grey frames broadcast to RGB
+            x = (x - self.mean) / self.std
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            f = self.net(x)
+        if f.dim() == 3:  # tokens, row by row
+            g = math.isqrt(f.shape[1])
+            f = f.transpose(1, 2).unflatten(2, (g, g))
+        return (f.float() - self.shift) / self.scale
+
+
+class DinoPatches(nn.Module):
+    """DINOv2's patch features of the last layer, normalised, as a map (B, 384, h, w)."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        return self.vit.get_intermediate_layers(x, n=1, reshape=True, norm=True)[0]
+
+
+def adapter(cin, c, latent_channels):
+    """The trained map from a pretrained encoder's features to the latent grid: a 1x1 projection,
+    a residual block and the conv encoder's head."""
+    return nn.Sequential(
+        nn.Conv2d(cin, c, 1),
+        ResBlock(c, c),
+        norm(c),
+        nn.SiLU(),
+        nn.Conv2d(c, latent_channels, 3, padding=1),
+    )
 
 
 class WorldModel(nn.Module):
@@ -345,28 +471,38 @@ class WorldModel(nn.Module):
         decoder_attn=False,
         grid=8,
         window=10,
+        down=3,
+        encoder="conv",
+        backbone=None,
     ):
+        """encoder: conv, or the name of the pretrained `backbone` (a Backbone on the latent
+        grid), which an adapter follows."""
         super().__init__()
         c1, c2, c3 = width, 2 * width, 4 * width
         attn = SelfAttention if decoder_attn else (lambda c: nn.Identity())
-        # a strided stem: full-resolution layers are what costs most on a CPU
-        self.encoder = nn.Sequential(
-            nn.Conv2d(channels, c1, 4, stride=2, padding=1),
-            ResBlock(c1, c2, "down"),
-            ResBlock(c2, c3, "down"),
-            ResBlock(c3, c3),
-            norm(c3),
-            nn.SiLU(),
-            nn.Conv2d(c3, latent_channels, 3, padding=1),
-        )
+        self.backbone = backbone
+        if encoder == "conv":
+            # a strided stem (full-resolution layers are what costs most on a CPU), then blocks
+            # that halve the size until `down` halvings (1-3) reach the latent grid
+            self.encoder = nn.Sequential(
+                nn.Conv2d(channels, c1, 4, stride=2, padding=1),
+                ResBlock(c1, c2, "down" if down > 1 else None),
+                ResBlock(c2, c3, "down" if down > 2 else None),
+                ResBlock(c3, c3),
+                norm(c3),
+                nn.SiLU(),
+                nn.Conv2d(c3, latent_channels, 3, padding=1),
+            )
+        else:
+            self.encoder = adapter(backbone.channels, c3, latent_channels)
         # pixel shuffle for the last doubling: sharp edges at 1/2 resolution's cost
         self.decoder = nn.Sequential(
             nn.Conv2d(latent_channels, c3, 3, padding=1),
             ResBlock(c3, c3),
             attn(c3),
-            ResBlock(c3, c2, "up"),
+            ResBlock(c3, c2, "up" if down > 2 else None),
             attn(c2),
-            ResBlock(c2, c1, "up"),
+            ResBlock(c2, c1, "up" if down > 1 else None),
             norm(c1),
             nn.SiLU(),
             nn.Conv2d(c1, 4 * channels, 3, padding=1),
@@ -381,8 +517,10 @@ class WorldModel(nn.Module):
         }[dynamics]()
 
     def encode(self, x):
-        """x (B, C, H, W) in [0, 1] -> latent grid (B, latent_channels, H/8, W/8)."""
-        return self.encoder(x * 2 - 1)
+        """x (B, C, H, W) in [0, 1] -> latent grid (B, latent_channels, H/2^down, W/2^down)."""
+        if self.backbone is None:
+            return self.encoder(x * 2 - 1)
+        return self.encoder(self.backbone(x))
 
     def decode(self, z):
         """latent grid -> frames (unclamped; about [0, 1])."""
@@ -489,7 +627,215 @@ def train_step(model, opt, scaler, x, k, args, amp):
     return terms
 
 
+# ----------------------------------------------------------------------------- pretrained encoders
+# torch.hub's file and folder names, where torchvision and torch.hub.load keep what they download
+RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's ResNet18_Weights.IMAGENET1K_V1
+DINOV2_FILE = "dinov2_vits14_pretrain.pth"
+DINOV2_REPO = "facebookresearch_dinov2_main"
+ENCODERS = ("conv", "vqvae:DIR", "resnet18", "dinov2")
+WEIGHTS_ADVICE = {
+    "resnet18": 'on a machine with internet, `python -c "import torchvision; '
+    "torchvision.models.resnet18(weights='IMAGENET1K_V1')\"` saves it as "
+    f"~/.cache/torch/hub/checkpoints/{RESNET18_FILE}; copy that file to this path or pass "
+    "--encoder-weights FILE",
+    "dinov2": 'on a machine with internet, `python -c "import torch; '
+    "torch.hub.load('facebookresearch/dinov2', 'dinov2_vits14')\"` saves the code in "
+    f"~/.cache/torch/hub/{DINOV2_REPO} and the weights in ~/.cache/torch/hub/checkpoints/"
+    f"{DINOV2_FILE}; copy both to the same places under this machine's torch hub folder "
+    "(TORCH_HOME) or pass --encoder-weights with a TorchScript file",
+}
+
+
+def encoder_kind(spec):
+    """--encoder -> conv, vqvae, resnet18 or dinov2 (what a checkpoint records)."""
+    kind = spec.split(":", 1)[0] if spec.startswith("vqvae:") else spec
+    if kind not in ("conv", "vqvae", "resnet18", "dinov2"):
+        raise SystemExit(f"error: unknown --encoder {spec!r}; use one of {', '.join(ENCODERS)}")
+    return kind
+
+
+def check_encoder_flags(args):
+    """Stop with one line on encoder flags that cannot apply."""
+    kind = encoder_kind(args.encoder)
+    if kind == "vqvae" and not args.encoder[len("vqvae:") :]:
+        raise SystemExit("error: --encoder vqvae:DIR needs the folder of a train_vqvae.py run")
+    if args.encoder_weights and kind not in WEIGHTS_ADVICE:
+        raise SystemExit(
+            f"error: --encoder-weights applies to --encoder resnet18 or dinov2, not {kind}"
+        )
+    if args.finetune_encoder and kind == "conv":
+        raise SystemExit(
+            "error: --finetune-encoder trains a pretrained encoder; the conv encoder always "
+            "trains: drop the flag"
+        )
+    if args.finetune_encoder and kind == "vqvae":
+        raise SystemExit(
+            "error: --finetune-encoder cannot train --encoder vqvae:DIR: its encoder is an "
+            "exported program (frozen); use --encoder conv to train one from scratch"
+        )
+    if kind == "vqvae" and latent_grid(args) != args.resolution // 8:
+        raise SystemExit(
+            f"error: --encoder {args.encoder} gives the first stage's latent grid, --resolution "
+            f"{args.resolution} / 8; drop --latent-grid {args.latent_grid}"
+        )
+
+
+def read_weights(path, kind, module):
+    """Load a state-dict file into module, or stop with one line that says how to get it."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: no {kind} weights at {path}; {WEIGHTS_ADVICE[kind]}")
+    try:
+        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:
+        raise SystemExit(
+            f"error: cannot load {kind} weights from {path} ({type(e).__name__}: "
+            f"{first_line(e)}); {WEIGHTS_ADVICE[kind]}"
+        )
+
+
+def feature_channels(net, channels, size, grid, what):
+    """Channels of net's features for a frame of `size` px, which must lie on the grid x grid latent
+    grid as a map (1, C, grid, grid) or tokens (1, grid * grid, C); else stop with one line."""
+    try:
+        with torch.no_grad():
+            f = net(torch.zeros(1, channels, size, size))
+    except Exception as e:
+        raise SystemExit(
+            f"error: --encoder {what} failed on a {size} px frame ({type(e).__name__}: "
+            f"{first_line(e)}); see --help for what it must be"
+        )
+    shape = tuple(f.shape)
+    if shape[2:] == (grid, grid):
+        return shape[1]
+    if len(shape) == 3 and shape[1] == grid * grid:
+        return shape[2]
+    raise SystemExit(
+        f"error: --encoder {what} gave features of shape {shape} for a {size} px frame, not "
+        f"(1, C, {grid}, {grid}) or (1, {grid * grid}, C) on the latent grid"
+    )
+
+
+def resnet18_backbone(weights, grid, pretrained, trainable):
+    """torchvision's ResNet-18 up to layer2 (stride 8, 128 channels), fed frames of 8 x grid px
+    (at the default grid, the frames as they are). ImageNet weights from `weights` (default:
+    torchvision's cache) when pretrained; else the checkpoint brings them. Never downloads."""
+    try:
+        import torchvision
+    except Exception as e:  # missing, or built for another torch
+        raise SystemExit(
+            f"error: --encoder resnet18 needs torchvision ({type(e).__name__}: {first_line(e)}); "
+            "install the torchvision that matches your torch (pip install torchvision), or use "
+            "another --encoder"
+        )
+    net = torchvision.models.resnet18(weights=None)
+    if pretrained:
+        path = weights or os.path.join(torch.hub.get_dir(), "checkpoints", RESNET18_FILE)
+        read_weights(path, "resnet18", net)
+    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2")
+    net = nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names)).eval()
+    channels = feature_channels(net, 3, 8 * grid, grid, "resnet18")
+    return Backbone(net, channels, 8 * grid, imagenet=True, trainable=trainable)
+
+
+def dinov2_backbone(source, grid, pretrained, trainable):
+    """DINOv2 ViT-S/14's normalised last-layer patch features, fed frames of 14 x grid px, so that
+    its patches are the latent grid. From a TorchScript file (its forward: frames -> a feature map
+    or patch tokens), or from a local torch.hub folder of facebookresearch/dinov2 (default: torch
+    hub's own copy) with the weights of torch.hub's cache when pretrained. Never downloads."""
+    hub = torch.hub.get_dir()
+    source = source or os.path.join(hub, DINOV2_REPO)
+    size = 14 * grid
+    if os.path.isfile(source):
+        try:
+            net = torch.jit.load(source, map_location="cpu").eval()
+        except Exception as e:
+            raise SystemExit(
+                f"error: cannot load the TorchScript file {source} ({type(e).__name__}: "
+                f"{first_line(e)}); {WEIGHTS_ADVICE['dinov2']}"
+            )
+    elif os.path.isfile(os.path.join(source, "hubconf.py")):
+        try:
+            vit = torch.hub.load(source, "dinov2_vits14", source="local", pretrained=False)
+        except Exception as e:
+            raise SystemExit(
+                f"error: cannot build dinov2_vits14 from {source} ({type(e).__name__}: "
+                f"{first_line(e)}); {WEIGHTS_ADVICE['dinov2']}"
+            )
+        if pretrained:
+            read_weights(os.path.join(hub, "checkpoints", DINOV2_FILE), "dinov2", vit)
+        net = DinoPatches(vit).eval()
+    else:
+        raise SystemExit(
+            f"error: no DINOv2 at {source} (a TorchScript file, or a torch.hub folder with "
+            f"hubconf.py); {WEIGHTS_ADVICE['dinov2']}"
+        )
+    channels = feature_channels(net, 3, size, grid, "dinov2")
+    backbone = Backbone(net, channels, size, imagenet=True, trainable=trainable)
+    mask = getattr(getattr(net, "vit", None), "mask_token", None)
+    if mask is not None:  # used in masked pre-training only: DDP would wait for its gradient
+        mask.requires_grad_(False)
+    return backbone
+
+
+def vqvae_backbone(path, args, channels):
+    """The frozen encoder of a train_vqvae.py first stage (an exported program at its training
+    resolution): z_e (B, 4, H/8, W/8), normalised per channel with the latent statistics of its
+    training clips."""
+    files = [os.path.join(path, f"first_stage{s}") for s in (".json", "_encode.pt2")]
+    make = f"python train_vqvae.py --data {args.data} --resolution {args.resolution} --out-dir "
+    make += shlex.quote(path)
+    if not all(os.path.isfile(f) for f in files):
+        raise SystemExit(
+            f"error: no first stage in {path} (first_stage.json, first_stage_encode.pt2); make "
+            f"one with `{make}`"
+        )
+    try:
+        with open(files[0]) as f:
+            meta = json.load(f)
+        size, got = meta["resolution"], meta["channels"]
+        net = torch.export.load(files[1]).module()
+    except Exception as e:
+        raise SystemExit(
+            f"error: cannot load the first stage in {path} ({type(e).__name__}: "
+            f"{first_line(e)}); make one with `{make}`"
+        )
+    if (size, got) != (args.resolution, channels):
+        raise SystemExit(
+            f"error: the first stage in {path} takes {got}-channel {size} px frames, --data "
+            f"{args.data} at --resolution {args.resolution} gives {channels}-channel "
+            f"{args.resolution} px ones; pass --resolution {size} or make one with `{make}`"
+        )
+    grid = latent_grid(args)
+    feat = feature_channels(net, channels, size, grid, f"vqvae:{path}")
+    stats = (meta.get("latent_mean", 0.0), meta.get("latent_std", 1.0))
+    return Backbone(net, feat, size, imagenet=False, shift=stats[0], scale=stats[1])
+
+
+def build_backbone(args, channels, pretrained):
+    """The pretrained encoder of --encoder (None for conv), frozen unless --finetune-encoder.
+    pretrained: load its pretrained weights (not when a checkpoint brings them)."""
+    kind = encoder_kind(args.encoder)
+    grid = latent_grid(args)
+    trainable = args.finetune_encoder
+    if kind == "resnet18":
+        return resnet18_backbone(args.encoder_weights, grid, pretrained, trainable)
+    if kind == "dinov2":
+        return dinov2_backbone(args.encoder_weights, grid, pretrained, trainable)
+    if kind == "vqvae":
+        return vqvae_backbone(args.encoder[len("vqvae:") :], args, channels)
+    return None
+
+
 # ----------------------------------------------------------------------------- data
+def resolve_data(args):
+    """--data-dir implies its kind when --data is left at its default (toy_data.data_kind); with
+    another generated kind it stops with one line instead of being ignored."""
+    try:
+        args.data = toy_data.data_kind(args.data, args.data_dir, Args.data)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+
+
 def load_clips(args, n_clips, n_frames, split, rank=0, world=1):
     """Generate clips once into a uint8 (N, T, C, H, W) tensor;
     rank r keeps clips r, r+world, ..."""
@@ -527,36 +873,79 @@ def sample_batch(pool, gen, args, device):
     return pool[i[:, None], s[:, None] + torch.arange(span)].to(device).float() / 255
 
 
+def training_data(args, rt):
+    """The --train-clips pool (uint8, generated once; rank r keeps clips r, r+world, ...), or with
+    --fresh the 'train' data set that every step draws new clips from."""
+    if not args.fresh:
+        return load_clips(args, args.train_clips, args.frames, "train", rt.rank, rt.world)
+    n = args.steps * rt.world * args.batch_size
+    return toy_data.make_dataset(
+        args.data, n, args.resolution, args.frames, args.seed, "train", args.data_dir
+    )
+
+
+def fresh_batch(ds, step, gen, args, device, rank=0, world=1):
+    """--fresh: a step's batch is the next --batch-size clips of the 'train' stream (indices from
+    (step * world + rank) * batch_size: each rank, each step new clips), at the pool's uint8
+    precision, one random window of --context + --horizon frames each, in [0, 1]."""
+    first = (step * world + rank) * args.batch_size
+    clips = torch.stack([ds[first + j]["video"] for j in range(args.batch_size)])
+    clips = (clips.clamp(0, 1) * 255).round() / 255
+    span = args.context + args.horizon
+    s = torch.randint(clips.shape[1] - span + 1, (args.batch_size,), generator=gen)
+    rows = torch.arange(args.batch_size)[:, None]
+    return clips[rows, s[:, None] + torch.arange(span)].to(device)
+
+
+def next_batch(data, step, gen, args, rt):
+    """The training batch of a step: new clips with --fresh, else windows of pool clips."""
+    if args.fresh:
+        return fresh_batch(data, step, gen, args, rt.device, rt.rank, rt.world)
+    return sample_batch(data, gen, args, rt.device)
+
+
+def test_set(args):
+    """The clips behind metrics.json: the first --test-clips of --test-file, or of split 'test'."""
+    source = args
+    if args.test_file:
+        source = replace(args, data="npz", data_dir=args.test_file)
+    return load_clips(source, args.test_clips, args.context + eval_rollout(args), "test")
+
+
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # compiled graphs serve training steps alone
 def evaluate(model, clips, args, device, amp, batch=32):
     """Roll out held-out clips exactly as in training: encode --context frames, then predict the
-    rest from the model's own latents. -> (model scores, copy_last scores, validation terms,
-    per-frame tensors, frames)."""
+    rest from the model's own latents. Errors are scored on the raw output, PSNR and SSIM on it
+    clamped (metrics.prediction_scores). -> (model scores, copy_last scores, loss terms, per-frame
+    tensors, frames of the first 4 clips: context reconstructed, then predicted, in [0, 1])."""
     model.eval()
     c = args.context
     steps = clips.shape[1] - c
     h = min(args.horizon, steps)  # the validation loss covers the trained horizon
     terms = torch.zeros(5)
-    outs = []
+    preds, recon_psnr = [], []
     t0 = time.perf_counter()
     for i in range(0, len(clips), batch):
         x = clips[i : i + batch].to(device).float() / 255
         _, batch_terms, rec, pred = rollout_losses(model, x, h, args, amp, steps)
         terms += batch_terms.cpu() * len(x)
-        outs.append(torch.cat([rec, pred], 1).float().clamp(0, 1).cpu())
+        preds.append(pred.float().cpu())
+        rec = rec.float().clamp(0, 1).cpu()
+        recon_psnr.append(metrics.psnr(rec, x[:, :c].cpu(), per_frame=True))
+        if i == 0:
+            shown = torch.cat([rec, preds[0].clamp(0, 1)], 1)[:4]
     fps = len(clips) * steps / (time.perf_counter() - t0)
     model.train()
-    frames = torch.cat(outs)
-    truth = clips.float() / 255
+    truth = clips[:, c - 1 :].float() / 255  # the last context frame (for copy_last), the targets
     scores, curves = metrics.score_prediction(
-        frames[:, c:], truth[:, :c], truth[:, c:], args.horizon
+        torch.cat(preds), truth[:, :1], truth[:, 1:], args.horizon
     )
     val = dict(zip(LOSS_NAMES, (terms / len(clips)).tolist()))
-    val["recon_psnr"] = metrics.psnr(frames[:, :c], truth[:, :c])
+    val["recon_psnr"] = float(torch.cat(recon_psnr).mean())
     val["gen_frames_per_s"] = fps
-    return scores["model"], scores["copy_last"], val, curves, frames
+    return scores["model"], scores["copy_last"], val, curves, shown
 
 
 def save_samples(clips, frames, curves, args, step, writer):
@@ -597,8 +986,9 @@ def save_plots(curves, args):
         )
 
 
-def run_eval(raw, eval_clips, args, rt, step, writer):
-    """Evaluate on the held-out clips, print the eval line and log it (rank 0)."""
+def run_eval(raw, eval_clips, args, rt, step, writer, tag="eval"):
+    """Evaluate on held-out clips, print the line (tag "eval": val clips, "test": test clips)
+    and log it (rank 0)."""
     ours, base, val, curves, frames = evaluate(raw, eval_clips, args, rt.device, rt.amp)
     if writer:
         for k, v in ours.items():
@@ -609,10 +999,10 @@ def run_eval(raw, eval_clips, args, rt, step, writer):
             writer.add_scalar(("perf/" if k.endswith("_per_s") else "eval/val_") + k, v, step)
     rollout = eval_rollout(args)
     print(
-        f"eval step {step}: PSNR {ours['psnr']:.2f} dB (copy_last {base['psnr']:.2f})  "
+        f"{tag} step {step}: PSNR {ours['psnr']:.2f} dB (copy_last {base['psnr']:.2f})  "
         f"SSIM {ours['ssim']:.4f} ({base['ssim']:.4f})  MSE/frame {ours['mse_frame_sum']:.1f} "
         f"({base['mse_frame_sum']:.1f}) over {args.horizon} frames; {rollout} frames: "
-        f"PSNR {ours['psnr_rollout']:.2f} ({base['psnr_rollout']:.2f})  val loss {val['loss']:.4f}"
+        f"PSNR {ours['psnr_rollout']:.2f} ({base['psnr_rollout']:.2f})  loss {val['loss']:.4f}"
         f"  recon PSNR {val['recon_psnr']:.2f}",
         flush=True,
     )
@@ -638,16 +1028,19 @@ def eval_and_keep_best(raw, eval_clips, args, rt, arch, step, best, writer):
     return results, val_loss
 
 
-def write_metrics(results, perf, args, step, best, eval_clips, writer, t_start):
-    """Final samples, plots and metrics.json (rank 0)."""
+def write_metrics(results, perf, args, step, best, test_clips, writer, t_start, selected):
+    """Final samples, plots and metrics.json (rank 0): figures of the test clips, from the weights
+    of step `selected` (best on val)."""
     ours, base, val, curves, frames = results
-    save_samples(eval_clips, frames, curves, args, step, writer)
+    save_samples(test_clips, frames, curves, args, step, writer)
     save_plots(curves, args)
     perf["gen_frames_per_s"] = val.pop("gen_frames_per_s")
     data = {
         "kind": args.data,
         "resolution": args.resolution,
-        "n_eval": eval_clips.shape[0],
+        "split": "test",
+        "test_file": args.test_file,
+        "n_eval": test_clips.shape[0],
         "context": args.context,
         "horizon": args.horizon,
         "rollout": eval_rollout(args),
@@ -658,34 +1051,87 @@ def write_metrics(results, perf, args, step, best, eval_clips, writer, t_start):
         "wall_s": round(time.time() - t_start, 1),
         "eval": ours,
         "baselines": {"copy_last": base},
-        "val": {**val, "best_loss": best if math.isfinite(best) else None},
+        "losses": val,  # on the same test clips
+        "val": {"best_loss": best if math.isfinite(best) else None, "selected_step": selected},
         "perf": perf,
         "data": data,
     }
     write_json(os.path.join(args.out_dir, "metrics.json"), report)
 
 
-def summary(results, args, trained):
-    """The last line of a run: the headline figures against copy-last and where the outputs are."""
+def report_test(raw, args, rt, step, best, perf, writer, t_start):
+    """metrics.json (rank 0): the weights that were best on val (ckpt_best.pt; under --eval-only
+    the checkpoint's own) rolled out on the test clips. -> (run_eval's tuple, their step)"""
+    selected = step
+    best_path = os.path.join(args.out_dir, "ckpt_best.pt")
+    if not args.eval_only and os.path.isfile(best_path):
+        ckpt = torch.load(best_path, map_location="cpu", weights_only=True)
+        raw.load_state_dict(ckpt["model"])
+        selected = ckpt["step"]
+    clips = test_set(args)
+    results = run_eval(raw, clips, args, rt, step, None, "test")
+    write_metrics(results, perf, args, step, best, clips, writer, t_start, selected)
+    return results, selected
+
+
+def summary(results, args, selected, wall_s=None):
+    """The last lines of a run: the test figures (the published tables' MSE and MAE per frame,
+    SSIM in both conventions) against copy-last and where the outputs are."""
     ours, base = results[:2]
-    files = "ckpt.pt, ckpt_best.pt, metrics.json, samples/, plots/, TensorBoard events"
-    files = files if trained else "metrics.json, samples/, plots/"
+    files = "metrics.json, samples/, plots/"
+    run = f"the checkpoint of step {selected}"
+    if wall_s is not None:
+        files = "ckpt.pt, ckpt_best.pt, metrics.json, samples/, plots/, TensorBoard events"
+        run = f"weights of step {selected} of {args.steps} (best on val), {wall_s / 60:.1f} min"
+    figures = [
+        f"{name} MSE {s['mse_frame_sum']:.1f} MAE {s['mae_frame_sum']:.1f} SSIM {s['ssim']:.4f} "
+        f"(published tables' convention {s['ssim_openstl']:.4f}) PSNR {s['psnr']:.2f} dB"
+        for name, s in (("model", ours), ("copy_last", base))
+    ]
     return (
-        f"held-out prediction of {args.horizon} frames: PSNR {ours['psnr']:.2f} dB (copy_last "
-        f"{base['psnr']:.2f}), SSIM {ours['ssim']:.4f} ({base['ssim']:.4f}); in {args.out_dir}: "
-        f"{files} (tensorboard --logdir {args.out_dir})"
+        f"test prediction of {args.horizon} frames after {args.context}, {run}: {figures[0]}; "
+        f"{figures[1]}\nin {args.out_dir}: {files} (tensorboard --logdir {args.out_dir})"
     )
 
 
 # ----------------------------------------------------------------------------- training loop
+def latent_grid(args):
+    """Side of the latent grid: --latent-grid, by default --resolution / 8."""
+    return args.latent_grid or args.resolution // 8
+
+
+def check_data(args):
+    """Stop with one line on data flags that cannot work: --data-dir implies its kind (or stops),
+    --fresh needs a generated kind, --test-file must give test clips this model can take."""
+    resolve_data(args)
+    if args.fresh and args.data in ("folder", "npz"):
+        raise SystemExit(
+            f"error: --fresh draws new generated clips, but --data {args.data} is a fixed set of "
+            "videos; drop --fresh (the --train-clips pool samples them)"
+        )
+    clip = test_set(replace(args, test_clips=1))  # now, not after training
+    if args.test_file:
+        want = toy_data.channels_of(args.data, args.data_dir)
+        if clip.shape[2] != want:
+            raise SystemExit(
+                f"error: --test-file {args.test_file} has {clip.shape[2]}-channel videos, --data "
+                f"{args.data} {want}-channel ones; pass test clips of the same kind"
+            )
+
+
 def check_args(args, ckpt_path):
     """Stop with one line on flags the model or the data cannot take, before anything is written."""
-    counts = ["steps", "batch_size", "train_clips", "eval_clips", "frames", "width", "hidden"]
-    check_counts(args, counts + ["log_every", "eval_every", "sample_every", "ckpt_every"])
+    counts = ["steps", "batch_size", "train_clips", "eval_clips", "test_clips", "frames", "width"]
+    check_counts(args, counts + ["hidden", "log_every", "eval_every", "sample_every", "ckpt_every"])
     if args.resolution % 8 or args.resolution < 8:
         raise SystemExit(
             f"error: --resolution {args.resolution} is not a positive multiple of 8 (the encoder "
             "halves it 3 times); use e.g. 64"
+        )
+    if latent_grid(args) not in [args.resolution // k for k in (2, 4, 8)]:
+        raise SystemExit(
+            f"error: --latent-grid {args.latent_grid} must be --resolution {args.resolution} "
+            "divided by 2, 4 or 8 (the encoder halves the frame 1 to 3 times)"
         )
     if args.dynamics not in DYNAMICS:
         raise SystemExit(
@@ -707,6 +1153,8 @@ def check_args(args, ckpt_path):
             f"error: --eval-only needs a checkpoint but {ckpt_path} does not exist; train first or "
             "pass --ckpt"
         )
+    check_encoder_flags(args)
+    check_data(args)
 
 
 def model_arch(args, channels):
@@ -720,9 +1168,25 @@ def model_arch(args, channels):
         layers=args.layers,
         heads=args.heads,
         decoder_attn=args.decoder_attn,
-        grid=args.resolution // 8,
+        grid=latent_grid(args),
         window=args.context,
+        down=round(math.log2(args.resolution // latent_grid(args))),
+        encoder=encoder_kind(args.encoder),
     )
+
+
+def read_checkpoint(path, arch):
+    """load_checkpoint, with a checkpoint of another --encoder refused by that flag's name (one
+    from before --encoder has the conv encoder)."""
+    ckpt = load_checkpoint(path, {k: v for k, v in arch.items() if k != "encoder"})
+    saved = ckpt.get("arch", {}).get("encoder", "conv")
+    if saved != arch["encoder"]:
+        flag = shlex.quote(ckpt.get("args", {}).get("encoder", saved))
+        raise SystemExit(
+            f"error: {path} was trained with --encoder {flag}, not {arch['encoder']}; pass "
+            f"--encoder {flag} (the checkpoint holds its weights) or use another --out-dir"
+        )
+    return ckpt
 
 
 def step_flops(raw, args, rt, channels):
@@ -755,25 +1219,44 @@ def wrap_model(raw, rt):
     return wrap_ddp(raw, rt)
 
 
-def eval_only(raw, eval_clips, args, rt, step, best):
-    """--eval-only: metrics.json, samples and plots of the checkpoint (rank 0); no checkpoint,
-    args.json or events are written."""
+def eval_only(raw, args, rt, step, best):
+    """--eval-only: metrics.json, samples and plots of the checkpoint on the test clips (rank 0);
+    no checkpoint, args.json or events are written."""
     if rt.master:
         for sub in ("samples", "plots"):
             os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
-        results = run_eval(raw, eval_clips, args, rt, step, None)
         n_params = sum(p.numel() for p in raw.parameters())
         perf = {"train_samples_per_s": None, "mfu": None, "params": n_params}
-        write_metrics(results, perf, args, step, best, eval_clips, None, time.time())
-        print(summary(results, args, trained=False))
+        results, _ = report_test(raw, args, rt, step, best, perf, None, time.time())
+        print(summary(results, args, step))
     teardown(rt)
+
+
+def start_line(args, rt, raw, data, step):
+    """The first line of a training run."""
+    clips = f"new training clips every step (split 'train'; {len(data)} in all)"
+    if not args.fresh:
+        clips = f"{len(data)} training clips/rank"
+    grid = latent_grid(args)
+    n_params = sum(p.numel() for p in raw.parameters())
+    encoder = ""
+    if raw.backbone is not None:
+        trained = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+        how = "fine-tuned" if args.finetune_encoder else "frozen"
+        encoder = f" ({trained / 1e6:.2f}M trained), {args.encoder} encoder {how} + adapter"
+    return (
+        f"train_world_model: {n_params / 1e6:.2f}M params{encoder}, {args.dynamics} dynamics, "
+        f"{args.latent_channels}x{grid}x{grid} latents, {rt.device.type} {rt.dtype}, compile "
+        f"{rt.compile}, world {rt.world}, {clips} of {args.data}, from step {step} to "
+        f"{args.steps}; outputs in {args.out_dir}"
+    )
 
 
 def make_optimizer(raw, args, rt, ckpt):
     """AdamW, the fp16 loss scaler and this rank's data generator, restored from ckpt to resume."""
     gen = torch.Generator().manual_seed(args.seed + 1000 * rt.rank)
     opt = torch.optim.AdamW(
-        raw.parameters(),
+        [p for p in raw.parameters() if p.requires_grad],  # a frozen encoder stays out
         lr=args.lr,
         betas=(0.9, 0.99),
         weight_decay=args.weight_decay,
@@ -1337,26 +1820,27 @@ def main(args: Args):
     arch = model_arch(args, eval_clips.shape[2])
     ckpt = None
     if (args.resume or args.eval_only) and os.path.isfile(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, arch)
+        ckpt = read_checkpoint(ckpt_path, arch)
     if ckpt and not args.eval_only and "optimizer" not in ckpt:
         raise SystemExit(
             f"error: {ckpt_path} holds best weights only; resume from ckpt.pt or evaluate it with "
             "--eval-only"
         )
-    raw = WorldModel(**arch).to(rt.device)
+    backbone = build_backbone(args, arch["channels"], pretrained=ckpt is None)
+    raw = WorldModel(**arch, backbone=backbone).to(rt.device)
     if ckpt:
         load_weights(raw, ckpt["model"], ckpt_path)
-    if ckpt and not args.eval_only:
-        check_resume(ckpt, args, ckpt_path)
+    if ckpt and not args.eval_only:  # the encoder's weights come from the checkpoint
+        check_resume(ckpt, args, ckpt_path, free=("encoder", "encoder_weights"))
     step = ckpt["step"] if ckpt else 0
     best = ckpt.get("best_val", math.inf) if ckpt else math.inf
     if args.eval_only:
-        eval_only(raw, eval_clips, args, rt, step, best)
+        eval_only(raw, args, rt, step, best)
         return
 
     # ---- training state
     # (clips, frames, C, H, W) uint8
-    pool = load_clips(args, args.train_clips, args.frames, "train", rt.rank, rt.world)
+    pool = training_data(args, rt)
     opt, scaler, gen = make_optimizer(raw, args, rt, ckpt)
     flops = step_flops(raw, args, rt, eval_clips.shape[2])  # on the eager model, before compiling
     model = wrap_model(raw, rt)
@@ -1364,13 +1848,7 @@ def main(args: Args):
     writer = None  # TensorBoard, rank 0 only
     if rt.master:
         writer = open_writer(args, step)
-        print(
-            f"train_world_model: {n_params / 1e6:.2f}M params, {args.dynamics} dynamics, "
-            f"{rt.device.type} {rt.dtype}, compile {rt.compile}, world {rt.world}, {len(pool)} "
-            f"training clips/rank of {args.data}, from step {step} to {args.steps}; "
-            f"outputs in {args.out_dir}",
-            flush=True,
-        )
+        print(start_line(args, rt, raw, pool, step), flush=True)
 
     # ---- loop
     meter = LossMeter([*LOSS_NAMES, "rollout"], rt.device)
@@ -1384,7 +1862,7 @@ def main(args: Args):
             lr = lr_at(step, args.steps, args.lr, args.warmup_steps)
             set_lr([opt], lr)
             k = rollout_len(step, args)
-            x = sample_batch(pool, gen, args, rt.device)
+            x = next_batch(pool, step, gen, args, rt)
             terms = train_step(model, opt, scaler, x, k, args, rt.amp)
             meter.add(torch.cat([terms, terms.new_tensor([k])]))
             step += 1
@@ -1422,11 +1900,11 @@ def main(args: Args):
             results, best = eval_and_keep_best(raw, eval_clips, args, rt, arch, step, best, writer)
         perf = speed.summary(args.batch_size * rt.world)
         perf.update(params=n_params, device=device_name(rt), dtype=rt.dtype)
-        write_metrics(results, perf, args, step, best, eval_clips, writer, t_start)
+        results, selected = report_test(raw, args, rt, step, best, perf, writer, t_start)
         writer.close()
         curves_png = os.path.join(args.out_dir, "plots", "training_curves.png")
         viz.plot_training_curves(args.out_dir, curves_png)
-        print(summary(results, args, trained=True))
+        print(summary(results, args, selected, time.time() - t_start))
     teardown(rt)
 
 

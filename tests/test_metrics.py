@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import metrics as M  # noqa: E402
@@ -522,6 +523,105 @@ def test_ssim_per_frame_against_a_written_out_reference_and_skimage():
     c1 = 0.01**2
     flat = M.ssim(torch.full((1, 12, 12), 0.2), torch.full((1, 12, 12), 0.7))
     assert flat == pytest.approx((2 * 0.2 * 0.7 + c1) / (0.2**2 + 0.7**2 + c1), rel=1e-6)
+
+
+def _ssim_openstl_reference(x, y):
+    """The published tables' SSIM written out: every 7x7 window fully inside the frame, plain
+    means, sample (n - 1) variances and covariance, C1 = (0.01 * 2)^2 and C2 = (0.03 * 2)^2 (float
+    frames were taken as spanning [-1, 1]); mean over the map, then over the channels."""
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    per_channel = []
+    for a, b in zip(x, y):
+        vals = []
+        for i in range(a.shape[0] - 6):
+            for j in range(a.shape[1] - 6):
+                pa, pb = a[i : i + 7, j : j + 7].ravel(), b[i : i + 7, j : j + 7].ravel()
+                ma, mb = pa.mean(), pb.mean()
+                va = ((pa - ma) ** 2).sum() / 48
+                vb = ((pb - mb) ** 2).sum() / 48
+                cov = ((pa - ma) * (pb - mb)).sum() / 48
+                num = (2 * ma * mb + c1) * (2 * cov + c2)
+                vals.append(num / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+        per_channel.append(np.mean(vals))
+    return float(np.mean(per_channel))
+
+
+def test_ssim_openstl_against_a_written_out_reference_and_skimage():
+    """ssim_openstl is the convention of the published Moving MNIST tables (OpenSTL's metric():
+    skimage's structural_similarity with the defaults of scikit-image <= 0.19, float frames taken
+    as [-1, 1]): the written-out reference above and, where installed, today's skimage called with
+    data_range=2 and its default 7x7 uniform window with sample covariance."""
+    try:
+        import skimage.metrics as skm
+    except ImportError:
+        skm = None
+    g = torch.Generator().manual_seed(4)
+    a = torch.rand(2, 2, 3, 12, 10, generator=g, dtype=torch.float64)
+    b = (a + 0.3 * torch.randn(a.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    b[1, 0] = a[1, 0].roll(2, -2)
+    per = M.ssim_openstl(a, b, per_frame=True, chunk=4)
+    assert per.shape == (2, 2) and float(per.std()) > 0.05
+    for i in range(2):
+        for t in range(2):
+            x, y = a[i, t].numpy(), b[i, t].numpy()
+            want = _ssim_openstl_reference(x, y)
+            assert float(per[i, t]) == pytest.approx(want, abs=1e-10)
+            if skm is not None:
+                lib = skm.structural_similarity(x, y, data_range=2.0, channel_axis=0)
+                assert lib == pytest.approx(want, abs=1e-10)
+    with pytest.raises(ValueError, match="7x7"):
+        M.ssim_openstl(torch.rand(1, 6, 9), torch.rand(1, 6, 9))
+
+
+def _moving_digits(n=6, t=8):
+    """Grey clips of a bright square gliding over a dark frame, (n, t, 1, 32, 32)."""
+    v = torch.zeros(n, t, 1, 32, 32)
+    for i in range(n):
+        for f in range(t):
+            x = 2 + (i + 2 * f) % 20
+            v[i, f, 0, 8 + i : 18 + i, x : x + 8] = 1.0
+    return v
+
+
+def test_prediction_scores_rank_a_good_prediction_above_degenerate_ones():
+    """On clips of a moving square, a slightly blurred copy of the truth scores better than black
+    frames, frozen frames (the last context frame), the truth shuffled in time and uniform noise,
+    on every score metrics.json reports (errors lower, PSNR and both SSIMs higher)."""
+    clips = _moving_digits()
+    context, target = clips[:, :4], clips[:, 4:]
+    gen = torch.Generator().manual_seed(0)
+    blur = F.avg_pool2d(target.flatten(0, 1), 3, 1, 1).view(target.shape)
+    good = 0.8 * target + 0.2 * blur
+    bad = {
+        "black": torch.zeros_like(target),
+        "frozen": M.copy_last(context, 4),
+        "shuffled": target[:, [3, 0, 1, 2]],
+        "noise": torch.rand(target.shape, generator=gen),
+    }
+    ours = M.prediction_scores(good, target)[0]
+    for name, video in bad.items():
+        theirs = M.prediction_scores(video, target)[0]
+        for k in ("mse", "mse_frame_sum", "mae_frame_sum"):
+            assert ours[k] < theirs[k], (name, k)
+        for k in ("psnr", "ssim", "ssim_openstl"):
+            assert ours[k] > theirs[k], (name, k)
+    # the published tables' SSIM reads higher than Wang's on the same frames
+    assert M.ssim_openstl(bad["frozen"], target) > M.ssim(bad["frozen"], target)
+
+
+def test_prediction_scores_errors_unclamped_psnr_and_ssim_clamped():
+    """As the published tables: MSE and MAE (sums per frame) on the raw output, PSNR and SSIM on
+    the output clamped to [0, 1] (hand case: a frame of 1.5 against a frame of half 0.5, half 1)."""
+    target = torch.ones(1, 1, 1, 12, 12)
+    target[..., :6, :] = 0.5
+    pred = torch.full((1, 1, 1, 12, 12), 1.5)
+    s = M.prediction_scores(pred, target)[0]
+    assert s["mse_frame_sum"] == pytest.approx(72 * 1.0 + 72 * 0.25)
+    assert s["mae_frame_sum"] == pytest.approx(72 * 1.0 + 72 * 0.5)
+    assert s["psnr"] == pytest.approx(10 * math.log10(1 / (72 * 0.25 / 144)))
+    ones = torch.ones_like(pred)
+    assert s["ssim"] == pytest.approx(M.ssim(ones, target))
+    assert s["ssim_openstl"] == pytest.approx(M.ssim_openstl(ones, target))
 
 
 def test_frechet_distance_of_features_with_known_gaussian_statistics():

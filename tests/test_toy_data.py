@@ -272,7 +272,7 @@ def test_mnist_trajectory_follows_clamp_and_flip():
 
 def test_moving_mnist_states_inside_and_max_compositing():
     ds = td.MovingMNIST(40, sequence_length=20, num_digits=2)
-    pool = td.digit_pool(True)
+    pool = td.digit_pool("train")
     overlap_checked = False
     for i in range(40):
         item = ds[i]
@@ -298,9 +298,12 @@ def test_moving_mnist_states_inside_and_max_compositing():
 
 
 def test_moving_mnist_pools_disjoint_and_resized():
-    train, test = td.digit_pool(True), td.digit_pool(False)
-    assert train.shape[1:] == (28, 28) and train.dtype == np.uint8 and len(test) > 100
-    assert not {d.tobytes() for d in train} & {d.tobytes() for d in test}
+    pools = {s: td.digit_pool(s) for s in td.SPLITS}
+    train = pools["train"]
+    assert train.shape[1:] == (28, 28) and train.dtype == np.uint8 and len(pools["val"]) > 100
+    glyphs = {s: {d.tobytes() for d in pool} for s, pool in pools.items()}
+    assert not glyphs["train"] & glyphs["val"] and not glyphs["train"] & glyphs["test"]
+    assert not glyphs["val"] & glyphs["test"]
     assert not set(td._TEST_FONTS) - set(td._DIGIT_FONTS)
     rows = np.nonzero(train[:50].max(2))[1]
     assert 14 <= np.ptp(rows) <= 26  # MNIST-like: ~20 px tall in a 28 px box
@@ -308,6 +311,24 @@ def test_moving_mnist_pools_disjoint_and_resized():
     assert v.shape == (4, 1, 32, 32)
     with pytest.raises(ValueError, match="canvas_size"):
         td.MovingMNIST(2, canvas_size=28)
+
+
+def test_moving_mnist_val_clips_draw_held_out_digits():
+    """A val clip is the max of its two digits, replayed from the val pool (held-out typefaces):
+    none of its digit images is a training digit."""
+    ds = td.MovingMNIST(6, sequence_length=3, split="val")
+    pool, train = td.digit_pool("val"), {d.tobytes() for d in td.digit_pool("train")}
+    for i in range(6):
+        rng = ds.rng(i)
+        pos, _ = td.mnist_trajectory(rng, 2, 3)
+        digits = pool[rng.integers(len(pool), size=2)]
+        tl = (pos[0] * 36).astype(int)
+        frame = np.zeros((64, 64), np.uint8)
+        for k in range(2):
+            sl = frame[tl[k, 1] : tl[k, 1] + 28, tl[k, 0] : tl[k, 0] + 28]
+            np.maximum(sl, digits[k], out=sl)
+        assert np.array_equal((ds[i]["video"][0, 0].numpy() * 255).round(), frame)
+        assert not {d.tobytes() for d in digits} & train
 
 
 def _write_idx(path, images, magic=b"\0\0\x08\x03"):
@@ -352,6 +373,25 @@ def test_real_mnist_formats_and_errors(tmp_path):
         td.load_mnist_images(str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="t10k"):
         td.load_mnist_images(str(tmp_path / "real"), train=False)
+    # one IDX file holds one split: it never gives held-out digits, nor trains on t10k
+    with pytest.raises(ValueError, match="one IDX file"):
+        td.load_mnist_images(str(tmp_path / "train-images-idx3-ubyte.gz"), train=False)
+    with pytest.raises(ValueError, match="one IDX file"):
+        td.load_mnist_images(str(tmp_path / "t10k-images-idx3-ubyte"), train=True)
+
+
+def test_real_mnist_splits_use_official_test_images_for_val_and_test(tmp_path):
+    train = np.arange(4 * 28 * 28, dtype=np.int64).reshape(4, 28, 28) % 200
+    t10k = 200 + np.arange(5)[:, None, None] + np.zeros((5, 28, 28), np.int64)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", train.astype(np.uint8))
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", t10k.astype(np.uint8))
+    path = str(tmp_path)
+    assert np.array_equal(td.digit_pool("train", path), train)
+    assert td.digit_pool("val", path)[:, 0, 0].tolist() == [200, 202, 204]
+    assert td.digit_pool("test", path)[:, 0, 0].tolist() == [201, 203]
+    for split, allowed in (("val", {0, 200, 202, 204}), ("test", {0, 201, 203})):
+        v = td.make_dataset("moving_mnist", 3, 64, 4, split=split, data_dir=path)[1]["video"]
+        assert set(np.unique((v.numpy() * 255).round()).astype(int)) <= allowed
 
 
 def test_moving_mnist_test_file_and_npz_writer(tmp_path):
@@ -366,6 +406,15 @@ def test_moving_mnist_test_file_and_npz_writer(tmp_path):
     )
     ds = td.NpzVideos(str(tmp_path / "mnist_test_seq.npy"), num_frames=10)
     assert len(ds) == 3 and ds.channels == 1 and torch.equal(ds[1]["video"], v[1, :10])
+    test = td.make_dataset(
+        "npz", 10, 64, 20, split="test", data_dir=str(tmp_path / "mnist_test_seq.npy")
+    )
+    assert len(test) == 3 and torch.equal(test[2]["video"], v[2])
+    for split in ("train", "val"):  # a test set is never trained or selected on
+        with pytest.raises(ValueError, match="is a test set .*time-first"):
+            td.make_dataset(
+                "npz", 10, 64, 20, split=split, data_dir=str(tmp_path / "mnist_test_seq.npy")
+            )
     np.save(tmp_path / "flat.npy", a[0])
     with pytest.raises(ValueError, match="time first"):
         td.load_moving_mnist_test(str(tmp_path / "flat.npy"))
@@ -543,6 +592,8 @@ def test_cli_writes_npz_that_reads_back(tmp_path, capsys):
             str(tmp_path / "b.npz"),
             "--frames",
             "3",
+            "--split",
+            "val",
         ]
     )
     with np.load(tmp_path / "b.npz") as z:
@@ -603,3 +654,127 @@ def test_moving_mnist_dataset_constructor_and_cli(tmp_path):
     with np.load(out) as z:
         assert z["videos"].shape == (2, 3, 1, 16, 16) and z["videos"].dtype == np.uint8
         assert z["states"].shape == (2, 3, 2, 4)
+
+
+# ----------------------------------------------------------------------------- splits never overlap
+def _split_videos(kind, n=5, **kw):
+    return {
+        s: [td.make_dataset(kind, n, 16, 3, seed=7, split=s, **kw)[i]["video"] for i in range(n)]
+        for s in td.SPLITS
+    }
+
+
+@pytest.mark.parametrize("kind", SYNTHETIC)
+def test_generated_splits_share_no_video(kind):
+    videos = _split_videos(kind)
+    seen = {}
+    for split, vs in videos.items():
+        for v in vs:
+            key = (v.numpy() * 255).round().astype(np.uint8).tobytes()
+            assert seen.setdefault(key, split) == split, (
+                f"{kind}: a {split} video is also in {seen[key]}"
+            )
+
+
+def _constant_videos(path, n):
+    """n videos (N, 2, 1, 8, 8); video i is the constant i, so a video's value is its position."""
+    v = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None, None], (n, 2, 1, 8, 8))
+    np.savez(path, videos=v)
+    return str(path)
+
+
+def _values(ds):
+    return [int(ds[i]["video"][0, 0, 0, 0] * 255 + 0.5) for i in range(len(ds))]
+
+
+def test_single_npz_file_splits_by_position(tmp_path):
+    path = _constant_videos(tmp_path / "mine.npz", 25)
+    got = {s: _values(td.make_dataset("npz", 100, 8, 2, split=s, data_dir=path)) for s in td.SPLITS}
+    # 25 videos: 2 (a tenth, rounded down) each for val and test, the first 21 for training
+    assert got == {"train": list(range(21)), "val": [21, 22], "test": [23, 24]}
+    assert _values(td.make_dataset("npz", 5, 8, 2, split="train", data_dir=path)) == list(range(5))
+    assert _values(td.NpzVideos(path)) == list(range(25))  # a plain NpzVideos reads every video
+    few = _constant_videos(tmp_path / "few.npz", 3)
+    assert [_values(td.make_dataset("npz", 9, 8, 2, split=s, data_dir=few)) for s in td.SPLITS] == [
+        [0],
+        [1],
+        [2],
+    ]
+    two = _constant_videos(tmp_path / "two.npz", 2)
+    assert _values(td.make_dataset("npz", 9, 8, 2, data_dir=two)) == [0, 1]
+    with pytest.raises(ValueError, match="at least 3"):
+        td.make_dataset("npz", 9, 8, 2, split="val", data_dir=two)
+
+
+def test_held_out_files_serve_their_split_only(tmp_path, capsys):
+    test_npz = str(tmp_path / "test_clips.npz")
+    td.main(
+        ["--kind", "pendulum", "--num", "4", "--frames", "2", "--resolution", "16"]
+        + ["--split", "test", "--out", test_npz]
+    )
+    assert "serves as test data only" in capsys.readouterr().out
+    ds = td.make_dataset("npz", 10, 16, 2, split="test", data_dir=test_npz)
+    assert len(ds) == 4  # all of it: a test file is not split again
+    with pytest.raises(ValueError, match="is a test set .*records split 'test'"):
+        td.make_dataset("npz", 10, 16, 2, split="train", data_dir=test_npz)
+    # in a folder of split files, each file must hold its own split
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    os.replace(test_npz, folder / "val.npz")
+    with pytest.raises(ValueError, match="holds test videos .*cannot be the val file"):
+        td.make_dataset("npz", 10, 16, 2, split="val", data_dir=str(folder))
+
+
+def test_cli_writes_the_standard_test_layout_with_held_out_digits(tmp_path, capsys):
+    out = str(tmp_path / "mnist_test_seq.npy")
+    td.main(
+        ["--kind", "moving_mnist", "--split", "test", "--num", "3", "--frames", "5", "--out", out]
+    )
+    assert "time first" in capsys.readouterr().out
+    a = np.load(out)
+    assert a.shape == (5, 3, 64, 64) and a.dtype == np.uint8
+    ref = td.MovingMNIST(3, 5, split="test")
+    for i in range(3):
+        assert np.array_equal(a[:, i], (ref[i]["video"][:, 0].numpy() * 255).round())
+    with pytest.raises(SystemExit, match="--split test"):
+        td.main(["--kind", "moving_mnist", "--num", "2", "--frames", "3", "--out", out])
+    with pytest.raises(SystemExit, match="grey"):
+        td.main(["--kind", "smoke", "--split", "test", "--num", "1", "--frames", "2", "--out", out])
+
+
+def test_data_dir_implies_its_kind(tmp_path):
+    (tmp_path / "vids").mkdir()
+    _gif(tmp_path / "vids" / "a.gif", 4, (10, 20, 30))
+    videos = _constant_videos(tmp_path / "mine.npz", 4)
+    np.save(tmp_path / "seq.npy", np.zeros((20, 2, 64, 64), np.uint8))
+    (tmp_path / "split").mkdir()
+    _constant_videos(tmp_path / "split" / "train.npz", 4)
+    (tmp_path / "mnist").mkdir()
+    _write_idx(tmp_path / "mnist" / "train-images-idx3-ubyte.gz", np.zeros((2, 28, 28), np.uint8))
+    np.savez(tmp_path / "fashion.npz", x_train=np.zeros((2, 28, 28), np.uint8))
+    expected = {
+        "vids": "folder",
+        "mine.npz": "npz",
+        "seq.npy": "npz",
+        "split": "npz",
+        "mnist": "moving_mnist",
+        "mnist/train-images-idx3-ubyte.gz": "moving_mnist",
+        "fashion.npz": "moving_mnist",
+    }
+    for name, kind in expected.items():
+        path = str(tmp_path / name)
+        assert td.data_kind("smoke", path, default="smoke") == kind, name
+        assert td.data_kind(kind, path, default="smoke") == kind
+    assert td.data_kind("pendulum", None, default="smoke") == "pendulum"
+    with pytest.raises(ValueError, match="--data pendulum is generated and reads no --data-dir"):
+        td.data_kind("pendulum", videos, default="smoke")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        td.data_kind("smoke", str(tmp_path / "nowhere"), default="smoke")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="cannot tell what"):
+        td.data_kind("smoke", str(tmp_path / "notes.txt"), default="smoke")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no videos"):
+        td.data_kind("smoke", str(tmp_path / "empty"), default="smoke")
+    with pytest.raises(ValueError, match="unknown data kind"):
+        td.data_kind("cats", videos, default="smoke")

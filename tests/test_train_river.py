@@ -430,13 +430,14 @@ def test_tiny_run_writes_outputs(tiny):
         assert len(ours[key]) == len(base[key]) == 3
     assert ours["psnr"] == pytest.approx(sum(ours["psnr_per_frame"]) / 3)
     assert base["mse_frame_sum"] == pytest.approx(32 * 32 * 3 * base["mse"])
-    assert m["val"]["loss"] > 0 and m["val"]["loss_context_is_reference"] > 0
-    assert m["val"]["endpoint_mse_copy_last"] > 0
+    assert m["losses"]["loss"] > 0 and m["losses"]["loss_context_is_reference"] > 0
+    assert m["losses"]["endpoint_mse_copy_last"] > 0
     assert m["perf"]["nfe_per_frame"] == 4 * (3 - 1) and m["perf"]["gen_s_per_frame"] > 0
     assert m["perf"]["train_samples_per_s"] > 0
     assert_flop_rate(m["perf"])
     assert m["sampler"] == {"solver": "rk4", "ode_steps": 3, "warm_start": 0.0, "past_horizon": 5}
     assert m["data"]["kind"] == "smoke" and m["data"]["n_eval"] == 3 and m["data"]["horizon"] == 3
+    assert m["data"]["split"] == "test"  # figures on test clips; val clips only during training
     for f in (
         "samples/rollout_000002.gif",
         "samples/rollout_000004.gif",
@@ -474,7 +475,10 @@ def test_same_seed_same_run(tiny, first_stage, tmp_path, capsys):
     a, b = load(tiny[0] / "ckpt.pt"), load(tmp_path / "ckpt.pt")
     assert same_state(a["model"], b["model"])
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (tiny[0], tmp_path))
-    assert ma["eval"]["psnr_per_frame"] == mb["eval"]["psnr_per_frame"] and ma["val"] == mb["val"]
+    assert (
+        ma["eval"]["psnr_per_frame"] == mb["eval"]["psnr_per_frame"]
+        and ma["losses"] == mb["losses"]
+    )
 
 
 def test_ctrl_c_saves_and_resume_equals_straight_run(tiny, first_stage, tmp_path, monkeypatch):
@@ -519,7 +523,9 @@ def test_eval_only_reproduces_eval(tiny, first_stage, tmp_path, capsys):
     last = capsys.readouterr().out.splitlines()[-1]
     assert last.startswith("held-out prediction") and f"in {tmp_path}: metrics.json" in last
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (tiny[0], tmp_path))
-    assert b["eval"] == a["eval"] and b["baselines"] == a["baselines"] and b["val"] == a["val"]
+    assert (
+        b["eval"] == a["eval"] and b["baselines"] == a["baselines"] and b["losses"] == a["losses"]
+    )
     assert b["perf"]["train_samples_per_s"] is None and b["step"] == 4
     assert digest(tiny[0] / "ckpt.pt") == before and not (tmp_path / "ckpt.pt").exists()
     assert (tmp_path / "plots" / "horizon.png").exists() and (
@@ -532,7 +538,7 @@ def test_missing_probe_is_said_before_evaluating(tiny, first_stage, tmp_path, mo
     run(tmp_path, first_stage, "--eval-only", "--ckpt", str(tiny[0] / "ckpt.pt"))
     out = capsys.readouterr().out
     assert (
-        out.index("warning: no probe at") < out.index("eval step")
+        out.index("warning: no probe at") < out.index("test step")
         and "python train_probe.py" in out
     )
     row = json.loads((tmp_path / "metrics.json").read_text())["eval"]
@@ -692,6 +698,9 @@ def test_mismatched_first_stage(tmp_path, first_stage, monkeypatch):
         (["--data", "folder", "--data-dir", "/nonexistent"], "video folder /nonexistent does not"),
         (["--data", "npz", "--data-dir", "/nonexistent.npz"], "/nonexistent.npz does not exist"),
         (["--data", "moving_mnist", "--data-dir", "/nonexistent"], "MNIST path /nonexistent does"),
+        # a --data-dir is never ignored: it implies its kind, or stops
+        (["--data-dir", "/nonexistent"], "error: --data-dir /nonexistent does not exist"),
+        (["--data", "pendulum", "--data-dir", "/"], "error: --data pendulum is generated"),
     ],
 )
 def test_bad_input_one_line(tmp_path, first_stage, extra, message):

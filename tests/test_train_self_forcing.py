@@ -1108,6 +1108,9 @@ def test_torchrun_two_cpu_processes(tiny, tmp_path):
     "extra, message",
     [
         (["--data", "bouncing_balls"], "error: --data 'bouncing_balls' has no prompts"),
+        # a --data-dir is never ignored: its kind is implied (no prompts), or it stops
+        (["--data-dir", str(ROOT / "assets")], "error: --data .folder. has no prompts"),
+        (["--data-dir", "/nonexistent"], "error: --data-dir /nonexistent does not exist"),
         (["--resolution", "36"], "error: --resolution 36"),
         (["--frames", "7"], "error: --frames 7 must be a multiple of --chunk 3"),
         (["--ckpt-every", "0"], "error: --ckpt-every 0 must be at least 1"),

@@ -17,6 +17,7 @@ import torch
 import tyro
 from conftest import assert_flop_rate
 
+import toy_data
 import train_vqvae as tv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def test_tiny_run_writes_outputs(tiny):
     assert len(m["eval"]["latent_std"]) == 4 and m["eval"]["psnr"] > 0
     assert m["perf"]["train_samples_per_s"] > 0
     assert_flop_rate(m["perf"])
-    assert m["data"] == {"kind": "smoke", "resolution": 32, "n_eval": 8}
+    assert m["data"] == {"kind": "smoke", "resolution": 32, "split": "test", "n_eval": 8}
     assert json.loads((tiny / "args.json").read_text())["codebook_size"] == 16
     assert (tiny / "samples" / "recon_000002.gif").stat().st_size > 0
     assert (tiny / "samples" / "recon_latest.png").exists() and (
@@ -111,7 +112,29 @@ def test_tiny_run_writes_outputs(tiny):
         and meta["codebook_size"] == 16
         and meta["data"] == "smoke"
     )
-    assert meta["latent_std"] == m["eval"]["latent_std"]
+    assert meta["latent_std"] != m["eval"]["latent_std"]  # those are of the test clips
+
+
+def test_exported_latent_statistics_come_from_training_clips(tiny):
+    """RIVER normalises latents with first_stage.json's mean and std: they are z_e's per-channel
+    statistics over the first --eval-clips training clips, never over held-out clips."""
+    ck = load(tiny / "ckpt.pt")
+    model = tv.VQVAE(**ck["arch"])
+    model.load_state_dict(ck["model"])
+    model.eval()
+    ds = toy_data.make_dataset("smoke", 2, 32, 4, seed=0, split="train")
+    frames = torch.cat([ds[i]["video"] for i in range(2)])
+    frames = (frames * 255).round() / 255  # clips are held as uint8
+    with torch.no_grad():
+        z = model.encode(frames).double()  # (8, 4, 4, 4)
+    meta = json.loads((tiny / "first_stage.json").read_text())
+    n = z.shape[0] * 16
+    for c in range(4):
+        zc = z[:, c].flatten()
+        mean = float(zc.sum() / n)
+        std = float(((zc - mean) ** 2).sum() / (n - 1)) ** 0.5
+        assert meta["latent_mean"][c] == pytest.approx(mean, abs=1e-5)
+        assert meta["latent_std"][c] == pytest.approx(std, rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- quantiser and model
@@ -388,6 +411,9 @@ def test_torchrun_two_cpu_processes(tmp_path):
         (["--resolution", "36"], "error: --resolution 36"),
         (["--ckpt", "/nonexistent/ckpt.pt"], "error: --ckpt /nonexistent/ckpt.pt does not exist"),
         (["--data", "folder"], "error: .*data_dir"),
+        # a --data-dir is never ignored: it implies its kind, or stops
+        (["--data-dir", "/nonexistent"], "error: --data-dir /nonexistent does not exist"),
+        (["--data", "pendulum", "--data-dir", "/"], "error: --data pendulum is generated"),
     ],
 )
 def test_bad_input_one_line(tmp_path, extra, message):

@@ -12,6 +12,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: more threads only c
 TINY = (
     "--steps 4 --log-every 1 --eval-every 2 --sample-every 2 --ckpt-every 2 "
     "--resolution 32 --frames 6 --context 3 --horizon 2 --train-clips 4 --eval-clips 3 "
+    "--test-clips 3 "
     "--width 4 --hidden 8 --heads 2 --batch-size 2 --dtype float32 --no-compile "
     "--device cpu --warmup-steps 1 --lr 3e-3 --curriculum 0.5"
 ).split()
@@ -117,12 +119,13 @@ def test_tiny_run_writes_outputs(tiny):
     # headline: the 2 trained frames
     assert ours["psnr"] == pytest.approx(sum(ours["psnr_per_frame"][:2]) / 2)
     assert base["mse_frame_sum"] == pytest.approx(32 * 32 * 3 * base["mse"])
-    assert m["val"]["best_loss"] == ck["best_val"] and m["val"]["loss"] > 0
+    assert m["val"]["best_loss"] == ck["best_val"] and m["losses"]["loss"] > 0
+    assert m["val"]["selected_step"] == best["step"]
     assert m["perf"]["train_samples_per_s"] > 0
     assert_flop_rate(m["perf"])
     assert m["perf"]["gen_frames_per_s"] > 0
-    data = {"kind": "bouncing_balls", "resolution": 32, "n_eval": 3}
-    assert m["data"] == {**data, "context": 3, "horizon": 2, "rollout": 6}
+    data = {"kind": "bouncing_balls", "resolution": 32, "split": "test", "test_file": None}
+    assert m["data"] == {**data, "n_eval": 3, "context": 3, "horizon": 2, "rollout": 6}
     for f in (
         "samples/rollout_000002.gif",
         "samples/rollout_000004.gif",
@@ -247,7 +250,7 @@ def test_same_seed_same_run(tiny, tmp_path):
     a, b = load(tiny / "ckpt.pt"), load(tmp_path / "ckpt.pt")
     assert same_state(a["model"], b["model"]) and a["best_val"] == b["best_val"]
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (tiny, tmp_path))
-    assert ma["eval"]["psnr"] == mb["eval"]["psnr"] and ma["val"]["loss"] == mb["val"]["loss"]
+    assert ma["eval"]["psnr"] == mb["eval"]["psnr"] and ma["losses"] == mb["losses"]
 
 
 def test_ctrl_c_saves_and_resume_equals_straight_run(tiny, tmp_path, monkeypatch):
@@ -273,8 +276,10 @@ def test_ctrl_c_saves_and_resume_equals_straight_run(tiny, tmp_path, monkeypatch
 
 
 def test_eval_only_reproduces_eval(tiny, tmp_path):
+    """The run's figures are those of ckpt_best.pt on the test clips: --eval-only of it gives
+    them again."""
     before = digest(tiny / "ckpt.pt")
-    run(tmp_path, "--eval-only", "--ckpt", str(tiny / "ckpt.pt"))
+    run(tmp_path, "--eval-only", "--ckpt", str(tiny / "ckpt_best.pt"))
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (tiny, tmp_path))
     pairs = {
         "eval": (a["eval"], b["eval"]),
@@ -284,10 +289,11 @@ def test_eval_only_reproduces_eval(tiny, tmp_path):
         for k in ("psnr", "ssim", "mse_frame_sum", "psnr_rollout"):
             assert y[k] == pytest.approx(x[k], rel=1e-6), (part, k)
         assert y["psnr_per_frame"] == pytest.approx(x["psnr_per_frame"], rel=1e-6)
-    assert b["perf"]["train_samples_per_s"] is None and b["step"] == 4
+    best_step = load(tiny / "ckpt_best.pt")["step"]
+    assert b["perf"]["train_samples_per_s"] is None and b["step"] == best_step
     assert digest(tiny / "ckpt.pt") == before and not (tmp_path / "ckpt.pt").exists()
     assert (tmp_path / "plots" / "horizon.png").exists()
-    assert (tmp_path / "samples" / "rollout_000004.gif").exists()
+    assert (tmp_path / "samples" / f"rollout_{best_step:06d}.gif").exists()
     run(tmp_path / "best", "--eval-only", "--ckpt", str(tiny / "ckpt_best.pt"), "--rollout", "9")
     m = json.loads((tmp_path / "best" / "metrics.json").read_text())
     assert len(m["eval"]["psnr_per_frame"]) == 9
@@ -298,7 +304,8 @@ def test_transformer_and_lstm_train(tmp_path):
     for dyn in ("transformer", "lstm"):
         run(tmp_path / dyn, "--dynamics", dyn, *"--steps 2 --eval-every 9 --sample-every 9".split())
         m = json.loads((tmp_path / dyn / "metrics.json").read_text())
-        assert load(tmp_path / dyn / "ckpt.pt")["arch"]["dynamics"] == dyn and m["val"]["loss"] > 0
+        assert load(tmp_path / dyn / "ckpt.pt")["arch"]["dynamics"] == dyn
+        assert m["losses"]["loss"] > 0
 
 
 def test_torchrun_two_cpu_processes(tmp_path):
@@ -326,12 +333,17 @@ def test_torchrun_two_cpu_processes(tmp_path):
         (["--dynamics", "mamba"], "error: unknown --dynamics 'mamba'"),
         (["--data", "nonsense"], "error: unknown data kind"),
         (["--data", "folder"], "error: .*data_dir"),
+        # a --data-dir is never ignored: it implies its kind, or stops
+        (["--data-dir", "/nonexistent"], "error: --data-dir /nonexistent does not exist"),
+        (["--data", "pendulum", "--data-dir", "/"], "error: --data pendulum is generated"),
         (
             ["--data", "folder", "--data-dir", "/nonexistent/videos"],
             "error: video folder /nonexistent/videos does not exist",
         ),
         (["--resolution", "36"], "error: --resolution 36"),
         (["--frames", "4"], "error: need .*--frames >= --context \\+ --horizon"),
+        (["--latent-grid", "12"], "error: --latent-grid 12 must be --resolution 32 divided by"),
+        (["--fresh", "--data", "folder", "--data-dir", "."], "error: --fresh draws new generated"),
         (["--ckpt", "/nonexistent/ckpt.pt"], "error: --ckpt /nonexistent/ckpt.pt does not exist"),
     ],
 )
@@ -721,8 +733,9 @@ def test_training_loop_uses_curriculum_k_on_full_windows(tmp_path, monkeypatch):
 
 def test_evaluate_scores_model_and_copy_last_on_the_same_frames():
     """evaluate: copy-last repeats the LAST context frame (hand-computed MSE/PSNR per frame on
-    flat frames), the model is scored on its rollout after the context (clamped) against the
-    frames after the context, and the validation loss covers the first --horizon frames only."""
+    flat frames), the model is scored on its rollout after the context against the frames after
+    the context (errors on the raw output, PSNR on it clamped to [0, 1], as the published Moving
+    MNIST tables), and the validation loss covers the first --horizon frames only."""
     args = tyro.cli(wm.Args, args=[*TINY])  # context 3, horizon 2
     model = tiny_model("gru")
     t = torch.arange(7.0).view(1, 7, 1, 1, 1)
@@ -736,8 +749,12 @@ def test_evaluate_scores_model_and_copy_last_on_the_same_frames():
     x = clips.float() / 255
     with torch.no_grad():
         rec, pred, _ = model(x[:, :3], 4)
-    err = ((pred.clamp(0, 1) - x[:, 3:]) ** 2).mean((2, 3, 4)).mean(0)
-    assert ours["mse_per_frame"] == pytest.approx(err.tolist(), rel=1e-4)
+    err = ((pred - x[:, 3:]) ** 2).mean((2, 3, 4))
+    assert ours["mse_per_frame"] == pytest.approx(err.mean(0).tolist(), rel=1e-4)
+    clamped = ((pred.clamp(0, 1) - x[:, 3:]) ** 2).mean((2, 3, 4))
+    assert not torch.allclose(err, clamped)  # the rollout leaves [0, 1]: the two conventions differ
+    psnr = (-10 * torch.log10(clamped)).mean(0)
+    assert ours["psnr_per_frame"] == pytest.approx(psnr.tolist(), rel=1e-4)
     assert val["pred"] == pytest.approx(float(((pred[:, :2] - x[:, 3:5]) ** 2).mean()), rel=1e-4)
     assert val["rec"] == pytest.approx(float(((rec - x[:, :3]) ** 2).mean()), rel=1e-4)
 
@@ -752,3 +769,117 @@ def test_batches_cover_every_clip_and_start():
     clip, start = values[:, 0] // 9, values[:, 0] % 9
     assert set(clip.tolist()) == {0, 1, 2, 3} and set(start.tolist()) == {0, 1, 2, 3, 4}
     assert torch.equal(values, values[:, :1] + torch.arange(5))
+
+
+# ----------------------------------------------------------------------------- splits and benchmark
+def _rollout_mse_frame_sum(model, clips, context, horizon):
+    """The per-frame squared error summed over pixels, mean over clips and the first `horizon`
+    predicted frames, of a rollout written out here."""
+    x = clips.float() / 255
+    with torch.no_grad():
+        _, pred, _ = model(x[:, :context], clips.shape[1] - context)
+    return float(
+        ((pred[:, :horizon] - x[:, context : context + horizon]) ** 2).sum((2, 3, 4)).mean()
+    )
+
+
+def test_figures_come_from_the_best_weights_on_test_clips(tiny):
+    """Model selection on val, figures on test: metrics.json's MSE is that of ckpt_best.pt's
+    weights on split 'test' clips (not on the val clips it was selected with)."""
+    best = load(tiny / "ckpt_best.pt")
+    model = wm.WorldModel(**best["arch"])
+    model.load_state_dict(best["model"])
+    model.eval()
+    m = json.loads((tiny / "metrics.json").read_text())
+    got = {}
+    for split in ("test", "val"):
+        ds = wm.toy_data.make_dataset("bouncing_balls", 3, 32, 9, seed=0, split=split)
+        clips = torch.stack([(ds[i]["video"] * 255).round() for i in range(3)]).to(torch.uint8)
+        got[split] = _rollout_mse_frame_sum(model, clips, 3, 2)
+    assert m["eval"]["mse_frame_sum"] == pytest.approx(got["test"], rel=1e-4)
+    assert got["val"] != pytest.approx(got["test"], rel=1e-3)
+
+
+@pytest.mark.parametrize("down, grid", [(1, 32), (2, 16), (3, 8)])
+def test_latent_grid_is_resolution_over_two_to_the_down(down, grid):
+    for dynamics in ("gru", "transformer"):
+        model = wm.WorldModel(1, 4, 4, dynamics, hidden=8, heads=2, grid=grid, down=down)
+        x = torch.rand(2, 3, 1, 64, 64)
+        with torch.no_grad():
+            z = model.encode(x[:, 0])
+            rec, pred, z_pred = model(x, 2)
+        assert z.shape == (2, 4, grid, grid) and z_pred.shape == (2, 2, 4, grid, grid)
+        assert rec.shape == (2, 3, 1, 64, 64) and pred.shape == (2, 2, 1, 64, 64)
+    args = tyro.cli(wm.Args, args=["--latent-grid", "16"])
+    assert wm.model_arch(args, 1)["grid"] == 16 and wm.model_arch(args, 1)["down"] == 2
+    default = wm.model_arch(wm.Args(), 3)
+    assert default["grid"] == 8 and default["down"] == 3  # unchanged: resolution / 8
+
+
+class _Numbered(torch.utils.data.Dataset):
+    """Clip i is the constant i/255 (6 frames), and every index asked for is recorded."""
+
+    def __init__(self):
+        self.asked = []
+
+    def __getitem__(self, i):
+        self.asked.append(i)
+        return {"video": torch.full((6, 1, 2, 2), i / 255)}
+
+
+def test_fresh_batches_never_repeat_a_clip():
+    """--fresh: the batch of step s on rank r is clips (s * world + r) * batch_size onward of the
+    'train' stream: over steps and ranks every clip is new, and each is one window."""
+    args = wm.Args(context=2, horizon=3, batch_size=3)
+    ds = _Numbered()
+    gen = torch.Generator().manual_seed(0)
+    for step in range(4):
+        for rank in range(2):
+            x = wm.fresh_batch(ds, step, gen, args, torch.device("cpu"), rank, 2)
+            assert x.shape == (3, 5, 1, 2, 2)
+            first = (step * 2 + rank) * 3
+            assert (x[:, 0, 0, 0, 0] * 255).round().tolist() == [first, first + 1, first + 2]
+    assert sorted(ds.asked) == list(range(24))
+
+
+def test_benchmark_run_on_a_test_layout_file(tmp_path, capsys):
+    """Fresh Moving MNIST clips, an 8x8 latent grid at 32 px (/ 4; the default / 8 gives 4x4),
+    evaluated on a file in the standard time-first test layout written by toy_data.py; the
+    summary gives MSE, MAE, both SSIMs and copy_last."""
+    test_file = str(tmp_path / "mnist_test_seq.npy")
+    wm.toy_data.main(
+        ["--kind", "moving_mnist", "--split", "test", "--num", "4", "--frames", "5"]
+        + ["--out", test_file]
+    )
+    run(
+        tmp_path / "run",
+        *["--data", "moving_mnist", "--fresh", "--latent-grid", "8", "--rollout", "2"],
+        *["--test-file", test_file, "--frames", "5", "--steps", "2", "--eval-every", "2"],
+    )
+    out = capsys.readouterr().out
+    assert "new training clips every step" in out and "4x8x8 latents" in out
+    last = out.strip().splitlines()[-2]
+    for text in (
+        "test prediction of 2 frames after 3",
+        "MSE",
+        "MAE",
+        "published tables'",
+        "copy_last",
+    ):
+        assert text in last, text
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["data"]["test_file"] == test_file and m["data"]["n_eval"] == 3
+    assert {"mae_frame_sum", "ssim_openstl"} <= m["eval"].keys()
+    assert load(tmp_path / "run" / "ckpt.pt")["arch"]["grid"] == 8
+
+
+def test_a_test_file_is_never_trained_on(tmp_path):
+    test_file = tmp_path / "mnist_test_seq.npy"
+    np.save(test_file, np.zeros((9, 4, 32, 32), np.uint8))
+    for flags in (["--data-dir", str(test_file)], ["--data", "npz", "--data-dir", str(test_file)]):
+        with pytest.raises(SystemExit, match="is a test set .*never as val data") as e:
+            run(tmp_path, *flags)
+        assert "\n" not in str(e.value.code)
+    with pytest.raises(SystemExit, match="--test-file .* has 1-channel videos, --data "):
+        run(tmp_path, "--test-file", str(test_file))  # bouncing balls are RGB
+    assert not (tmp_path / "ckpt.pt").exists() and not (tmp_path / "args.json").exists()

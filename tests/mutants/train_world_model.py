@@ -1,5 +1,8 @@
 """Single-line breaks of train_world_model.py's method; each must fail a test of
-tests/test_train_world_model.py (run: python tests/mutants/run.py train_world_model)."""
+tests/test_train_world_model.py or tests/test_world_model_encoders.py (run: python
+tests/mutants/run.py train_world_model; the encoders' alone: ... -k encoder_)."""
+
+TESTS = ["tests/test_world_model_encoders.py", "tests/test_train_world_model.py"]
 
 MUTANTS = [
     {
@@ -142,5 +145,95 @@ MUTANTS = [
         "invariant": "the spatial bias is indexed by (query cell - key cell), not its transpose",
         "old": "offset = (y[:, None] - y[None] + grid - 1)",
         "new": "offset = (y[None] - y[:, None] + grid - 1)",
+    },
+    {
+        "name": "encoder_imagenet_mean_std_swapped",
+        "invariant": "pretrained ImageNet networks see (x - mean) / std",
+        "old": "            x = (x - self.mean) / self.std",
+        "new": "            x = (x - self.std) / self.mean",
+    },
+    {
+        "name": "encoder_features_not_normalised",
+        "invariant": "a first stage's latents are normalised by its statistics",
+        "old": "        return (f.float() - self.shift) / self.scale",
+        "new": "        return f.float()",
+    },
+    {
+        "name": "encoder_tokens_column_major",
+        "invariant": "patch tokens are laid out on the grid row by row",
+        "old": "            f = f.transpose(1, 2).unflatten(2, (g, g))",
+        "new": "            f = f.transpose(1, 2).unflatten(2, (g, g)).transpose(2, 3)",
+    },
+    {
+        "name": "encoder_frozen_keeps_graph",
+        "invariant": "a frozen encoder runs without autograd",
+        "old": "with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):",
+        "new": "with torch.set_grad_enabled(torch.is_grad_enabled()):",
+    },
+    {
+        "name": "encoder_frozen_weights_require_grad",
+        "invariant": "frozen weights require no gradient and stay out of the optimiser",
+        "old": "            p.requires_grad_(trainable)",
+        "new": "            p.requires_grad_(True)",
+    },
+    {
+        "name": "encoder_optimizer_takes_frozen_weights",
+        "invariant": "the optimiser holds the trainable weights only",
+        "old": "        [p for p in raw.parameters() if p.requires_grad],",
+        "new": "        list(raw.parameters()),",
+    },
+    {
+        "name": "encoder_batchnorm_trains",
+        "invariant": "the pretrained network stays in eval mode (BatchNorm statistics unchanged)",
+        "old": "        return self  # see the class docstring",
+        "new": "        return super().train(mode)  # see the class docstring",
+    },
+    {
+        "name": "encoder_finetune_gradient_blocked",
+        "invariant": "--finetune-encoder: the loss's gradient reaches the pretrained network",
+        "old": "        return self.encoder(self.backbone(x))",
+        "new": "        return self.encoder(self.backbone(x).detach())",
+    },
+    {
+        "name": "encoder_resnet18_stride_16",
+        "invariant": "ResNet-18's features are those of layer2 (stride 8)",
+        "old": 'names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2")',
+        "new": 'names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")',
+    },
+    {
+        "name": "encoder_resnet18_weights_not_loaded",
+        "invariant": "ResNet-18 gets the weights of its state-dict file",
+        "old": '        read_weights(path, "resnet18", net)',
+        "new": '        read_weights(path, "resnet18", torchvision.models.resnet18(weights=None))',
+    },
+    {
+        "name": "encoder_dinov2_not_14_per_cell",
+        "invariant": "DINOv2's frames are resized to 14 px per latent cell",
+        "old": "    size = 14 * grid",
+        "new": "    size = 16 * grid",
+    },
+    {
+        "name": "encoder_dinov2_mask_token_trains",
+        "invariant": "DINOv2's mask token (never reached) gets no gradient under fine-tuning",
+        "old": "        mask.requires_grad_(False)",
+        "new": "        mask.requires_grad_(True)",
+    },
+    {
+        "name": "encoder_checkpoint_encoder_not_checked",
+        "invariant": "a checkpoint of another --encoder is refused by name",
+        "old": '    if saved != arch["encoder"]:',
+        "new": "    if False:",
+    },
+    {
+        "name": "encoder_old_checkpoint_not_conv",
+        "invariant": "a checkpoint without an encoder in its arch has the conv encoder",
+        "old": 'saved = ckpt.get("arch", {}).get("encoder", "conv")',
+        "new": 'saved = ckpt.get("arch", {}).get("encoder")',
+    },
+    {
+        "name": "encoder_pretrained_weights_needed_on_resume",
+        "invariant": "resume and --eval-only take the encoder's weights from the checkpoint",
+        "old": 'build_backbone(args, arch["channels"], pretrained=ckpt is None)',
+        "new": 'build_backbone(args, arch["channels"], pretrained=True)',
     },
 ]
