@@ -501,8 +501,8 @@ def ema_update(ema_count, ema_sum, counts, sums, decay=0.99, eps=1e-5):
 
 
 def encoder_samples(z, k, ddp=False):
-    """z (B, D, [t,] h, w) -> its latent vectors (N, D) and k of them drawn at random; under DDP rank
-    0's draw is used everywhere, so all replicas make the same codebook changes."""
+    """z (B, D, [t,] h, w) -> its latent vectors (N, D) and k of them drawn at random; under DDP
+    rank 0's draw is used everywhere, so all replicas make the same codebook changes."""
     flat = z.detach().float().movedim(1, -1).reshape(-1, z.shape[1])
     cand = flat[torch.randint(len(flat), (k,), device=flat.device)]
     if ddp:
@@ -1613,8 +1613,8 @@ def main(args: Args):
         writer = open_writer(args, step)
         print(
             f"train_vqvae: {n_params / 1e6:.2f}M params, {rt.device.type} {rt.dtype}, "
-            f"compile {rt.compile}, world {rt.world}, {len(pool)} training {pool_unit(args)}/rank of "
-            f"{args.data}, from step {step} to {args.steps}; outputs in {args.out_dir}",
+            f"compile {rt.compile}, world {rt.world}, {len(pool)} training {pool_unit(args)}"
+            f"/rank of {args.data}, from step {step} to {args.steps}; outputs in {args.out_dir}",
             flush=True,
         )
 

@@ -637,9 +637,9 @@ def test_moving_mnist_dataset_constructor_and_cli(tmp_path):
     assert torch.allclose(speed, torch.full((5,), 0.05 * (48 - 28) * 32 / 48), atol=1e-4)
     same = td.MovingMNIST(20, 5, 32, 1, 28, 48, 0.05, train=True, seed=3)[1]["video"]
     assert torch.equal(item["video"], same)
-    train = td.MovingMNISTDataset(sequence_length=5, resolution=32, train=True, seed=3)[1]
     test = td.MovingMNISTDataset(sequence_length=5, resolution=32, train=False, seed=3)[1]
-    assert not torch.equal(test["video"], train["video"])
+    assert torch.equal(test["video"], td.MovingMNIST(20, 5, 32, train=False, seed=3)[1]["video"])
+    assert not torch.equal(test["video"], td.MovingMNIST(20, 5, 32, train=True, seed=3)[1]["video"])
     out = tmp_path / "mm.npz"
     td.main(
         [

@@ -507,7 +507,7 @@ def test_failing_runs_keep_good_checkpoint(tiny, first_stage, tmp_path):
     good = digest(d / "ckpt.pt")
     with pytest.raises(SystemExit, match="error: .*another architecture: width=12 \\(now 24\\)"):
         run(d, first_stage, "--width", "24")
-    with pytest.raises(SystemExit, match="trained with --steps 4 --lr 0.001, not --steps 12"):
+    with pytest.raises(SystemExit, match="trained with --steps 4 --lr 0.002, not --steps 12"):
         run(d, first_stage, "--steps", "12", "--lr", "1e30")
     with pytest.raises(SystemExit, match="error: non-finite loss"):
         run(

@@ -797,8 +797,8 @@ def test_3d_shapes_and_strides(down, strides):
 
 
 def test_3d_encoder_is_causal_in_time():
-    """Latent frame k sees input frames < (k + 1) dt only: changing frames from 2 dt on leaves latent
-    frames 0 and 1 bit-identical and changes frame 2 (axial attention and convolutions)."""
+    """Latent frame k sees input frames < (k + 1) dt only: changing frames from 2 dt on leaves
+    latent frames 0 and 1 bit-identical and changes frame 2 (axial attention and convolutions)."""
     torch.manual_seed(0)
     model = tv.VQVAE3D(1, 4, 3, 8, True, 2, 4, res_blocks=2).eval()
     x = torch.rand(1, 8, 1, 8, 8)

@@ -79,7 +79,7 @@ MUTANTS = [
     {
         "name": "samples_unpermuted",
         "invariant": "EMA sums use the latent vectors of the cells (B, h, w order, D per row)",
-        "old": "flat = z.detach().float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])",
+        "old": "flat = z.detach().float().movedim(1, -1).reshape(-1, z.shape[1])",
         "new": "flat = z.detach().float().reshape(-1, z.shape[1])",
     },
     {
@@ -147,5 +147,29 @@ MUTANTS = [
         "invariant": "train_step's EMA step uses --ema-decay",
         "old": "raw, z, idx, args.ema_decay, args.ema_eps, args.dead_code_frac, rt.ddp",
         "new": "raw, z, idx, 0.99, args.ema_eps, args.dead_code_frac, rt.ddp",
+    },
+    {
+        "name": "3d_time_padding_centred",
+        "invariant": "the 3D encoder pads time in front only: no latent frame sees a later frame",
+        "old": "self.pad = (w - w // 2, w // 2, h - h // 2, h // 2, t, 0)",
+        "new": "self.pad = (w - w // 2, w // 2, h - h // 2, h // 2, t - t // 2, t // 2)",
+    },
+    {
+        "name": "3d_mask_on_columns",
+        "invariant": "axial attention is masked along time (axis 1), not along another axis",
+        "old": "a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and axis == 1)",
+        "new": "a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and axis == 3)",
+    },
+    {
+        "name": "3d_norm_mixes_frames",
+        "invariant": "FrameNorm normalises each frame alone",
+        "old": "y = super().forward(x.transpose(1, 2).reshape(B * T, C, H, W))",
+        "new": "y = super().forward(x.reshape(B * T, C, H, W))",
+    },
+    {
+        "name": "3d_time_halved_last",
+        "invariant": "strided levels halve time first, together with space",
+        "old": "return [tuple(2 if i < n else 1 for n in levels) for i in range(max(levels))]",
+        "new": "return [tuple(2 if i >= max(levels) - n else 1 for n in levels) for i in range(max(levels))]",
     },
 ]
