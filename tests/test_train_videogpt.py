@@ -79,8 +79,8 @@ def first_stage(tmp_path_factory, first_stage_model):
     """Its export, written by train_vqvae.py's own functions."""
     vq, args = first_stage_model
     out = tmp_path_factory.mktemp("vqvae3d")
-    scores = {"latent_mean": [0.0] * 3, "latent_std": [1.0] * 3}
-    tv.export_first_stage(vq, str(out), tv.first_stage_meta(args, 3, 0, scores, vq.codebook))
+    stats = {"latent_mean": [0.0] * 3, "latent_std": [1.0] * 3}
+    tv.export_first_stage(vq, str(out), tv.first_stage_meta(args, 3, 0, {}, stats, vq.codebook))
     return out
 
 

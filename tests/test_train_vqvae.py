@@ -902,7 +902,8 @@ def test_3d_tiny_run_and_export(tmp_path, attention):
     model.load_state_dict(ck["model"])
     model.eval()
     args = tyro.cli(tv.Args, args=[*TINY_3D, "--attention" if attention else "--no-attention"])
-    meta = tv.first_stage_meta(args, 3, 4, m["eval"], model.codebook)
+    stats = {k: m["eval"][k] for k in ("latent_mean", "latent_std")}
+    meta = tv.first_stage_meta(args, 3, 4, m["eval"], stats, model.codebook)
     tv.export_first_stage(model, str(tmp_path), meta)
     meta = json.loads((tmp_path / "first_stage.json").read_text())
     assert meta["latent_shape"] == [4, 2, 4, 4] and meta["frames"] == 4
