@@ -352,12 +352,13 @@ def test_tiny_run_writes_outputs(tiny):
     assert ev["likelihood"].keys() == base["likelihood"]["unigram"].keys()
     assert base["likelihood"]["uniform"]["bits_per_token"] == pytest.approx(3.0)  # log2 8
     assert base["likelihood"]["uniform"]["bits_per_dim"] == pytest.approx(3.0 * 8 / (4 * 3 * 256))
-    pred, copy, auto = (
-        ev["prediction"],
-        base["prediction"]["copy_last"],
-        base["prediction"]["first_stage"],
+    pred, base_pred = ev["prediction"], base["prediction"]
+    copy, auto, black = (base_pred[k] for k in ("copy_last", "first_stage", "black"))
+    assert pred.keys() == copy.keys() == auto.keys() == black.keys()
+    assert {"psnr", "mse_frame_sum"} <= pred.keys()
+    assert black["mse_frame_sum"] > 0 and black["mse"] == pytest.approx(
+        black["mse_frame_sum"] / 768
     )
-    assert pred.keys() == copy.keys() == auto.keys() and {"psnr", "mse_frame_sum"} <= pred.keys()
     assert len(pred["psnr_per_frame"]) == 2 and len(copy["mse_per_frame"]) == 2
     assert "fd_probe" in ev["unconditional"]
     assert {"real", "black", "frozen", "shuffled", "noise", "first_stage"} == set(
