@@ -27,8 +27,10 @@ frames alone), so one prior samples with and without conditioning; optional top-
         --spatial-downsample 4 --width 32 --latent-channels 8 --recon-loss mse --batch-size 8 \\
         --train-clips 512 --steps 1200 --lr 2e-3 --out-dir runs/train_vqvae_3d
                                                     # the first stage (CPU: ~7 min)
-    python train_videogpt.py                        # CPU: ~10 min, Moving MNIST
-    python train_videogpt.py --width 576 --heads 4 --layers 8 --batch-size 32 --steps 50000  # GPU
+    python train_videogpt.py                        # CPU: ~12 min on one core, Moving MNIST
+    python train_videogpt.py --resolution 64 --vqvae runs/train_vqvae_3d_64 --width 576 \\
+        --layers 8 --batch-size 32 --steps 50000 --lr 3e-4
+                        # GPU: 4 x 16 x 16 codes, after the first stage above at --resolution 64
     torchrun --standalone --nproc_per_node=2 train_videogpt.py  # DDP (nccl on CUDA, gloo on CPU)
     python train_videogpt.py --eval-only --temperature 0.8 --top-k 32 --out-dir runs/vgpt_t08 \\
         --ckpt runs/train_videogpt/ckpt.pt         # evaluate and sample again
@@ -36,11 +38,11 @@ frames alone), so one prior samples with and without conditioning; optional top-
 
 Outputs in --out-dir: ckpt.pt, args.json, metrics.json (held-out bits per code and per pixel
 dimension against a unigram model of the codes; prediction of the frames after --context against
-copy_last and the first stage's own reconstruction; fd_probe of unconditional samples against real
-clips, with real, black, frozen, frame-shuffled and noise references; sampling speed with and
-without the KV cache), TensorBoard events (train/, eval/, perf/, samples/), samples/
-(unconditional_*.gif, conditional_*.gif: truth | prediction | error, context marked; *_latest.png),
-plots/ (horizon*.png, training_curves.png).
+copy_last, black frames and the first stage's own reconstruction; fd_probe of unconditional
+samples against real clips, with real, black, frozen, frame-shuffled and noise references;
+sampling speed with and without the KV cache), TensorBoard events (train/, eval/, perf/,
+samples/), samples/ (unconditional_*.gif, conditional_*.gif: truth | prediction | error, context
+marked; *_latest.png), plots/ (horizon*.png, training_curves.png).
 """
 
 import functools

@@ -269,6 +269,17 @@ def test_unigram_baseline_with_add_one_smoothing():
     assert nll.tolist() == pytest.approx(want)
 
 
+def test_unigram_counts_sum_over_ranks(monkeypatch):
+    """Under DDP the code counts of every rank are added (all_reduce stubbed: a second rank holding
+    the same grids), so the unigram baseline sees all training codes."""
+    codes = torch.tensor([[0, 2, 2], [1, 2, 0]])
+    rt = tg.Runtime(torch.device("cpu"), "float32", None, False, 0, 1, False, True)
+    assert tg.unigram_counts(codes, 4, rt).tolist() == [2, 1, 3, 0]
+    monkeypatch.setattr(tg.dist, "all_reduce", lambda t: t.mul_(2))
+    rt.ddp = True
+    assert tg.unigram_counts(codes, 4, rt).tolist() == [4, 2, 6, 0]
+
+
 def test_draw_follows_temperature_and_top_k():
     """Frequencies of 40000 draws match softmax(logits / T) (restricted to the top k and
     renormalised), for T = 0.5 and 2."""

@@ -93,10 +93,10 @@ MUTANTS = [
         "new": "codes[:, :P] = 0",
     },
     {
-        "name": "uncached_one_too_far",
-        "invariant": "without the cache, step i runs positions 0 .. i",
+        "name": "uncached_reads_first_position",
+        "invariant": "without the cache, the draw at step i uses the logits at position i",
         "old": "logits = model(codes[:, : i + 1])[:, -1]",
-        "new": "logits = model(codes[:, : i + 2])[:, i]",
+        "new": "logits = model(codes[:, : i + 1])[:, 0]",
     },
     {
         "name": "cached_feeds_undrawn_code",
