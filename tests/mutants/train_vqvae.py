@@ -148,4 +148,16 @@ MUTANTS = [
         "old": "raw, z, idx, args.ema_decay, args.ema_eps, args.dead_code_frac, rt.ddp",
         "new": "raw, z, idx, 0.99, args.ema_eps, args.dead_code_frac, rt.ddp",
     },
+    {
+        "name": "latent_statistics_of_val_clips",
+        "invariant": "the exported latent statistics come from training clips",
+        "old": '    scores = evaluate(raw, load_clips(args, args.eval_clips, "train"), args, rt)[0]',
+        "new": '    scores = evaluate(raw, load_clips(args, args.eval_clips, "val"), args, rt)[0]',
+    },
+    {
+        "name": "figures_on_val_clips",
+        "invariant": "metrics.json's figures come from test clips",
+        "old": '    clips = load_clips(args, args.eval_clips, "test")',
+        "new": '    clips = load_clips(args, args.eval_clips, "val")',
+    },
 ]
