@@ -1461,12 +1461,11 @@ def data_kind(kind, data_dir=None, default=None):
     _need(kind, KINDS, "data kind")
     if data_dir is None or kind in FILE_KINDS:
         return kind
-    implied = implied_kind(data_dir)
     if kind == default:
-        return implied
+        return implied_kind(data_dir)
     raise ValueError(
-        f"--data {kind} is generated and reads no --data-dir, but {data_dir} holds {implied} "
-        f"data: drop --data to use it (or pass --data {implied}), or drop --data-dir"
+        f"--data {kind} is generated and reads no --data-dir: drop --data to read {data_dir} "
+        "(it implies its kind), or drop --data-dir"
     )
 
 

@@ -15,7 +15,7 @@ set), on the train split of every toy data kind (metrics.PROBE_KINDS), resized t
 Prompted-shape clips are played backwards and mirrored at random with their labels swapped to
 match: this doubles the motion examples and forces the motion head to read direction from motion.
 Shapes (five attribute heads) and rotations (direction is the slowest to learn) are oversampled.
-The held-out accuracy of each head (val split) goes into the checkpoint and metrics.json.
+The held-out accuracy of each head (test split) goes into the checkpoint and metrics.json.
 
 The probe defines a metric, so it trains one way: fp32 (--dtype), one process (no torchrun), one
 CPU thread by default. The same seed and steps give the same weights, run after run.
@@ -284,12 +284,12 @@ def evaluate_only(out, args, rt, t0):
     except metrics.MetricUnavailable as e:
         raise SystemExit(f"error: {e}")
     steps = torch.load(out, map_location="cpu", weights_only=True).get("steps")
-    x, y = probe_set(probe.labels, max(4, args.n_per_kind // 4), "val", args.seed)
+    x, y = probe_set(probe.labels, max(4, args.n_per_kind // 4), "test", args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     acc = accuracy(probe.to(rt.device), x, y, gen, rt.device)
     n_params = sum(p.numel() for p in probe.parameters())
     perf = {"params": n_params, "device": device_name(rt), "dtype": "float32"}
-    data = {"kinds": list(metrics.PROBE_KINDS), "n_eval": len(x)}
+    data = {"kinds": list(metrics.PROBE_KINDS), "split": "test", "n_eval": len(x)}
     path = write_report(out, steps, t0, acc, perf, data)
     print(f"wrote {path}")
 
@@ -887,11 +887,11 @@ def main(args: Args):
     # right after setup() seeded torch, before anything else draws: the init depends on --seed alone
     probe = metrics.VideoProbe(labels).to(rt.device)
     data = train_set(labels, args.n_per_kind, args.seed)
-    val_x, val_y = probe_set(labels, max(4, args.n_per_kind // 4), "val", args.seed)
+    test_x, test_y = probe_set(labels, max(4, args.n_per_kind // 4), "test", args.seed)
     n_params = sum(p.numel() for p in probe.parameters())
     print(
         f"train_probe: {n_params / 1e3:.0f}k params, {device_name(rt)} {rt.dtype}, "
-        f"compile {rt.compile}; {len(data['x'])} train / {len(val_x)} val videos in "
+        f"compile {rt.compile}; {len(data['x'])} train / {len(test_x)} test videos in "
         f"{time.time() - t0:.1f}s; {args.steps} steps; writes {out}",
         flush=True,
     )
@@ -904,12 +904,12 @@ def main(args: Args):
             "silently change the metrics)"
         )
     probe.eval()
-    probe.accuracy = accuracy(probe, val_x, val_y, gen, rt.device)
+    probe.accuracy = accuracy(probe, test_x, test_y, gen, rt.device)
     info = {"script": SCRIPT, "steps": args.steps, "seed": args.seed, "args": asdict(args)}
     metrics.save_probe(probe.cpu(), out, **info)
     perf.update(params=n_params, device=device_name(rt), dtype=rt.dtype)
     kinds = list(metrics.PROBE_KINDS)
-    data_info = {"kinds": kinds, "n_train": len(data["x"]), "n_eval": len(val_x)}
+    data_info = {"kinds": kinds, "n_train": len(data["x"]), "split": "test", "n_eval": len(test_x)}
     path = write_report(out, args.steps, t0, probe.accuracy, perf, data_info)
     print(f"saved {out} and {path} ({time.time() - t0:.0f}s)")
 

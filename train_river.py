@@ -14,10 +14,10 @@ Paper: Davtyan, Sameni, Favaro, "Efficient Video Prediction via Sparsely Conditi
 regressor (time token, log-distance MLP, learned row/column positions, long skips, conv head),
 fixed-grid RK4 (3/8 rule), warm start, AdamW with warm-up then square-root decay, no guidance, no
 EMA. Deviations: latents are normalised per channel with the first stage's statistics of training
-clips (z_e std is ~0.4, far from the unit-variance noise), all clips are encoded once up front, the regressor is
-small, lr 1e-3 with gradient clipping at 1 for a short CPU schedule, the default ODE grid has 10
-points instead of 100 (CPU), and `--past-horizon` uses max where the public code's min made it a
-no-op.
+clips (z_e std is ~0.4, far from the unit-variance noise), all clips are encoded once up front, the
+regressor is small, lr 1e-3 with gradient clipping at 1 for a short CPU schedule, the default ODE
+grid has 10 points instead of 100 (CPU), and `--past-horizon` uses max where the public code's min
+made it a no-op.
 
     python train_river.py    # CPU: ~6 min on one core, smoke data; needs `python train_vqvae.py`
     python train_river.py --data shapes --vqvae runs/train_vqvae_shapes
@@ -33,9 +33,9 @@ no-op.
 
 Outputs in --out-dir: ckpt.pt, args.json, metrics.json (model, copy_last and the autoencoded truth
 on the same test clips; the flow-matching loss on them, also with the context replaced by the
-reference; NFE and time per frame; bench), TensorBoard events (train/{loss,lr}, eval/, perf/, samples/), samples/
-(rollout_*.gif: truth | prediction | error of --rollout frames, context marked;
-rollout_latest.png), plots/ (horizon*.png, training_curves.png).
+reference; NFE and time per frame; bench), TensorBoard events (train/{loss,lr}, eval/, perf/,
+samples/), samples/ (rollout_*.gif: truth | prediction | error of --rollout frames, context
+marked; rollout_latest.png), plots/ (horizon*.png, training_curves.png).
 """
 
 import glob

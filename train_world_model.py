@@ -64,7 +64,7 @@ and copy_last on the same clips:
         --out mnist_test_seq.npy
     MMNIST="--data moving_mnist --fresh --frames 20 --context 10 --horizon 10 --rollout 10
         --latent-grid 16 --batch-size 16 --test-file mnist_test_seq.npy"
-    OMP_NUM_THREADS=1 python train_world_model.py $MMNIST --steps 1000 --test-clips 2000  # CPU
+    OMP_NUM_THREADS=1 python train_world_model.py $MMNIST --steps 500 --test-clips 2000  # CPU
     python train_world_model.py $MMNIST --width 64 --hidden 128 --steps 125000 \
         --eval-every 625 --ckpt-every 625 --sample-every 6250 --test-clips 10000         # GPU
 

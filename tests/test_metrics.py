@@ -609,6 +609,19 @@ def test_prediction_scores_rank_a_good_prediction_above_degenerate_ones():
     assert M.ssim_openstl(bad["frozen"], target) > M.ssim(bad["frozen"], target)
 
 
+def test_prediction_scores_in_chunks_of_clips():
+    """Clips scored two at a time: every clip's per-frame error is still its own (numpy loop)."""
+    rng = np.random.default_rng(1)
+    pred, target = rng.uniform(0, 1, (2, 5, 3, 1, 11, 11))
+    per = M.prediction_scores(torch.from_numpy(pred), torch.from_numpy(target), chunk=2)[1]
+    for n in range(5):
+        for t in range(3):
+            want = sum(float(v) ** 2 for v in (pred[n, t] - target[n, t]).ravel())
+            assert float(per["mse_frame_sum"][n, t]) == pytest.approx(want, rel=1e-12)
+    with pytest.raises(ValueError, match="4 clips, target 5"):
+        M.prediction_scores(torch.from_numpy(pred[:4]), torch.from_numpy(target))
+
+
 def test_prediction_scores_errors_unclamped_psnr_and_ssim_clamped():
     """As the published tables: MSE and MAE (sums per frame) on the raw output, PSNR and SSIM on
     the output clamped to [0, 1] (hand case: a frame of 1.5 against a frame of half 0.5, half 1)."""

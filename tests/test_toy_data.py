@@ -313,6 +313,21 @@ def test_moving_mnist_pools_disjoint_and_resized():
         td.MovingMNIST(2, canvas_size=28)
 
 
+def test_font_digits_of_each_split_replayed_from_its_typefaces_and_seed():
+    """Training digits are drawn from the training typefaces, val and test digits from the held-out
+    ones (_TEST_FONTS), each split with its own jitter seed [20150, s]: replayed here."""
+    import matplotlib
+    from PIL import ImageFont
+
+    root = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
+    for split, seed, held_out in (("train", 1, False), ("val", 2, True), ("test", 0, True)):
+        names = [f for f in td._DIGIT_FONTS if (f in td._TEST_FONTS) == held_out]
+        fonts = [ImageFont.truetype(os.path.join(root, f), 56) for f in names]
+        rng = np.random.default_rng([20150, seed])
+        want = [td._glyph_digit(rng, td._pick(rng, fonts), str(k % 10)) for k in range(12)]
+        assert np.array_equal(td.font_digits(split, num=12), np.stack(want)), split
+
+
 def test_moving_mnist_val_clips_draw_held_out_digits():
     """A val clip is the max of its two digits, replayed from the val pool (held-out typefaces):
     none of its digit images is a training digit."""
@@ -585,20 +600,8 @@ def test_cli_writes_npz_that_reads_back(tmp_path, capsys):
 
 
 def test_cli_writes_a_split_file_with_states(tmp_path):
-    td.main(
-        [
-            "--kind",
-            "bouncing_balls",
-            "--num",
-            "2",
-            "--out",
-            str(tmp_path / "b.npz"),
-            "--frames",
-            "3",
-            "--split",
-            "val",
-        ]
-    )
+    flags = "--kind bouncing_balls --num 2 --frames 3 --split val --out".split()
+    td.main([*flags, str(tmp_path / "b.npz")])
     with np.load(tmp_path / "b.npz") as z:
         assert z["videos"].shape == (2, 3, 3, 64, 64) and z["videos"].dtype == np.uint8
         assert z["states"].shape == (2, 3, 5, 4)

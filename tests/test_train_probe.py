@@ -109,7 +109,7 @@ def test_tiny_run_writes_the_probe_metrics_load(tiny):
     assert_flop_rate(m["perf"])
     assert m["perf"]["params"] == sum(p.numel() for p in probe.parameters())
     # 2 per kind (8 shapes) to train, at least 4 per kind (16 shapes) held out
-    assert m["data"] == {"kinds": list(M.PROBE_KINDS), "n_train": 20, "n_eval": 40}
+    assert m["data"] == {"kinds": list(M.PROBE_KINDS), "n_train": 20, "split": "test", "n_eval": 40}
 
 
 def test_same_seed_same_weights(tiny, tmp_path):
@@ -577,10 +577,10 @@ def test_draw_batch_draws_by_weight_scales_and_keeps_labels():
     assert 0.2 < float((yb["shuffled"] == 1).float().mean()) < 0.3
 
 
-def test_main_trains_on_train_and_scores_on_val_split(tmp_path, monkeypatch):
+def test_main_trains_on_train_and_scores_on_test_split(tmp_path, monkeypatch):
     """main and --eval-only: the probe trains on the 'train' split (n per kind) and its held-out
-    accuracy comes from the 'val' split (max(4, n // 4) per kind), whose videos are not
-    training videos."""
+    accuracy comes from the 'test' split (max(4, n // 4) per kind), whose videos are not
+    training videos (the probe selects nothing, so no val split is used)."""
     calls = []
     probe_set = tp.probe_set
 
@@ -591,9 +591,9 @@ def test_main_trains_on_train_and_scores_on_val_split(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tp, "probe_set", spy)
     run(tmp_path / "probe.pt")
-    assert [(n, s) for n, s, _ in calls] == [(2, "train"), (4, "val")]
-    train_x, val_x = calls[0][2], calls[1][2]
-    assert not (val_x.flatten(1)[:, None] == train_x.flatten(1)[None]).all(-1).any()
+    assert [(n, s) for n, s, _ in calls] == [(2, "train"), (4, "test")]
+    train_x, test_x = calls[0][2], calls[1][2]
+    assert not (test_x.flatten(1)[:, None] == train_x.flatten(1)[None]).all(-1).any()
     calls.clear()
     run(tmp_path / "probe.pt", "--eval-only")
-    assert [(n, s) for n, s, _ in calls] == [(4, "val")]
+    assert [(n, s) for n, s, _ in calls] == [(4, "test")]

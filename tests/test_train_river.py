@@ -438,6 +438,12 @@ def test_tiny_run_writes_outputs(tiny):
     assert m["sampler"] == {"solver": "rk4", "ode_steps": 3, "warm_start": 0.0, "past_horizon": 5}
     assert m["data"]["kind"] == "smoke" and m["data"]["n_eval"] == 3 and m["data"]["horizon"] == 3
     assert m["data"]["split"] == "test"  # figures on test clips; val clips only during training
+    # copy_last needs no model: its figures pin the clips they come from (test, not val)
+    for split, same in (("test", True), ("val", False)):
+        ds = tr.toy_data.make_dataset("smoke", 3, 32, 6, seed=0, split=split)
+        clips = torch.stack([(ds[i]["video"] * 255).round() / 255 for i in range(3)])
+        err = ((clips[:, 2:3] - clips[:, 3:]) ** 2).sum((2, 3, 4)).mean()
+        assert (base["mse_frame_sum"] == pytest.approx(float(err), rel=1e-5)) == same, split
     for f in (
         "samples/rollout_000002.gif",
         "samples/rollout_000004.gif",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import tyro
 from conftest import assert_flop_rate
 
@@ -113,6 +114,14 @@ def test_tiny_run_writes_outputs(tiny):
         and meta["data"] == "smoke"
     )
     assert meta["latent_std"] != m["eval"]["latent_std"]  # those are of the test clips
+    # the resize baseline needs no model: its figure pins the clips it comes from (test, not val)
+    for split, same in (("test", True), ("val", False)):
+        ds = toy_data.make_dataset("smoke", 2, 32, 4, seed=0, split=split)
+        frames = torch.cat([(ds[i]["video"] * 255).round() / 255 for i in range(2)])
+        small = F.interpolate(F.avg_pool2d(frames, 8), scale_factor=8.0, mode="bilinear")
+        err = float(((small.clamp(0, 1) - frames) ** 2).mean())
+        base = m["baselines"]["resize_to_latent_grid"]["mse"]
+        assert (base == pytest.approx(err, rel=1e-5)) == same, split
 
 
 def test_exported_latent_statistics_come_from_training_clips(tiny):

@@ -800,6 +800,29 @@ def test_figures_come_from_the_best_weights_on_test_clips(tiny):
     assert got["val"] != pytest.approx(got["test"], rel=1e-3)
 
 
+def test_figures_come_from_ckpt_best_not_the_last_weights(tiny, tmp_path):
+    """ckpt_best.pt replaced by other weights (as when an earlier step was best on val): running
+    the finished run's command again reports the figures of those weights, not of ckpt.pt's."""
+    shutil.copytree(tiny, tmp_path / "run")
+    best = load(tmp_path / "run" / "ckpt_best.pt")
+    other = {
+        k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+        for k, v in best["model"].items()
+    }
+    torch.save({**best, "model": other}, tmp_path / "run" / "ckpt_best.pt")
+    run(tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    model = wm.WorldModel(**best["arch"])
+    ds = wm.toy_data.make_dataset("bouncing_balls", 3, 32, 9, seed=0, split="test")
+    clips = torch.stack([(ds[i]["video"] * 255).round() for i in range(3)]).to(torch.uint8)
+    got = {}
+    for name, state in (("best", other), ("last", load(tmp_path / "run" / "ckpt.pt")["model"])):
+        model.load_state_dict(state)
+        got[name] = _rollout_mse_frame_sum(model.eval(), clips, 3, 2)
+    assert m["eval"]["mse_frame_sum"] == pytest.approx(got["best"], rel=1e-4)
+    assert got["last"] != pytest.approx(got["best"], rel=1e-3)
+
+
 @pytest.mark.parametrize("down, grid", [(1, 32), (2, 16), (3, 8)])
 def test_latent_grid_is_resolution_over_two_to_the_down(down, grid):
     for dynamics in ("gru", "transformer"):
@@ -817,19 +840,19 @@ def test_latent_grid_is_resolution_over_two_to_the_down(down, grid):
 
 
 class _Numbered(torch.utils.data.Dataset):
-    """Clip i is the constant i/255 (6 frames), and every index asked for is recorded."""
+    """Clip i is the constant (i + 0.3)/255 (6 frames), and every index asked for is recorded."""
 
     def __init__(self):
         self.asked = []
 
     def __getitem__(self, i):
         self.asked.append(i)
-        return {"video": torch.full((6, 1, 2, 2), i / 255)}
+        return {"video": torch.full((6, 1, 2, 2), (i + 0.3) / 255)}
 
 
 def test_fresh_batches_never_repeat_a_clip():
     """--fresh: the batch of step s on rank r is clips (s * world + r) * batch_size onward of the
-    'train' stream: over steps and ranks every clip is new, and each is one window."""
+    'train' stream, at the pool's uint8 precision: over steps and ranks every clip is new."""
     args = wm.Args(context=2, horizon=3, batch_size=3)
     ds = _Numbered()
     gen = torch.Generator().manual_seed(0)
@@ -838,7 +861,8 @@ def test_fresh_batches_never_repeat_a_clip():
             x = wm.fresh_batch(ds, step, gen, args, torch.device("cpu"), rank, 2)
             assert x.shape == (3, 5, 1, 2, 2)
             first = (step * 2 + rank) * 3
-            assert (x[:, 0, 0, 0, 0] * 255).round().tolist() == [first, first + 1, first + 2]
+            want = torch.tensor([first, first + 1, first + 2]).float()
+            assert torch.allclose(x[:, :, 0, 0, 0] * 255, want[:, None].expand(3, 5), atol=1e-4)
     assert sorted(ds.asked) == list(range(24))
 
 

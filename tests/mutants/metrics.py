@@ -172,4 +172,52 @@ MUTANTS = [
         "old": "return g / g.sum()",
         "new": "return g / g.max()",
     },
+    {
+        "name": "ssim_openstl_window_5",
+        "invariant": "the published tables' SSIM window is 7x7",
+        "old": "    box = torch.full((7,), 1 / 7, dtype=torch.float64)",
+        "new": "    box = torch.full((5,), 1 / 5, dtype=torch.float64)",
+    },
+    {
+        "name": "ssim_openstl_population_variance",
+        "invariant": "the published tables' SSIM uses sample variances (x 49/48)",
+        "old": "        var_p = (m[:, 2] - mu_p**2) * 49 / 48",
+        "new": "        var_p = m[:, 2] - mu_p**2",
+    },
+    {
+        "name": "ssim_openstl_data_range_1",
+        "invariant": "the published tables' SSIM takes float frames to span 2 (C1 = 0.02^2)",
+        "old": "    k1, k2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2",
+        "new": "    k1, k2 = 0.01**2, 0.03**2",
+    },
+    {
+        "name": "ssim_openstl_covariance_term",
+        "invariant": "SSIM's structure term is 2 cov + C2",
+        "old": "        num = (2 * mu_p * mu_t + k1) * (2 * cov + k2)",
+        "new": "        num = (2 * mu_p * mu_t + k1) * (cov + k2)",
+    },
+    {
+        "name": "errors_on_clamped_output",
+        "invariant": "MSE and MAE are taken on the raw output, as the published tables",
+        "old": "            p = p if name in UNCLAMPED_SCORES else p.clamp(0, 1)",
+        "new": "            p = p.clamp(0, 1)",
+    },
+    {
+        "name": "psnr_on_raw_output",
+        "invariant": "PSNR and SSIM are taken on the output clamped to [0, 1]",
+        "old": "            p = p if name in UNCLAMPED_SCORES else p.clamp(0, 1)",
+        "new": "            p = p",
+    },
+    {
+        "name": "chunk_target_not_advanced",
+        "invariant": "each chunk of predictions is scored against its own clips",
+        "old": "            parts.append(score(p, target[i : i + chunk], per_frame=True))",
+        "new": "            parts.append(score(p, target[: len(p)], per_frame=True))",
+    },
+    {
+        "name": "valid_filter_wrong_diagonal",
+        "invariant": "the banded matrix correlates with the kernel (band[i + j, i] = g[j])",
+        "old": "            m.diagonal(-j).fill_(g[j])",
+        "new": "            m.diagonal(-j).fill_(g[len(g) - 1 - j] + (j == 0) * 1e-3)",
+    },
 ]

@@ -195,4 +195,10 @@ MUTANTS = [
         "old": "left = max(0.0, 1 - (step - warmup) / max(1, total - warmup))",
         "new": "left = max(0.0, 1 - (step - warmup) / max(1, total))",
     },
+    {
+        "name": "figures_on_val_clips",
+        "invariant": "metrics.json's figures come from test clips",
+        "old": '    clips = load_clips(args, args.eval_clips, args.context + args.horizon, "test")',
+        "new": '    clips = load_clips(args, args.eval_clips, args.context + args.horizon, "val")',
+    },
 ]

@@ -172,4 +172,16 @@ MUTANTS = [
         "old": "return [tuple(2 if i < n else 1 for n in levels) for i in range(max(levels))]",
         "new": "return [tuple(2 if i >= max(levels) - n else 1 for n in levels) for i in range(max(levels))]",
     },
+    {
+        "name": "latent_statistics_of_val_clips",
+        "invariant": "the exported latent statistics come from training clips",
+        "old": '    scores = evaluate(raw, load_clips(args, args.eval_clips, "train"), args, rt)[0]',
+        "new": '    scores = evaluate(raw, load_clips(args, args.eval_clips, "val"), args, rt)[0]',
+    },
+    {
+        "name": "figures_on_val_clips",
+        "invariant": "metrics.json's figures come from test clips",
+        "old": '    clips = load_clips(args, args.eval_clips, "test")',
+        "new": '    clips = load_clips(args, args.eval_clips, "val")',
+    },
 ]

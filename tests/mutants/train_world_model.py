@@ -38,8 +38,8 @@ MUTANTS = [
     {
         "name": "batch_window_one_short",
         "invariant": "a batch is --context + --horizon consecutive frames of one clip",
-        "old": "    span = args.context + args.horizon\n",
-        "new": "    span = args.context + args.horizon - 1\n",
+        "old": "    span = args.context + args.horizon\n    i = torch.randint",
+        "new": "    span = args.context + args.horizon - 1\n    i = torch.randint",
     },
     {
         "name": "batch_last_start_never_drawn",
@@ -119,8 +119,8 @@ MUTANTS = [
     {
         "name": "copy_last_from_first_context_frame",
         "invariant": "copy-last repeats the LAST context frame, scored on the model's frames",
-        "old": "frames[:, c:], truth[:, :c], truth[:, c:], args.horizon",
-        "new": "frames[:, c:], truth[:, :1], truth[:, c:], args.horizon",
+        "old": "    truth = clips[:, c - 1 :].float() / 255",
+        "new": "    truth = torch.cat([clips[:, :1], clips[:, c:]], 1).float() / 255",
     },
     {
         "name": "val_loss_over_whole_rollout",
@@ -235,5 +235,53 @@ MUTANTS = [
         "invariant": "resume and --eval-only take the encoder's weights from the checkpoint",
         "old": 'build_backbone(args, arch["channels"], pretrained=ckpt is None)',
         "new": 'build_backbone(args, arch["channels"], pretrained=True)',
+    },
+    {
+        "name": "fresh_batches_shared_by_ranks",
+        "invariant": "--fresh: every step and rank draws clips no other step or rank drew",
+        "old": "    first = (step * world + rank) * args.batch_size",
+        "new": "    first = step * args.batch_size",
+    },
+    {
+        "name": "fresh_batches_not_quantised",
+        "invariant": "--fresh clips have the pool's uint8 precision",
+        "old": "    clips = (clips.clamp(0, 1) * 255).round() / 255",
+        "new": "    clips = clips.clamp(0, 1)",
+    },
+    {
+        "name": "encoder_grid_off",
+        "invariant": "the encoder halves the frame `down` times (latent grid resolution / 2^down)",
+        "old": '            ResBlock(c2, c3, "down" if down > 2 else None),',
+        "new": '            ResBlock(c2, c3, "down" if down > 1 else None),',
+    },
+    {
+        "name": "latent_grid_flag_ignored",
+        "invariant": "--latent-grid sets the encoder's halvings",
+        "old": "        down=round(math.log2(args.resolution // latent_grid(args))),",
+        "new": "        down=3,",
+    },
+    {
+        "name": "figures_of_last_weights",
+        "invariant": "metrics.json holds the figures of the weights best on val (ckpt_best.pt)",
+        "old": '        raw.load_state_dict(ckpt["model"])\n        selected',
+        "new": "        selected",
+    },
+    {
+        "name": "figures_on_val_clips",
+        "invariant": "metrics.json's figures come from test clips",
+        "old": '    return load_clips(source, args.test_clips, args.context + eval_rollout(args), "test")',
+        "new": '    return load_clips(source, args.test_clips, args.context + eval_rollout(args), "val")',
+    },
+    {
+        "name": "copy_last_of_the_first_target",
+        "invariant": "copy_last repeats the last context frame",
+        "old": "        torch.cat(preds), truth[:, :1], truth[:, 1:], args.horizon",
+        "new": "        torch.cat(preds), truth[:, 1:2], truth[:, 1:], args.horizon",
+    },
+    {
+        "name": "errors_on_clamped_rollout",
+        "invariant": "the rollout's errors are scored on its raw output",
+        "old": "        preds.append(pred.float().cpu())",
+        "new": "        preds.append(pred.float().clamp(0, 1).cpu())",
     },
 ]
