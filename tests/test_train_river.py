@@ -583,6 +583,7 @@ def test_bench_warm_start_and_video(tiny, first_stage, tmp_path):
     assert Image.open(tmp_path / "v" / "samples" / "video_mine.gif").n_frames == 3 + 4
 
 
+@pytest.mark.slow  # fresh processes: the world model's torchrun test covers the shared DDP code fast
 def test_torchrun_two_cpu_processes(first_stage, tmp_path):
     cmd = [
         sys.executable,
@@ -640,6 +641,7 @@ def suggested(message, *tiny):
     return [sys.executable, str(ROOT / "train_vqvae.py"), *cmd[2:], *tiny]
 
 
+@pytest.mark.slow  # trains first stages in fresh processes
 def test_suggested_first_stage_commands_work(tmp_path, first_stage, monkeypatch):
     """Each train_vqvae.py command an error suggests makes a first stage this run accepts."""
     monkeypatch.chdir(tmp_path)  # the suggested runs/ folders are relative

@@ -1073,6 +1073,7 @@ def test_generate_writes_gif_and_reports_speed(tiny, tmp_path, capsys):
     )
 
 
+@pytest.mark.slow  # fresh processes: the world model's torchrun test covers the shared DDP code fast
 def test_torchrun_two_cpu_processes(tiny, tmp_path):
     for stage in (
         "teacher",

@@ -382,6 +382,7 @@ tv.main(tyro.cli(tv.Args, args=sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # fresh processes: the world model's torchrun test covers the shared DDP code fast
 def test_torchrun_two_cpu_processes(tmp_path):
     script = tmp_path / "ddp_check.py"
     script.write_text(DDP_SCRIPT.format(root=str(ROOT)))
