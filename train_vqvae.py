@@ -770,16 +770,6 @@ def resize_baseline_3d(clips, dt, ds):
     }
 
 
-def grid_factors(args):
-    """(temporal, spatial) downsampling of the latent grid."""
-    return args.temporal_downsample, args.spatial_downsample
-
-
-def pool_unit(args):
-    """What a training example is: a frame, or a clip for the spatio-temporal VQ-VAE."""
-    return "clips" if args.temporal_downsample > 1 else "frames"
-
-
 def resize_baseline(clips, temporal_downsample=1, spatial_downsample=8):
     """The frames shrunk to the latent grid (area average, full colour: 3 numbers per cell
     where the VQ-VAE keeps one code of 4) and enlarged back (bilinear): what a reconstruction
@@ -937,6 +927,16 @@ def training_pool(args, rt):
     for the spatio-temporal VQ-VAE."""
     clips = load_clips(args, args.train_clips, "train", rt.rank, rt.world)
     return clips if args.temporal_downsample > 1 else clips.flatten(0, 1)
+
+
+def grid_factors(args):
+    """(temporal, spatial) downsampling of the latent grid."""
+    return args.temporal_downsample, args.spatial_downsample
+
+
+def pool_unit(args):
+    """What a training example is: a frame, or a clip for the spatio-temporal VQ-VAE."""
+    return "clips" if args.temporal_downsample > 1 else "frames"
 
 
 def check_temporal(args):
