@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 import tyro
 
+import metrics
 import train_self_forcing as sf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1186,3 +1188,62 @@ def test_checkpoints_of_another_script_or_architecture_are_refused(tiny, tmp_pat
             "100",
         )
     assert digest(d / "ckpt_teacher.pt") == good
+
+
+# ------------------------------------------------------------- long videos: baselines and scores
+def test_window_recompute_baseline_runs_the_window_once_per_chunk():
+    """cache="window": before each chunk, its window's clean frames (at most window - chunk) run
+    once at t = 0, then the chunk's steps use their keys; with a window holding every frame that
+    is the cache itself, with a rolling window it is not (those frames see only each other)."""
+    (noise, words), sigmas = inputs(T=8), sf.few_step_sigmas()
+    outs = {}
+    for window in (0, 4):
+        for cache in (True, "window"):
+            model = random_model(window)
+            calls = record_calls(model)
+            with torch.no_grad():
+                outs[window, cache] = sf.rollout(
+                    model, noise, words, sigmas, torch.Generator().manual_seed(3), cache=cache
+                )
+            if cache == "window":
+                context = [frames for frames, sigma, *_ in calls if sigma == 0.0]
+                assert context == ([2, 4, 6] if window == 0 else [2, 2, 2])  # chunks 1, 2, 3
+                assert len(calls) == 3 + 4 * len(sigmas)  # nothing else: no context pass after
+    assert (outs[0, True] - outs[0, "window"]).abs().max() < 1e-5
+    assert (outs[4, True] - outs[4, "window"]).abs().max() > 1e-4
+
+
+def test_direction_probe_flips_only_the_direction_word():
+    assert sf.flip_direction("A red square rotating clockwise") == (
+        "A red square rotating counter-clockwise"
+    )
+    assert sf.flip_direction("A red square rotating counter-clockwise").endswith(" clockwise")
+    args = sf.Args(resolution=16, frames=4, chunk=2)
+    rt = types.SimpleNamespace(device="cpu", amp=nullcontext())
+    model = random_model()
+    differ = sf.direction_probe(model, args, rt, n=4)
+    cw, ccw = sf.VOCAB.index("clockwise"), sf.VOCAB.index("counter-clockwise")
+    with torch.no_grad():
+        model.word.weight[ccw] = model.word.weight[cw]  # the model can no longer tell them apart
+    same = sf.direction_probe(model, args, rt, n=4)
+    assert set(same) == {"0.95", "0.98", "1.0"}
+    for sigma in same:
+        assert same[sigma][0] == pytest.approx(same[sigma][1], abs=1e-7)
+        assert abs(differ[sigma][0] - differ[sigma][1]) > 1e-5
+
+
+def test_fd_window_ranks_real_clips_above_black_frozen_shuffled_and_noise():
+    """The long-video score's check on the trained probe: the held-out prompts' real steady clips
+    against other layouts of them beat black, frozen, time-shuffled and noise videos, at 1x and
+    2x; rotation_share reads real rotating clips as turning and frozen ones as not."""
+    if not os.path.isfile(metrics.default_probe_path()):
+        pytest.skip("no trained probe: python train_probe.py")
+    args = sf.Args(eval_clips=35)
+    ev = sf.eval_set(args)
+    c = ev["controls"]
+    for key in ("fd_window", "fd_window_2x"):
+        worst_bad = min(c[k][key] for k in ("black", "frozen", "shuffled", "noise"))
+        assert 3 * c["real"][key] < worst_bad, (key, c)
+    assert ev["real"]["rotation_share"] == 1.0 and ev["real"]["rotation_share_2x"] == 1.0
+    frozen = ev["videos"][:, :1].expand_as(ev["videos"])
+    assert sf.score(frozen[:, :12], ev)["rotation_share"] == 0.0
