@@ -16,8 +16,12 @@ Paper: Huang, Li, He, Zhou, Shechtman, "Self Forcing: Bridging the Train-Test Ga
 Video Diffusion" (2025); DMD: Yin et al. (2024); CausVid: Yin et al. (2025). Simplified: pixels, not
 VAE latents (tokens read and write 16x16 windows at stride 8: no seams); word embeddings mapped
 linearly, not umT5; a dense mask, not FlexAttention; no attention sinks; x0 prediction, not
-velocity; TF/DF through the KV cache (same attention and gradients as a parallel mask).
-See --explain.
+velocity; TF/DF through the KV cache (same attention and gradients as a parallel mask); besides
+RoPE, each frame's modulation carries its index counted from the first frame it sees (never past
+the window, so no index is new past the training length). See --explain.
+Data: toy_data's prompted shapes as steady clips (render_attrs steady=--frames): shapes move at one
+speed around a torus, rotating shapes start upright and turn at one speed, gradients cycle; real
+clips 2x and 4x as long follow the rules of the 12 frames trained on.
 
     python train_self_forcing.py                  # CPU: every stage, 24-29 min on 2 cores
     python train_self_forcing.py --generate "A red circle moving from left to right" --frames 48
@@ -26,8 +30,8 @@ See --explain.
     torchrun --standalone --nproc_per_node=2 train_self_forcing.py  # DDP (nccl CUDA, gloo CPU)
 
 Outputs in --out-dir: ckpt_<stage>.pt, args.json, metrics.json ("eval": Self Forcing; "baselines":
-teacher, ode, tf, df, real videos), samples/, plots/ (attention masks, fd_window), TensorBoard events
-(train/ eval/ perf/ samples/ <stage>/*).
+teacher, ode, tf, df, real videos; fd_window_controls), samples/, plots/ (attention masks,
+fd_window), TensorBoard events (train/ eval/ perf/ samples/ <stage>/*).
 """
 
 import copy
@@ -119,8 +123,8 @@ class Args:
     frames: int = 12
     """frames per video (a multiple of --chunk): the training length"""
     train_clips: int = 4096
-    """prompted clips generated once into memory as the training pool (split 'train', HOLDOUT
-    prompts removed)"""
+    """prompted steady clips generated once into memory as the training pool (split 'train',
+    HOLDOUT prompts removed)"""
     eval_clips: int = 128
     """evaluation clips: the HOLDOUT prompts (never trained on) in turn, each with a random layout,
     generated for and compared to"""
@@ -336,9 +340,8 @@ class DiT(nn.Module):
         k = torch.arange(half, device=x.device) / half
         when = (pos + torch.arange(T, device=x.device)).float()[:, None]  # absolute frames
         t = 1000 * sigma.float()[..., None] * torch.exp(-math.log(10000) * k)
-        f = visible_index(T, kv, mask, self.tokens, x.device)[:, None] * torch.exp(
-            -math.log(1000) * k
-        )
+        seen = visible_index(T, kv, mask, self.tokens, x.device)[:, None]  # not absolute
+        f = seen * torch.exp(-math.log(1000) * k)
         t_emb = self.time(torch.cat([t.cos(), t.sin()], -1))
         f_emb = self.frame(torch.cat([f.cos(), f.sin()], -1))
         c = F.silu(t_emb + text[:, None] + f_emb)  # (B, T, D)
@@ -1298,8 +1301,8 @@ def summary(args, trained, minutes=0.0):
         files = f"ckpt_<stage>.pt, {files}, TensorBoard events (tensorboard --logdir {out})"
     done = f"done in {minutes:.1f} min; " if trained else ""
     return (
-        f"{done}held-out prompts, prompt alignment / fd_probe / fd_window at 2x: {table}; in {out}: "
-        f"{files}"
+        f"{done}held-out prompts, prompt alignment / fd_probe / fd_window at 2x: {table}; "
+        f"in {out}: {files}"
     )
 
 
@@ -1413,6 +1416,7 @@ EXPLAINED = (  # --explain: the model, then the method's functions in the order 
     critic_step,
     generator_step,
     evaluate,
+    score,
 )
 
 
