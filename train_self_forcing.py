@@ -23,7 +23,7 @@ Data: toy_data's prompted shapes as steady clips (render_attrs steady=--frames):
 speed around a torus, rotating shapes start upright and turn at one speed, gradients cycle; real
 clips 2x and 4x as long follow the rules of the 12 frames trained on.
 
-    python train_self_forcing.py                  # CPU: every stage, 24-29 min on 2 cores
+    python train_self_forcing.py                  # CPU: every stage, 39 min on 1 thread
     python train_self_forcing.py --generate "A red circle moving from left to right" --frames 48
     python train_self_forcing.py --width 256 --depth 8 --batch-size 64 \
         --teacher-steps 20000 --steps 1000        # GPU
