@@ -552,9 +552,9 @@ def render_attrs(rng, attrs, w, h, t, steady=0):
 
     steady = n > 1: rules per frame, the same at any length t (a t-frame clip starts as the
     n-frame one): shapes move at the speed of an n-frame crossing from anywhere and wrap around
-    the frame (a torus), rotating shapes start upright and turn STEADY_TURN rad per frame, gradients cycle
-    with period 2 (n - 1), balls bounce as always. 0: the default clips, whose motion spans the
-    clip's length."""
+    the frame (a torus), rotating shapes start upright and turn STEADY_TURN rad per frame,
+    gradients cycle with period 2 (n - 1), balls bounce as always. 0: the default clips, whose
+    motion spans the clip's length."""
     color = np.asarray(COLORS[attrs["color"]], np.float32)
     kind = attrs["type"]
     p = np.linspace(0, 1, t, dtype=np.float32) if t > 1 else np.zeros(1, np.float32)

@@ -924,9 +924,9 @@ def evaluate(model, stage, ev, args, rt, speed=True):
             fps, first = measure_speed(model, teacher, ev["words"][:1], frames, args, rt, cache)
             row[f"gen_frames_per_s{key}"] = fps
             row[f"first_chunk_latency_s{key}"] = first
+        fps = row[f"gen_frames_per_s{tag}"]
         for base, name in (("_nocache", "kv_speedup"), ("_window", "kv_speedup_window")):
-            if not teacher:
-                fps = row[f"gen_frames_per_s{tag}"]
+            if not teacher:  # the cache against each baseline, measured just now
                 row[f"{name}{tag or '_1x'}"] = fps / row[f"gen_frames_per_s{tag}{base}"]
     return row, v1
 
