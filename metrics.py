@@ -667,6 +667,23 @@ def fd_probe(real, fake, probe=None) -> float:
     return frechet_distance(probe_features(real, p), probe_features(fake, p))
 
 
+def fd_probe_windows(real, fake, window: int, stride: int, probe=None) -> list:
+    """fd_probe of every `window` frames starting each `stride` frames (0, stride, ... while the
+    window fits), fake against real videos of the same length at the same place in time: how
+    quality changes along a long video. Motion counts (the probe sees frame order), so a still,
+    shuffled, dark or noisy stretch scores badly where a frame-by-frame distance would not."""
+    real, fake = _videos(real, "real"), _videos(fake, "fake")
+    t = real.shape[1]
+    if fake.shape[1] != t or not 2 <= window <= t or stride < 1:
+        raise ValueError(
+            f"fd_probe_windows needs real and fake of one length >= window >= 2 and stride >= 1, "
+            f"got {t} and {fake.shape[1]} frames, window {window}, stride {stride}"
+        )
+    p = _get_probe(probe)
+    starts = range(0, t - window + 1, stride)
+    return [fd_probe(real[:, s : s + window], fake[:, s : s + window], p) for s in starts]
+
+
 def prompt_alignment(videos, prompts, probe=None, details: bool = False):
     """Fraction of the attributes a prompt names (type, shape, colour(s), motion; parsed with
     toy_data.parse_prompt, None ignored) that the probe reads back from the video, averaged

@@ -464,21 +464,53 @@ def _path(rng, d, n, r, p, t):
     return rng.uniform(lo, hi - length) + length * (p if d > 0 else 1 - p)
 
 
-def _render_moving(rng, attrs, p, w, h, t):
+def _steady_path(rng, d, n, r, t, steady):
+    """Centre coordinates (T,) along one axis of size n at a constant speed (that of a crossing
+    in `steady` frames), from anywhere, modulo n: drawn on a torus, so the motion goes on past
+    any length and the shape is never out of sight."""
+    lo = r + 1.5
+    hi = n - r - 1.5
+    if d == 0:
+        return np.full(t, rng.uniform(lo, hi), np.float32)
+    speed = rng.uniform(0.6, 1.0) * (hi - lo) / (steady - 1)
+    start = rng.uniform(0, n)
+    return np.mod(start + np.sign(d) * speed * np.arange(t), n).astype(np.float32)
+
+
+def _render_moving(rng, attrs, p, w, h, t, steady=0):
     r = rng.uniform(0.12, 0.2) * min(w, h)
     dx, dy = direction_vector(attrs["motion"])
-    cx = _path(rng, dx, w, r, p, t)
-    cy = _path(rng, dy, h, r, p, t)
-    return _shape_masks(attrs["shape"], cx, cy, r, np.zeros(t), h, w)
+    angle = np.zeros(t)
+    if not steady:
+        cx = _path(rng, dx, w, r, p, t)
+        cy = _path(rng, dy, h, r, p, t)
+        return _shape_masks(attrs["shape"], cx, cy, r, angle, h, w)
+    cx = _steady_path(rng, dx, w, r, t, steady)
+    cy = _steady_path(rng, dy, h, r, t, steady)
+    # leaving one side it enters the other: a copy one frame size away along each moving axis
+    return np.max(
+        [
+            _shape_masks(attrs["shape"], cx + ox, cy + oy, r, angle, h, w)
+            for ox in ((-w, 0, w) if dx else (0,))
+            for oy in ((-h, 0, h) if dy else (0,))
+        ],
+        0,
+    )
 
 
-def _render_rotating(rng, attrs, w, h, t):
+STEADY_TURN = 0.14  # rad per frame of steady rotating clips (the middle of 0.08-0.2)
+
+
+def _render_rotating(rng, attrs, w, h, t, steady=0):
     r = rng.uniform(0.2, 0.3) * min(w, h)
     cx = np.full(t, rng.uniform(r + 1.5, w - r - 1.5))
     cy = np.full(t, rng.uniform(r + 1.5, h - r - 1.5))
+    sign = 1 if attrs["motion"] == "clockwise" else -1
+    if steady:  # upright at frame 0, one speed: prompt and frame index decide the orientation
+        return _shape_masks(attrs["shape"], cx, cy, r, sign * STEADY_TURN * np.arange(t), h, w)
     # at most ~11 deg per frame, far below a triangle's 60 deg symmetry: the direction is
     # unambiguous
-    step = rng.uniform(0.08, 0.2) * (1 if attrs["motion"] == "clockwise" else -1)
+    step = rng.uniform(0.08, 0.2) * sign
     angle = rng.uniform(0, 2 * np.pi) + step * np.arange(t)
     return _shape_masks(attrs["shape"], cx, cy, r, angle, h, w)
 
@@ -508,17 +540,32 @@ def _render_bouncing(rng, w, h, t):
     return disc_masks(cx, cy, r, h, w)
 
 
-def render_attrs(rng, attrs, w, h, t):
-    """Draw the video an attrs dict describes; the layout (position, size, speed) comes from rng."""
+def steady_progress(t, steady):
+    """A colour transition's progress (T,) in a steady clip: 0 -> 1 over `steady` frames, back to 0
+    over the next steady - 1, and so on (a triangle wave: the colours cycle)."""
+    q = np.mod(np.arange(t) / (steady - 1), 2)
+    return (1 - np.abs(1 - q)).astype(np.float32)
+
+
+def render_attrs(rng, attrs, w, h, t, steady=0):
+    """Draw the video an attrs dict describes; the layout (position, size, speed) comes from rng.
+
+    steady = n > 1: rules per frame, the same at any length t (a t-frame clip starts as the
+    n-frame one): shapes move at the speed of an n-frame crossing from anywhere and wrap around
+    the frame (a torus), rotating shapes start upright and turn STEADY_TURN rad per frame,
+    gradients cycle with period 2 (n - 1), balls bounce as always. 0: the default clips, whose
+    motion spans the clip's length."""
     color = np.asarray(COLORS[attrs["color"]], np.float32)
     kind = attrs["type"]
     p = np.linspace(0, 1, t, dtype=np.float32) if t > 1 else np.zeros(1, np.float32)
+    if steady:
+        p = steady_progress(t, steady)
     if kind == "color_transition":
         return _render_gradient(rng, attrs, color, p, w, h)
     if kind == "moving":
-        mask = _render_moving(rng, attrs, p, w, h, t)
+        mask = _render_moving(rng, attrs, p, w, h, t, steady)
     elif kind == "rotating":
-        mask = _render_rotating(rng, attrs, w, h, t)
+        mask = _render_rotating(rng, attrs, w, h, t, steady)
     else:
         mask = _render_bouncing(rng, w, h, t)
     return torch.from_numpy(mask[:, None] * color[:, None, None])
@@ -554,14 +601,19 @@ class ToyVideoGenerator:
 class ToyDataset(_Synthetic):
     """Prompted shapes: {"video": (T, 3, H, W), "prompt": str, "attrs": dict}."""
 
-    def __init__(self, num_samples=100, width=64, height=64, num_frames=16, seed=0, split="train"):
+    def __init__(
+        self, num_samples=100, width=64, height=64, num_frames=16, seed=0, split="train", steady=0
+    ):
         super().__init__(num_samples, (width, height), num_frames, seed, split)
+        if steady == 1 or steady < 0:
+            raise ValueError(f"steady must be 0 (off) or a clip length >= 2, got {steady}")
         self.w = width
         self.h = height
+        self.steady = steady  # render_attrs: rules per frame that go on past any length
 
     def make(self, rng):
         attrs = sample_attrs(rng)  # drawn first, so prompts are known without rendering
-        video = render_attrs(rng, attrs, self.w, self.h, self.t)
+        video = render_attrs(rng, attrs, self.w, self.h, self.t, self.steady)
         return {"video": video, "prompt": make_prompt(attrs), "attrs": attrs}
 
     def save_prompts(self, path):

@@ -16,18 +16,22 @@ Paper: Huang, Li, He, Zhou, Shechtman, "Self Forcing: Bridging the Train-Test Ga
 Video Diffusion" (2025); DMD: Yin et al. (2024); CausVid: Yin et al. (2025). Simplified: pixels, not
 VAE latents (tokens read and write 16x16 windows at stride 8: no seams); word embeddings mapped
 linearly, not umT5; a dense mask, not FlexAttention; no attention sinks; x0 prediction, not
-velocity; TF/DF through the KV cache (same attention and gradients as a parallel mask).
-See --explain.
+velocity; TF/DF through the KV cache (same attention and gradients as a parallel mask); besides
+RoPE, each frame's modulation carries its index counted from the first frame it sees (never past
+the window, so no index is new past the training length). See --explain.
+Data: toy_data's prompted shapes as steady clips (render_attrs steady=--frames): shapes move at one
+speed around a torus, rotating shapes start upright and turn at one speed, gradients cycle; real
+clips 2x and 4x as long follow the rules of the 12 frames trained on.
 
-    python train_self_forcing.py                  # CPU: every stage, 24-29 min on 2 cores
+    python train_self_forcing.py                  # CPU: every stage, 39 min on 1 thread
     python train_self_forcing.py --generate "A red circle moving from left to right" --frames 48
     python train_self_forcing.py --width 256 --depth 8 --batch-size 64 \
         --teacher-steps 20000 --steps 1000        # GPU
     torchrun --standalone --nproc_per_node=2 train_self_forcing.py  # DDP (nccl CUDA, gloo CPU)
 
 Outputs in --out-dir: ckpt_<stage>.pt, args.json, metrics.json ("eval": Self Forcing; "baselines":
-teacher, ode, tf, df, real videos), samples/, plots/ (attention masks, drift), TensorBoard events
-(train/ eval/ perf/ samples/ <stage>/*).
+teacher, ode, tf, df, real videos; fd_window_controls), samples/, plots/ (attention masks,
+fd_window), TensorBoard events (train/ eval/ perf/ samples/ <stage>/*).
 """
 
 import copy
@@ -119,8 +123,8 @@ class Args:
     frames: int = 12
     """frames per video (a multiple of --chunk): the training length"""
     train_clips: int = 4096
-    """prompted clips generated once into memory as the training pool (split 'train', HOLDOUT
-    prompts removed)"""
+    """prompted steady clips generated once into memory as the training pool (split 'train',
+    HOLDOUT prompts removed)"""
     eval_clips: int = 128
     """evaluation clips: the HOLDOUT prompts (never trained on) in turn, each with a random layout,
     generated for and compared to"""
@@ -263,11 +267,22 @@ class Block(nn.Module):
         return x + g2 * self.mlp(self.n2(x) * (1 + sc2) + sh2), new
 
 
+def visible_index(frames, kv, mask, tokens, device):
+    """Each frame's index counted from the first frame it sees: cached frames come first, then the
+    call's own; mask (frames, cached + frames) or None (every key visible). -> (frames,) float"""
+    cached = kv[0][0].shape[2] // tokens if kv else 0
+    first = mask.int().argmax(1) if mask is not None else 0
+    return (cached + torch.arange(frames, device=device) - first).float()
+
+
 class DiT(nn.Module):
     """One transformer for every role: teacher, critic (no mask: bidirectional), causal student in
     parallel (frame mask) or chunk by chunk (kv: the cache of earlier chunks). Noisy frames, a noise
     level per frame, word ids -> x0. Each frame is modulated by its noise level, the prompt and its
-    absolute index (sin-cos; the RoPE of attention is only relative)."""
+    index counted from the first frame it can see (sin-cos): the frame index itself in a
+    bidirectional clip and in a student's first window, and at most window - 1 once the window
+    rolls, so frames past the training length carry indices seen in training. The RoPE of
+    attention turns by the absolute index, which only enters as differences."""
 
     def __init__(
         self,
@@ -295,7 +310,7 @@ class DiT(nn.Module):
             "space", torch.cat([a.sin(), a.cos()], -1).flatten(1), persistent=False
         )
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-        self.frame = nn.Linear(width, width)  # absolute frame index: where "left to right" is now
+        self.frame = nn.Linear(width, width)  # index from the first visible frame: where "now" is
         self.word = nn.Embedding(vocab, 32)
         self.word_pos = nn.Parameter(0.02 * torch.randn(words, 32))
         # linear in the words (by slot): an unseen prompt is a sum of seen parts
@@ -314,8 +329,8 @@ class DiT(nn.Module):
 
     def forward(self, x, sigma, words, pos=0, mask=None, kv=None):
         """x (B, T, C, H, W), sigma (B, T), words (B, MAX_WORDS); pos: absolute index of the first
-        frame; mask: (T, K) frame mask or None; kv: per block (K, V) of earlier frames or None.
-        -> x0, per block (K, V) of x."""
+        frame (RoPE); mask: (T, K) frame mask or None; kv: per block (K, V) of earlier frames or
+        None. -> x0, per block (K, V) of x."""
         B, T, C, H, W = x.shape
         p = self.patch
         half = self.time[0].in_features // 2
@@ -325,7 +340,8 @@ class DiT(nn.Module):
         k = torch.arange(half, device=x.device) / half
         when = (pos + torch.arange(T, device=x.device)).float()[:, None]  # absolute frames
         t = 1000 * sigma.float()[..., None] * torch.exp(-math.log(10000) * k)
-        f = when * torch.exp(-math.log(1000) * k)
+        seen = visible_index(T, kv, mask, self.tokens, x.device)[:, None]  # not absolute
+        f = seen * torch.exp(-math.log(1000) * k)
         t_emb = self.time(torch.cat([t.cos(), t.sin()], -1))
         f_emb = self.frame(torch.cat([f.cos(), f.sin()], -1))
         c = F.silu(t_emb + text[:, None] + f_emb)  # (B, T, D)
@@ -422,6 +438,8 @@ def rollout(model, noise, words, sigmas, gen, exit_step=None, real=None, cache=T
     chunk: predict x0, re-noise it to the next sigma with fresh noise (gen), repeat; then run the
     clean x0 once at t = 0 and cache its keys and values, detached, keeping the last window - chunk
     frames. cache=False recomputes the prefix at every step: the same output at quadratic cost.
+    cache="window" (the paper's baseline without a cache) runs the window's clean frames once per
+    chunk, those frames seeing only each other: close to the cache's output, not equal.
     Self Forcing: only step exit_step has gradient; its x0 is the chunk. real = (video, tf): TF/DF,
     one step from the real chunk noised to a random few-step sigma, the real chunk cached clean (TF)
     or noised (DF) with gradient. on_step(b, j, x0)"""
@@ -434,6 +452,8 @@ def rollout(model, noise, words, sigmas, gen, exit_step=None, real=None, cache=T
     ahead = None  # this chunk's first x0, made along with the last chunk's context pass
     for b in range(chunks):
         x = noise[:, b * c : (b + 1) * c]
+        if cache == "window":
+            kv = window_context(model, outs, words, b)
         if real is not None:
             x0, context, context_sigma = real_chunk_x0(model, x, real, words, sigmas, gen, b, kv)
         for j, sigma in enumerate(sigmas.tolist() if real is None else ()):  # the few-step sampler
@@ -451,7 +471,7 @@ def rollout(model, noise, words, sigmas, gen, exit_step=None, real=None, cache=T
             nxt = float(sigmas[j + 1])
             x = (1 - nxt) * x0 + nxt * torch.randn(x0.shape, generator=gen, device=x0.device)
         outs.append(x0)
-        if cache and b < chunks - 1:  # the context pass: later chunks see clean context only
+        if cache is True and b < chunks - 1:  # the context pass: later chunks see clean context
             # inference: the next chunk's first step rides along (one call fewer, same x0)
             fuse = not grad and real is None
             ahead_noise = noise[:, (b + 1) * c : (b + 2) * c] if fuse else None
@@ -473,6 +493,18 @@ def chunk_x0(model, x, sigma, words, b, kv, outs, cache):
     prefix = torch.cat([o.detach() for o in outs] + [x], 1)
     mask = frame_mask((b + 1) * c, c, model.window, x.device)
     return predict_x0(model, prefix, sig, words, mask=mask)[0][:, -c:]
+
+
+def window_context(model, outs, words, b):
+    """Keys and values of chunk b's window without a cache: its clean earlier frames (at most
+    window - chunk) run at t = 0 under the block-causal mask, from scratch."""
+    c = model.chunk
+    if b == 0:
+        return []
+    start = max(0, b * c - (model.window - c)) if model.window else 0
+    context = torch.cat([o.detach() for o in outs], 1)[:, start:]
+    mask = frame_mask(context.shape[1], c, model.window, context.device)
+    return predict_x0(model, context, 0.0, words, start, mask)[1]
 
 
 def real_chunk_x0(model, x, real, words, sigmas, gen, b, kv):
@@ -690,23 +722,25 @@ def loss_names(stage):
 
 
 # ----------------------------------------------------------------------------- data
-def load_clips(args, n_clips, split, rank=0, world=1, holdout=(), only=()):
+def load_clips(args, n_clips, split, rank=0, world=1, holdout=(), only=(), length=1):
     """Prompted clips, generated once: uint8 (N, T, C, H, W), word ids, prompts; rank r keeps r,
     r+world, ...; no holdout prompt. only: n_clips of these prompts in turn, each with its own
-    random layout (the evaluation's held-out prompts)."""
+    random layout (the evaluation's held-out prompts), `length` times the training length. Steady
+    clips (toy_data.render_attrs): the rules per frame of a --frames clip go on past it."""
     if only:
         items = []
         wanted = (only * n_clips)[:n_clips]
         for i, p in progress(enumerate(wanted), n_clips, f"{split} clips", show=rank == 0):
             rng = np.random.default_rng([args.seed, 10 + toy_data.SPLITS.index(split), i])
             attrs = toy_data.parse_prompt(p)
-            video = toy_data.render_attrs(rng, attrs, args.resolution, args.resolution, args.frames)
+            res = args.resolution
+            video = toy_data.render_attrs(rng, attrs, res, res, length * args.frames, args.frames)
             items.append({"prompt": p, "video": video})
     else:
         n = n_clips + (n_clips // 8 + 16 if holdout else 0)
         try:
-            ds = toy_data.make_dataset(
-                args.data, n, args.resolution, args.frames, args.seed, split, args.data_dir
+            ds = toy_data.ToyDataset(
+                n, args.resolution, args.resolution, args.frames, args.seed, split, args.frames
             )
         except (ValueError, FileNotFoundError, OSError) as e:
             raise SystemExit(f"error: {e}")
@@ -738,31 +772,64 @@ def draw_batch(data, n, gen, device):
 # ----------------------------------------------------------------------------- evaluation
 PERF_KEYS = ("gen_", "first_", "kv_")  # evaluate()'s speed figures: perf/, not eval/
 SHOWN = (  # the eval line's figures
-    "prompt_alignment prompt_alignment_2x fd_probe fd_probe_2x drift drift_2x rotation "
-    "gen_frames_per_s first_chunk_latency_s kv_speedup_1x kv_speedup_4x"
+    "prompt_alignment prompt_alignment_2x fd_probe fd_probe_2x fd_window fd_window_2x rotation "
+    "rotation_share gen_frames_per_s first_chunk_latency_s kv_speedup_1x kv_speedup_4x "
+    "kv_speedup_window_1x kv_speedup_window_4x"
 ).split()
+FD_WINDOW = 2  # chunks per fd_window window (6 frames), one window every chunk
+TURNING = 0.25 * toy_data.STEADY_TURN  # rad/frame: faster the prompted way counts as turning it
+
+
+def rotation_rates(videos, prompts):
+    """rotation_rate of the videos of rotating prompts, rad/frame the prompted way."""
+    return [
+        metrics.rotation_rate(v, 4 if at["shape"] == "square" else 3).item()
+        * (1 if at["motion"] == "clockwise" else -1)
+        for v, at in zip(videos, map(toy_data.parse_prompt, prompts))
+        if at["type"] == "rotating"
+    ]
 
 
 def score(videos, ev, tag=""):
-    """prompt_alignment, fd_probe of the last training-length window; drift: per frame the MSE to
-    the nearest real frame; rotation."""
+    """Against the real steady clips of the same prompts and length (ev["test"]):
+    prompt_alignment and fd_probe of the last training-length window; fd_window: fd_probe of every
+    FD_WINDOW chunks, one window a chunk, their mean and each (the long-video quality score);
+    rotation: mean rad/frame the prompted way, rotation_share: the fraction turning that way faster
+    than TURNING (a still shape or disc reads ~0)."""
     names = ("prompt_alignment", "fd_probe")
-    window = videos[:, -ev["test"].shape[1] :]
-    row = metrics.evaluate_videos(window, ev["prompts"], names, ev["test"])
-    a = videos.flatten(2).double()
-    b = ev["test"].flatten(0, 1).flatten(1).double()
-    d = (a * a).sum(-1, keepdim=True) + (b * b).sum(-1) - 2 * a @ b.T
-    d = d.amin(-1).clamp_min(0).mean(0).float() / b.shape[1]
-    # rad/frame the prompted way (probe: weak)
-    rates = [
-        metrics.rotation_rate(v, 4 if at["shape"] == "square" else 3).item()
-        * (1 if at["motion"] == "clockwise" else -1)
-        for v, at in zip(videos, map(toy_data.parse_prompt, ev["prompts"]))
-        if at["type"] == "rotating"
-    ]
+    test = ev["test"][:, : videos.shape[1]]
+    frames = ev["frames"]
+    row = metrics.evaluate_videos(videos[:, -frames:], ev["prompts"], names, test[:, -frames:])
+    chunk = frames // ev["chunks"]
+    try:
+        w = metrics.fd_probe_windows(test, videos, FD_WINDOW * chunk, chunk)
+        row.update(fd_window=float(np.mean(w)), fd_window_per_window=w)
+    except metrics.MetricUnavailable as e:
+        row.update(fd_window=None, fd_window_unavailable=str(e))
+    rates = rotation_rates(videos, ev["prompts"])
     row["rotation"] = float(np.mean(rates)) if rates else None
-    row = {k + tag: v for k, v in row.items()}
-    return {**row, f"drift{tag}": float(d.mean()), f"drift_per_frame{tag}": d.tolist()}
+    turning = [r > TURNING for r in rates]
+    row["rotation_share"] = float(np.mean(turning)) if rates else None
+    return {k + tag: v for k, v in row.items()}
+
+
+def controls(ev):
+    """The long-video score's check: the real clips against black, frozen (the first frame
+    repeated), time-shuffled and noise videos, at 1x and 2x; real clips must score best."""
+    gen = torch.Generator().manual_seed(0)
+    real = ev["videos"]
+    bad = {
+        "real": real,
+        "black": torch.zeros_like(real),
+        "frozen": real[:, :1].expand_as(real).clone(),
+        "shuffled": metrics.shuffle_frames(real, gen),
+        "noise": torch.rand(real.shape, generator=gen),
+    }
+    out = {}
+    for name, v in bad.items():
+        row = {**score(v[:, : ev["frames"]], ev), **score(v, ev, "_2x")}
+        out[name] = {k: row.get(k) for k in ("fd_window", "fd_window_2x", "fd_probe")}
+    return out
 
 
 @torch.no_grad()
@@ -785,7 +852,8 @@ def generate_videos(model, teacher, words, frames, args, rt, gen, **kw):
 def measure_speed(model, teacher, words, frames, args, rt, cache=True):
     """One video at a time, best of 5 calls (as timeit advises: other work on the machine only slows
     a call down): frames/s and the first chunk's latency (a one-chunk video; teacher: the whole
-    video), with the KV cache or recomputing the prefix (cache=False)."""
+    video), with the KV cache, recomputing the prefix at every step (cache=False) or the window
+    once per chunk (cache="window")."""
     kw = {} if teacher else {"cache": cache}
     t = []
     for n in (frames,) if teacher else (frames, args.chunk):
@@ -797,26 +865,69 @@ def measure_speed(model, teacher, words, frames, args, rt, cache=True):
     return frames / t[0], t[-1]  # the teacher's first frames come with its whole video
 
 
+DIRECTION_SIGMAS = (0.95, 0.98, 1.0)  # where the direction word can decide x0 at all
+
+
+def flip_direction(prompt):
+    """'... rotating clockwise' <-> '... rotating counter-clockwise'."""
+    turn = prompt.split()[-1]
+    other = [r for r in toy_data.ROTATIONS if r != turn][0]
+    return prompt[: -len(turn)] + other
+
+
+@torch.no_grad()
+def direction_probe(model, args, rt, n=32):
+    """Does the (bidirectional) model use the direction word? n real steady clips of rotating
+    prompts seen in training, noised to each of DIRECTION_SIGMAS: the MSE of its x0 to the clip
+    with the prompt and with the direction flipped (equal: the word is ignored).
+    -> {sigma: [mse prompted, mse flipped]}"""
+    seen = [
+        toy_data.make_prompt({"type": "rotating", "shape": shape, "color": color, "motion": turn})
+        for color in toy_data.COLORS
+        for shape in ("square", "triangle")
+        for turn in toy_data.ROTATIONS
+    ]
+    seen = tuple(p for p in seen if p not in HOLDOUT)
+    videos, words, prompts = load_clips(args, n, "val", only=seen)
+    x = videos.to(rt.device).float() / 127.5 - 1
+    flipped = torch.tensor([encode_prompt(flip_direction(p)) for p in prompts], device=rt.device)
+    gen = torch.Generator(rt.device).manual_seed(args.seed + 7)
+    noise = torch.randn(x.shape, generator=gen, device=rt.device)
+    out = {}
+    for sigma in DIRECTION_SIGMAS:
+        xt = (1 - sigma) * x + sigma * noise
+        with rt.amp:
+            mse = [
+                F.mse_loss(predict_x0(model, xt, sigma, w)[0], x).item() for w in (words, flipped)
+            ]
+        out[str(sigma)] = mse
+    return out
+
+
 @torch.no_grad()
 def evaluate(model, stage, ev, args, rt, speed=True):
     """Score generations for the eval prompts at 1x and 2x the training length (students: rolling
     cache; teacher: all frames at once); speed: frames/s and first-chunk latency with the KV cache
-    and without (nocache), at 1x and 4x."""
+    and its two baselines (nocache: the prefix at every step; window: the window once per chunk),
+    at 1x and 4x, one after the other in this call (ratios)."""
     gen = torch.Generator(rt.device).manual_seed(args.seed + 5)
     teacher = stage == "teacher"
     v1 = generate_videos(model.eval(), teacher, ev["words"], args.frames, args, rt, gen)
     row = score(v1, ev)
     v2 = generate_videos(model, teacher, ev["words"], 2 * args.frames, args, rt, gen)
     row.update(score(v2, ev, "_2x"))
+    if teacher:
+        row["direction_word_mse"] = direction_probe(model, args, rt)
     for frames, tag in ((args.frames, ""), (4 * args.frames, "_4x")) if speed else ():
-        for cache, key in ((True, tag), (False, tag + "_nocache"))[: 1 if teacher else 2]:
+        ways = ((True, tag), (False, tag + "_nocache"), ("window", tag + "_window"))
+        for cache, key in ways[: 1 if teacher else 3]:
             fps, first = measure_speed(model, teacher, ev["words"][:1], frames, args, rt, cache)
             row[f"gen_frames_per_s{key}"] = fps
             row[f"first_chunk_latency_s{key}"] = first
-        if not teacher:
-            row[f"kv_speedup{tag or '_1x'}"] = (
-                row[f"gen_frames_per_s{tag}"] / row[f"gen_frames_per_s{tag}_nocache"]
-            )
+        fps = row[f"gen_frames_per_s{tag}"]
+        for base, name in (("_nocache", "kv_speedup"), ("_window", "kv_speedup_window")):
+            if not teacher:  # the cache against each baseline, measured just now
+                row[f"{name}{tag or '_1x'}"] = fps / row[f"gen_frames_per_s{tag}{base}"]
     return row, v1
 
 
@@ -871,7 +982,7 @@ def metric_rows(metrics):
     return {**metrics.get("baselines", {}), "self_forcing": metrics.get("eval")}
 
 
-def write_metrics(stage, row, perf, step, args, real):
+def write_metrics(stage, row, perf, step, args, real, checks=None):
     """Merge a stage's row, with the step it was evaluated at, into out_dir/metrics.json ("eval":
     self_forcing; "baselines": the other stages and the real videos); the other stages' rows stay
     as they were. -> every row so far, by stage."""
@@ -890,13 +1001,15 @@ def write_metrics(stage, row, perf, step, args, real):
         "wall_s": round(sum(p["wall_s"] + p["eval_s"] for p in perfs.values()), 1),
         "eval": sf,
         "baselines": baselines,
+        "fd_window_controls": checks or old.get("fd_window_controls"),
         "perf": {**perfs.get("self_forcing", {}), **speed, "stages": perfs},
         "data": {
             "kind": args.data,
             "resolution": args.resolution,
             "frames": args.frames,
             "n_eval": args.eval_clips,
-            "split": "test",  # the real clips fd_probe and drift compare with; prompts held out
+            "split": "test",  # the real clips every score compares with; prompts held out
+            "steady": args.frames,  # toy_data.render_attrs: rules per frame past the length
         },
     }
     write_json(path, out)
@@ -917,26 +1030,33 @@ def finish_stage(model, stage, step, perf, args, rt, ev, writer):
     save_pictures(model, videos, ev["prompts"], stage, args, rt, step, writer)
     if perf:
         perf = {**perf, "eval_s": round(time.time() - t0, 1)}
-    rows = write_metrics(stage, row, perf, step, args, ev["real"])
-    drift = {k: r["drift_per_frame_2x"] for k, r in rows.items() if r and "drift_per_frame_2x" in r}
-    viz.plot_metric_vs_horizon(
-        drift,
-        os.path.join(args.out_dir, "plots", "drift.png"),
-        metric="MSE to nearest real frame",
-        train_horizon=args.frames,
-        title="drift at 2x the training length",
-    )
+    rows = write_metrics(stage, row, perf, step, args, ev["real"], ev["controls"])
+    key = "fd_window_per_window_2x"
+    curves = {k: r[key] for k, r in rows.items() if r and r.get(key)}
+    if curves:  # window k (from 1) ends at frame (FD_WINDOW + k - 1) * chunk
+        viz.plot_metric_vs_horizon(
+            curves,
+            os.path.join(args.out_dir, "plots", "fd_window.png"),
+            metric=f"fd_probe of {FD_WINDOW * args.chunk} frames",
+            train_horizon=args.frames // args.chunk - FD_WINDOW + 1,
+            title=f"fd_probe of each window of {FD_WINDOW} chunks at 2x, one a chunk",
+        )
     shown = "  ".join(f"{k} {row[k]:.4g}" for k in SHOWN if row.get(k) is not None)
     print(f"eval {stage} step {step}: {shown}", flush=True)
 
 
 def eval_set(args):
-    """Rank 0's evaluation clips of the held-out prompts, real clips of the same prompts in other
-    layouts (test: the reference of fd_probe and drift) and the real videos' row."""
-    videos, words, prompts = load_clips(args, args.eval_clips, "val", only=HOLDOUT)
+    """Rank 0's evaluation clips of the held-out prompts at 2x the training length, real clips of
+    the same prompts in other layouts (test: the reference of every score), the real videos' row
+    and the controls of the long-video score."""
+    videos, words, prompts = load_clips(args, args.eval_clips, "val", only=HOLDOUT, length=2)
     ev = {"videos": videos.float() / 255, "words": words, "prompts": prompts}
-    ev["test"] = load_clips(args, args.eval_clips, "test", only=HOLDOUT)[0].float() / 255
-    ev["real"] = score(ev["videos"], ev)
+    ev["frames"] = args.frames
+    ev["chunks"] = args.frames // args.chunk
+    test = load_clips(args, args.eval_clips, "test", only=HOLDOUT, length=2)[0]
+    ev["test"] = test.float() / 255
+    ev["real"] = {**score(ev["videos"][:, : args.frames], ev), **score(ev["videos"], ev, "_2x")}
+    ev["controls"] = controls(ev)
     return ev
 
 
@@ -1144,7 +1264,7 @@ def train_stage(name, args, rt, data, ev, writer):
     return rt.master
 
 
-HEADLINE = (("prompt_alignment", ".3f"), ("fd_probe", ".2f"), ("drift_2x", ".4f"))
+HEADLINE = (("prompt_alignment", ".3f"), ("fd_probe", ".2f"), ("fd_window_2x", ".2f"))
 ORDER = ("self_forcing", "tf", "df", "ode", "teacher", "real")  # the method, then its baselines
 
 
@@ -1181,8 +1301,8 @@ def summary(args, trained, minutes=0.0):
         files = f"ckpt_<stage>.pt, {files}, TensorBoard events (tensorboard --logdir {out})"
     done = f"done in {minutes:.1f} min; " if trained else ""
     return (
-        f"{done}held-out prompts, prompt alignment / fd_probe / drift at 2x: {table}; in {out}: "
-        f"{files}"
+        f"{done}held-out prompts, prompt alignment / fd_probe / fd_window at 2x: {table}; "
+        f"in {out}: {files}"
     )
 
 
@@ -1296,6 +1416,7 @@ EXPLAINED = (  # --explain: the model, then the method's functions in the order 
     critic_step,
     generator_step,
     evaluate,
+    score,
 )
 
 

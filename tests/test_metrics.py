@@ -736,3 +736,19 @@ def test_rotation_rate_of_a_hand_drawn_square():
     assert got.tolist() == pytest.approx([c[1] for c in cases], abs=2e-3)
     still = _square_video(np.full(n, 0.3), 11.2, 19.7, 5.0)
     assert abs(float(M.rotation_rate(still, 4))) < 1e-6
+
+
+def test_fd_probe_windows_slides_over_both_videos_in_step():
+    torch.manual_seed(0)
+    probe = M.VideoProbe(_fake_labels())
+    real = torch.rand(6, 10, 3, 16, 16)
+    fake = real * 0.3
+    fake[:, 4:] = real[:, 4:]  # the same from frame 4 on
+    got = M.fd_probe_windows(real, fake, 4, 3, probe)
+    want = [M.fd_probe(real[:, s : s + 4], fake[:, s : s + 4], probe) for s in (0, 3, 6)]
+    assert got == pytest.approx(want) and len(got) == 3  # starts 0, 3, 6: the last ends at 10
+    assert got[0] > 1e-4 and abs(got[2]) < 1e-6  # a window that differs, one that does not
+    with pytest.raises(ValueError, match="one length"):
+        M.fd_probe_windows(real, fake[:, :9], 4, 3, probe)
+    with pytest.raises(ValueError, match="window"):
+        M.fd_probe_windows(real, fake, 12, 3, probe)

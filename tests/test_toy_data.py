@@ -785,3 +785,87 @@ def test_data_dir_implies_its_kind(tmp_path):
         td.data_kind("smoke", str(tmp_path / "empty"), default="smoke")
     with pytest.raises(ValueError, match="unknown data kind"):
         td.data_kind("cats", videos, default="smoke")
+
+
+# ------------------------------------------------------------ steady clips (rules per frame)
+STEADY_PROMPTS = (
+    "A red circle moving from left to right",
+    "A green triangle moving from bottom right to top left",
+    "A yellow square rotating clockwise",
+    "A blue triangle rotating counter-clockwise",
+    "Color gradient transitioning from cyan to orange",
+    "A white ball bouncing",
+)
+
+
+def _steady(prompt, t, i=0, n=12, res=32):
+    rng = np.random.default_rng([3, i])
+    return td.render_attrs(rng, td.parse_prompt(prompt), res, res, t, steady=n).numpy()
+
+
+@pytest.mark.parametrize("prompt", STEADY_PROMPTS)
+def test_a_long_steady_clip_starts_as_the_short_one(prompt):
+    assert np.array_equal(_steady(prompt, 48)[:12], _steady(prompt, 12))
+
+
+@pytest.mark.parametrize("way,sign", [("left to right", 1), ("right to left", -1)])
+def test_steady_shapes_move_at_one_speed_the_prompted_way_and_wrap_in_sight(way, sign):
+    for i in range(4):
+        m = _steady(f"A red circle moving from {way}", 48, i).sum(1)
+        mass = m.sum((1, 2))
+        assert mass.min() > 0.97 * mass.max()  # on a torus: never out of sight
+        # x of the centre from the phase of the first Fourier mode along x (wrap-proof)
+        cols = m.sum(1)
+        phase = np.angle((cols * np.exp(2j * np.pi * np.arange(32) / 32)).sum(1))
+        # px per frame the prompted way
+        step = np.mod(sign * np.diff(phase), 2 * np.pi) * 32 / (2 * np.pi)
+        lo, hi = 0.6 * (32 - 2 * 6.4 - 3) / 11, (32 - 2 * 3.84 - 3) / 11  # r in [3.84, 6.4]
+        assert np.ptp(step) < 0.05 and lo - 0.01 < step.mean() < hi + 0.01, step
+        assert step.sum() > 32  # it crossed the frame edge at least once in 48 frames
+        y = (m.sum(2) * (np.arange(32) + 0.5)).sum(1) / mass
+        assert np.ptp(y) < 0.1  # nothing moves up or down (anti-aliasing: a few hundredths)
+
+
+@pytest.mark.parametrize(
+    "prompt,fold,sign",
+    [
+        ("A yellow square rotating clockwise", 4, 1),
+        ("A blue triangle rotating counter-clockwise", 3, -1),
+    ],
+)
+def test_steady_rotation_starts_upright_and_turns_at_one_speed(prompt, fold, sign):
+    for i in range(3):
+        m = _steady(prompt, 24, i, res=64).sum(1)
+        ys, xs = np.mgrid[0:64, 0:64] + 0.5
+        angles = []
+        for f in m:
+            cx, cy = centroid(f)
+            z = (f * ((xs - cx) + 1j * (ys - cy)) ** fold).sum()
+            angles.append(np.angle(z) / fold)
+        turn = np.angle(np.exp(1j * fold * np.diff(angles))) / fold
+        assert np.allclose(turn, sign * 0.14, atol=0.01), turn  # y down: + is clockwise
+    up = _steady(prompt, 1, 0, res=64).sum(1)[0]  # frame 0 alone: the shape at angle 0
+    cx, cy = centroid(up)
+    ys, xs = np.mgrid[0:64, 0:64] + 0.5
+    z = (up * ((xs - cx) + 1j * (ys - cy)) ** fold).sum()
+    # upright: an axis-aligned square's 4-fold moment is real and negative (its corners, at 45
+    # degrees, weigh most); a triangle with its tip up (-y on screen) has it along (-i)^3 = i
+    want = np.pi if fold == 4 else np.pi / 2
+    assert abs(np.angle(z * np.exp(-1j * want))) < 0.05, np.angle(z)
+
+
+def test_steady_gradient_cycles_and_first_sweep_is_the_default_clip():
+    v = _steady("Color gradient transitioning from cyan to orange", 45)
+    rng = np.random.default_rng([3, 0])
+    attrs = td.parse_prompt("Color gradient transitioning from cyan to orange")
+    default = td.render_attrs(rng, attrs, 32, 32, 12).numpy()
+    assert np.allclose(v[:12], default, atol=1e-5)
+    assert np.allclose(v[22], v[0], atol=1e-5) and np.allclose(v[44], v[0], atol=1e-5)
+    assert np.allclose(v[11 + 5], v[11 - 5], atol=1e-5)  # back the way it came
+
+
+def test_steady_needs_a_clip_length():
+    with pytest.raises(ValueError, match="steady"):
+        td.ToyDataset(2, 16, 16, 4, steady=1)
+    a, b = td.ToyDataset(3, 16, 16, 24, steady=12), td.ToyDataset(3, 16, 16, 12, steady=12)
+    assert torch.equal(a[2]["video"][:12], b[2]["video"]) and a[2]["prompt"] == b[2]["prompt"]

@@ -220,4 +220,23 @@ MUTANTS = [
         "old": "            m.diagonal(-j).fill_(g[j])",
         "new": "            m.diagonal(-j).fill_(g[len(g) - 1 - j] + (j == 0) * 1e-3)",
     },
+    # ---- fd_probe_windows
+    {
+        "name": "fd_windows_fake_from_the_start",
+        "invariant": "each window of the fake videos is compared with the same window of the real",
+        "old": "    return [fd_probe(real[:, s : s + window], fake[:, s : s + window], p) for s in starts]",
+        "new": "    return [fd_probe(real[:, s : s + window], fake[:, :window], p) for s in starts]",
+    },
+    {
+        "name": "fd_windows_last_window_dropped",
+        "invariant": "windows start every stride frames while the window fits",
+        "old": "    starts = range(0, t - window + 1, stride)",
+        "new": "    starts = range(0, t - window, stride)",
+    },
+    {
+        "name": "fd_windows_stride_ignored",
+        "invariant": "windows start every stride frames",
+        "old": "    starts = range(0, t - window + 1, stride)",
+        "new": "    starts = range(0, t - window + 1, window)",
+    },
 ]

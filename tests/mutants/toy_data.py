@@ -130,4 +130,41 @@ MUTANTS = [
         "old": '    if videos.shape[2] != 1 or split != "test":',
         "new": "    if videos.shape[2] != 1:",
     },
+    # ---- steady clips
+    {
+        "name": "steady_speed_of_the_clip_length",
+        "invariant": "steady shapes move at the speed of a `steady`-frame crossing at any length",
+        "old": "    speed = rng.uniform(0.6, 1.0) * (hi - lo) / (steady - 1)",
+        "new": "    speed = rng.uniform(0.6, 1.0) * (hi - lo) / (t - 1)",
+    },
+    {
+        "name": "steady_direction_ignored",
+        "invariant": "steady shapes move the prompted way",
+        "old": "    return np.mod(start + np.sign(d) * speed * np.arange(t), n).astype(np.float32)",
+        "new": "    return np.mod(start + speed * np.arange(t), n).astype(np.float32)",
+    },
+    {
+        "name": "steady_no_wrapped_copy",
+        "invariant": "a shape leaving one side enters the other (never out of sight)",
+        "old": "            for ox in ((-w, 0, w) if dx else (0,))",
+        "new": "            for ox in ((0,) if dx else (0,))",
+    },
+    {
+        "name": "steady_rotation_not_upright",
+        "invariant": "steady rotating shapes are upright at frame 0",
+        "old": "sign * STEADY_TURN * np.arange(t), h, w)",
+        "new": "sign * STEADY_TURN * np.arange(1, t + 1), h, w)",
+    },
+    {
+        "name": "steady_rotation_one_way",
+        "invariant": "steady rotation turns the prompted way",
+        "old": "sign * STEADY_TURN * np.arange(t), h, w)",
+        "new": "STEADY_TURN * np.arange(t), h, w)",
+    },
+    {
+        "name": "steady_gradient_sawtooth",
+        "invariant": "a steady gradient goes back the way it came (triangle wave)",
+        "old": "    q = np.mod(np.arange(t) / (steady - 1), 2)",
+        "new": "    q = np.mod(np.arange(t) / (steady - 1), 1)",
+    },
 ]

@@ -205,4 +205,47 @@ MUTANTS = [
         "old": "x0 = cfg_x0(model, x, sig[i], words, guidance)",
         "new": "x0 = predict_x0(model, x, sig[i], words)[0]",
     },
+    # ---- long videos: positions, baselines, scores
+    {
+        "name": "frame_index_ignores_the_window",
+        "invariant": "a frame's index counts from the first frame it sees (the mask's first key)",
+        "old": "    first = mask.int().argmax(1) if mask is not None else 0",
+        "new": "    first = 0",
+    },
+    {
+        "name": "frame_index_ignores_the_cache",
+        "invariant": "cached frames come before a call's own in the frame index",
+        "old": "    cached = kv[0][0].shape[2] // tokens if kv else 0",
+        "new": "    cached = 0",
+    },
+    {
+        "name": "frame_index_absolute_again",
+        "invariant": "the modulation does not carry the absolute index (frames past the training length)",
+        "old": "        f = seen * torch.exp(-math.log(1000) * k)",
+        "new": "        f = when * torch.exp(-math.log(1000) * k)",
+    },
+    {
+        "name": "window_baseline_recomputes_the_whole_prefix",
+        "invariant": "the window baseline runs at most window - chunk clean frames per chunk",
+        "old": "    start = max(0, b * c - (model.window - c)) if model.window else 0",
+        "new": "    start = 0",
+    },
+    {
+        "name": "controls_frozen_is_the_real_video",
+        "invariant": "the frozen control repeats the first frame",
+        "old": '        "frozen": real[:, :1].expand_as(real).clone(),',
+        "new": '        "frozen": real.clone(),',
+    },
+    {
+        "name": "rotation_share_counts_any_rate",
+        "invariant": "only a turn faster than TURNING the prompted way counts as turning",
+        "old": "    turning = [r > TURNING for r in rates]",
+        "new": "    turning = [r > -TURNING for r in rates]",
+    },
+    {
+        "name": "direction_probe_never_flips",
+        "invariant": "the probe compares the prompt with its direction flipped",
+        "old": "    other = [r for r in toy_data.ROTATIONS if r != turn][0]",
+        "new": "    other = turn",
+    },
 ]
