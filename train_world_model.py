@@ -1138,9 +1138,23 @@ def action_report(raw, args, rt, clips):
         return {}
     zeroed = torch.full_like(clips[1], -1)
     out = {"actions_zeroed": evaluate(raw, clips[0], args, rt.device, rt.amp, actions=zeroed)[0]}
+    z = out["actions_zeroed"]
+    line = f"test, actions zeroed: PSNR {z['psnr']:.2f} dB"
+    if "agent_error" in z:
+        line += (
+            f", agent error {z['agent_error']:.2f} cells ({z['agent_error_rollout']:.2f} rollout)"
+        )
     if args.data == "agent":
-        out["counterfactual"], shown = counterfactual(raw, args, rt.device)
-        save_counterfactual(shown, out["counterfactual"], args)
+        cf, shown = counterfactual(raw, args, rt.device)
+        save_counterfactual(shown, cf, args)
+        out["counterfactual"] = cf
+        line += (
+            f"; counterfactual ({', '.join(cf['branches'])} x{cf['steps']}): error to its own "
+            f"simulator branch {cf['matched_error']:.2f} cells, to the others "
+            f"{cf['mismatched_error']:.2f}; spread model {cf['model_spread']:.2f}, simulator "
+            f"{cf['simulator_spread']:.2f}"
+        )
+    print(line, flush=True)
     return out
 
 
@@ -1182,6 +1196,16 @@ def save_plots(curves, args):
         )
 
 
+def agent_line(ours, base):
+    """The agent's position error for the eval line (agent data), else ''."""
+    if "agent_error" not in ours:
+        return ""
+    return (
+        f"  agent error {ours['agent_error']:.2f} cells ({base['agent_error']:.2f}), "
+        f"{ours['agent_error_rollout']:.2f} ({base['agent_error_rollout']:.2f}) over the rollout"
+    )
+
+
 def run_eval(raw, eval_clips, args, rt, step, writer, tag="eval"):
     """Evaluate on held-out clips (clips, actions or None), print the line (tag "eval": val clips,
     "test": test clips) and log it (rank 0)."""
@@ -1200,7 +1224,7 @@ def run_eval(raw, eval_clips, args, rt, step, writer, tag="eval"):
         f"SSIM {ours['ssim']:.4f} ({base['ssim']:.4f})  MSE/frame {ours['mse_frame_sum']:.1f} "
         f"({base['mse_frame_sum']:.1f}) over {args.horizon} frames; {rollout} frames: "
         f"PSNR {ours['psnr_rollout']:.2f} ({base['psnr_rollout']:.2f})  loss {val['loss']:.4f}"
-        f"  recon PSNR {val['recon_psnr']:.2f}",
+        f"  recon PSNR {val['recon_psnr']:.2f}" + agent_line(ours, base),
         flush=True,
     )
     return ours, base, val, curves, frames
