@@ -5,7 +5,6 @@ short training run."""
 
 import json
 import os
-from contextlib import nullcontext
 
 import pytest
 import torch
