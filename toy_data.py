@@ -912,13 +912,16 @@ def agent_layout(rng, grid=AGENT_GRID):
     return AgentRoom(walls, free[0], away[:n_balls])
 
 
-def agent_policy(rng, room, hold=4.0, seek=0.6):
-    """Random actions held for a geometric number of steps (mean `hold`); a switch picks, with
-    probability `seek`, a step toward a random ball (pushes and walls follow), else any action."""
+def agent_policy(rng, room, hold=4.0, seek=0.7, unstick=0.7):
+    """Random actions held for a geometric number of steps (mean `hold`), switched sooner (with
+    probability `unstick`) when the last one did not move the agent; a switch picks, with
+    probability `seek`, a step toward a random ball (so pushes happen often), else any action."""
     action = int(rng.integers(len(ACTIONS)))
     while True:
+        before = room.agent
         yield action
-        if rng.random() < 1 / hold:
+        stuck = action != 0 and room.agent == before
+        if rng.random() < 1 / hold or (stuck and rng.random() < unstick):
             if rng.random() < seek and room.balls:
                 bx, by = room.balls[int(rng.integers(len(room.balls)))]
                 dx, dy = bx - room.agent[0], by - room.agent[1]

@@ -54,6 +54,25 @@ blurry.
     # a CPU shared with other jobs: far faster than 2 threads
     OMP_NUM_THREADS=1 python train_world_model.py
 
+Actions (--actions): a world model you steer. Each dynamics step also takes the action taken
+after the frame it reads (actions[t] moves frame t to frame t + 1), as a learned embedding (an
+nn.Embedding with a spare null row for unknown actions, -1) added to every cell of the ConvGRU's
+or ConvLSTM's input and to every token of the transformer's frame. --action-dropout of the
+training clips get null actions only, so the same model also predicts without them (the
+actions_zeroed baseline). On --data agent (toy_data: a yellow agent that walks and pushes balls
+in a walled room) metrics.json adds the agent's position error in cells, read from predicted
+frames against the simulator's under the same actions, per frame out to --rollout, and a
+counterfactual test: the same context continued with each of up, down, left, right, in the
+model and in the simulator (samples/counterfactual.png). --play opens a matplotlib window (arrows
+or WASD, space waits, r resets, q quits; one model step per key press) beside the simulator;
+--play-actions RRUUL... plays the letters headless into samples/play.gif and prints frames/s.
+Your own videos with actions: docs/data.md (<stem>.actions.txt beside each video).
+
+    OMP_NUM_THREADS=1 python train_world_model.py --data agent --actions --resolution 32 \
+        --latent-grid 8 --context 4 --steps 3000                  # ~7 min on 1 CPU thread
+    python train_world_model.py --data agent --actions --resolution 32 --latent-grid 8 \
+        --context 4 --ckpt runs/train_world_model/ckpt_best.pt --play   # or --play-actions RRUUL
+
 The Moving MNIST 10 -> 10 benchmark (docs/results/moving_mnist.md): fresh two-digit clips every
 step, evaluated on a file in the standard test layout (mnist_test_seq.npy, or the one toy_data.py
 writes with held-out digits); metrics.json and the last line give the per-frame MSE and MAE (sums
@@ -144,8 +163,8 @@ class Args:
     """torch.compile the model (default: on for CUDA, off otherwise)"""
     # data
     data: str = "bouncing_balls"
-    """data kind: shapes, bouncing_balls, pendulum, falling, projectile, moving_mnist, smoke, folder
-    or npz (the last two need --data-dir)"""
+    """data kind: shapes, bouncing_balls, pendulum, falling, projectile, moving_mnist, smoke, agent
+    (with actions), folder or npz (the last two need --data-dir)"""
     data_dir: str | None = None
     """folder of videos (--data folder), .npz file (--data npz) or MNIST files (--data
     moving_mnist); implies its kind when --data is left out"""

@@ -6,6 +6,7 @@ short training run."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -256,3 +257,37 @@ def test_after_short_training_actions_change_the_prediction(tmp_path):
     cf = json.load(open(tmp_path / "metrics.json"))["counterfactual"]
     assert cf["model_spread"] > 0.3
     assert cf["matched_error"] < cf["mismatched_error"]
+
+
+def test_play_window_steps_on_keys_resets_and_quits(tiny, monkeypatch):
+    """The --play window on Agg: arrow keys step (the panels change), r shows the first panels
+    again, q closes it; matplotlib's own keymap (s saves, q quits, ...) is disconnected."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import KeyEvent
+
+    monkeypatch.setattr(plt, "show", lambda: None)
+    args = tyro.cli(wm.Args, args=[*TINY, "--out-dir", str(tiny), "--play"])
+    ck = torch.load(tiny / "ckpt.pt", weights_only=True)
+    model = wm.WorldModel(**ck["arch"]).eval()
+    model.load_state_dict(ck["model"])
+    wm.play_window(model, args, torch.device("cpu"))
+    fig = plt.gcf()
+    default = fig.canvas.manager.key_press_handler_id
+    assert default not in fig.canvas.callbacks.callbacks["key_press_event"]
+    image = fig.axes[0].images[0]
+    first = image.get_array().copy()
+    seen = []
+    for key in ("right", "down", "left", "up", "w"):
+        fig.canvas.callbacks.process(
+            "key_press_event", KeyEvent("key_press_event", fig.canvas, key)
+        )
+        seen.append(image.get_array().copy())
+    assert any(not np.array_equal(s, first) for s in seen)
+    assert first.shape[1] > 2 * first.shape[0]  # model | simulator | difference
+    fig.canvas.callbacks.process("key_press_event", KeyEvent("key_press_event", fig.canvas, "r"))
+    assert np.array_equal(image.get_array(), first)
+    fig.canvas.callbacks.process("key_press_event", KeyEvent("key_press_event", fig.canvas, "q"))
+    assert not plt.fignum_exists(fig.number)
