@@ -69,7 +69,7 @@ or WASD, space waits, r resets, q quits; one model step per key press) beside th
 Your own videos with actions: docs/data.md (<stem>.actions.txt beside each video).
 
     OMP_NUM_THREADS=1 python train_world_model.py --data agent --actions --resolution 32 \
-        --latent-grid 8 --context 4 --steps 3000                  # ~7 min on 1 CPU thread
+        --latent-grid 8 --context 4 --steps 4500                  # 10 min on 1 CPU thread
     python train_world_model.py --data agent --actions --resolution 32 --latent-grid 8 \
         --context 4 --ckpt runs/train_world_model/ckpt_best.pt --play   # or --play-actions RRUUL
 
