@@ -14,11 +14,12 @@ KINDS):
     pendulum, falling, projectile           damped pendulum; gravity + drag + bouncy floor; trail
     moving_mnist    {video, states}         the original bouncing-digits rules, 1 channel
     smoke           {video}                 2D incompressible smoke rising from coloured sources
-    agent           {video, actions, states, events}  a yellow agent moved by actions (none, up,
-                                            down, left, right) pushes balls in a walled room
+    agent           {video, actions,        a yellow agent moved by actions (none, up, down,
+                     states, events}        left, right) pushes balls in a walled room
     folder, npz     {video}                 your .mp4/.gif/... or frame folders; a saved .npz/.npy
                                             (folder: + actions from <stem>.actions.txt files)
-States: (T, objects, 4) x, y, vx, vy in output pixels per frame; NaN rows for absent objects.
+States: (T, objects, 4) x, y, vx, vy in output pixels per frame; NaN rows for absent objects
+(agent: (T, 4, 2) cells, see Agent). actions[t] is the action taken after frame t.
 
     from toy_data import make_dataset, ToyDataset, parse_prompt, collate
     ds = make_dataset("bouncing_balls", num_samples=1000, resolution=64, num_frames=16)

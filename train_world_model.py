@@ -1131,9 +1131,7 @@ def counterfactual(model, args, device, n_clips=16):
         "mismatched_error": float(err[off].mean()),
         "error_matrix": err.tolist(),
         "model_spread": float(spread(m)),
-        "simulator_spread": float(
-            _cell_distance(s[:, :, None], s[:, None]).mean((0, 3))[off].mean()
-        ),
+        "simulator_spread": float(spread(s)),
     }
     return scores, shown
 
@@ -1431,7 +1429,8 @@ def play_headless(model, args, device):
 
 
 def play_key(model, args, device, game, key):
-    """A key press of --play -> the panels to show, or None (quit, or a key that is no action)."""
+    """A key press of --play -> the panels to show: the next step's, the first ones again after
+    r (reset), or None for a key that is no action."""
     if key == PLAY_RESET:
         game.clear()
         game.update(play_reset(model, args, device))
