@@ -14,8 +14,12 @@ KINDS):
     pendulum, falling, projectile           damped pendulum; gravity + drag + bouncy floor; trail
     moving_mnist    {video, states}         the original bouncing-digits rules, 1 channel
     smoke           {video}                 2D incompressible smoke rising from coloured sources
+    agent           {video, actions,        a yellow agent moved by actions (none, up, down,
+                     states, events}        left, right) pushes balls in a walled room
     folder, npz     {video}                 your .mp4/.gif/... or frame folders; a saved .npz/.npy
-States: (T, objects, 4) x, y, vx, vy in output pixels per frame; NaN rows for absent objects.
+                                            (folder: + actions from <stem>.actions.txt files)
+States: (T, objects, 4) x, y, vx, vy in output pixels per frame; NaN rows for absent objects
+(agent: (T, 4, 2) cells, see Agent). actions[t] is the action taken after frame t.
 
     from toy_data import make_dataset, ToyDataset, parse_prompt, collate
     ds = make_dataset("bouncing_balls", num_samples=1000, resolution=64, num_frames=16)
@@ -33,8 +37,8 @@ States: (T, objects, 4) x, y, vx, vy in output pixels per frame; NaN rows for ab
 
 Layout: shared helpers (vocabulary, the per-index data set base, drawing, 2D motion); one
 section per generated kind (smoke, prompted shapes, bouncing balls, pendulum, falling objects,
-projectile, Moving MNIST); the loaders of real files (video folders, .npz/.npy, MNIST IDX);
-make_dataset and the clip helpers; the command line.
+projectile, agent in a room, Moving MNIST); the loaders of real files (video folders, .npz/.npy,
+MNIST IDX); make_dataset and the clip helpers; the command line.
 """
 
 import argparse
@@ -86,6 +90,7 @@ KINDS = (
     "projectile",
     "moving_mnist",
     "smoke",
+    "agent",
     "folder",
     "npz",
 )
@@ -895,6 +900,195 @@ class Projectile(_Synthetic):
         return {"video": video, "states": torch.from_numpy(s[:, None] * res)}
 
 
+# ----------------------------------------------------------------------------- agent in a room
+# A grid room: walls, a yellow square the actions move one cell at a time, and balls it pushes.
+# actions[t] acts after frame t and produces frame t+1. The agent kind is the one with actions.
+ACTIONS = ("none", "up", "down", "left", "right")
+MOVES = ((0, 0), (0, -1), (0, 1), (-1, 0), (1, 0))  # (dx, dy) in cells; y points down
+EVENTS = ("idle", "moved", "blocked", "pushed", "ball_blocked")
+AGENT_GRID = 8  # cells per side, the border cells being walls
+AGENT_COLOR = COLORS["yellow"]
+AGENT_BALLS = ("red", "blue", "cyan")  # far from yellow and from the grey walls
+WALL_GREY = 0.5
+
+
+class AgentRoom:
+    """The simulator: walls (grid, grid) bool, the agent's cell and the balls' cells as (x, y)."""
+
+    def __init__(self, walls, agent, balls):
+        self.walls = walls
+        self.agent = tuple(agent)
+        self.balls = [tuple(b) for b in balls]
+
+    def copy(self):
+        return AgentRoom(self.walls, self.agent, self.balls)
+
+    def step(self, action):
+        """Apply one action in place -> its event (an index of EVENTS). A move into a wall is
+        blocked; into a ball it pushes the ball one cell, unless a wall or a ball is behind it."""
+        if action == 0:
+            return 0
+        dx, dy = MOVES[action]
+        x, y = self.agent
+        to = (x + dx, y + dy)
+        if self.walls[to[1], to[0]]:
+            return 2
+        if to in self.balls:
+            behind = (to[0] + dx, to[1] + dy)
+            if self.walls[behind[1], behind[0]] or behind in self.balls:
+                return 4
+            self.balls[self.balls.index(to)] = behind
+            self.agent = to
+            return 3
+        self.agent = to
+        return 1
+
+    def cells(self):
+        """(1 + balls, 2) int64: the agent's cell, then each ball's."""
+        return np.array([self.agent, *self.balls], np.int64)
+
+
+def agent_layout(rng, grid=AGENT_GRID):
+    """A room from rng: border walls, 0-3 wall blocks inside, the agent and 2-3 balls on distinct
+    free cells (balls away from the border, so most of them can be pushed)."""
+    walls = np.zeros((grid, grid), bool)
+    walls[[0, -1], :] = True
+    walls[:, [0, -1]] = True
+    inner = [(x, y) for y in range(1, grid - 1) for x in range(1, grid - 1)]
+    order = rng.permutation(len(inner))
+    n_blocks = int(rng.integers(0, 4))
+    for k in order[:n_blocks]:
+        walls[inner[k][1], inner[k][0]] = True
+    free = [inner[k] for k in order[n_blocks:]]
+    n_balls = int(rng.integers(2, len(AGENT_BALLS) + 1))
+    away = [c for c in free[1:] if 1 < c[0] < grid - 2 and 1 < c[1] < grid - 2]
+    return AgentRoom(walls, free[0], away[:n_balls])
+
+
+def agent_policy(rng, room, hold=4.0, seek=0.7, unstick=0.7):
+    """Random actions held for a geometric number of steps (mean `hold`), switched sooner (with
+    probability `unstick`) when the last one did not move the agent; a switch picks, with
+    probability `seek`, a step toward a random ball (so pushes happen often), else any action."""
+    action = int(rng.integers(len(ACTIONS)))
+    while True:
+        before = room.agent
+        yield action
+        stuck = action != 0 and room.agent == before
+        if rng.random() < 1 / hold or (stuck and rng.random() < unstick):
+            if rng.random() < seek and room.balls:
+                bx, by = room.balls[int(rng.integers(len(room.balls)))]
+                dx, dy = bx - room.agent[0], by - room.agent[1]
+                horizontal = abs(dx) > abs(dy) or (abs(dx) == abs(dy) and rng.random() < 0.5)
+                if horizontal:
+                    action = 4 if dx > 0 else 3
+                else:
+                    action = 2 if dy > 0 else 1
+            else:
+                action = int(rng.integers(len(ACTIONS)))
+
+
+def render_agent(walls, cells, res):
+    """Frames (T, 3, res, res) of a room: cells (T, 1 + balls, 2) as from AgentRoom.cells."""
+    cell = res // walls.shape[0]
+    t = cells.shape[0]
+    img = np.zeros((t, 3, res, res), np.float32)
+    block = np.kron(walls, np.ones((cell, cell), np.float32))
+    img += WALL_GREY * block[None, None]
+    m = cell // 8  # a margin at 8 px cells and up, so the agent stands apart from a wall
+    for f in range(t):
+        x, y = cells[f, 0]
+        img[f, :, y * cell + m : (y + 1) * cell - m, x * cell + m : (x + 1) * cell - m] = np.array(
+            AGENT_COLOR, np.float32
+        )[:, None, None]
+    balls = cells[:, 1:]
+    if balls.shape[1]:
+        cx = (balls[..., 0].T + 0.5) * cell
+        cy = (balls[..., 1].T + 0.5) * cell
+        masks = disc_masks(cx, cy, 0.4 * cell, res, res)
+        for k in range(balls.shape[1]):
+            img += masks[k][:, None] * np.array(COLORS[AGENT_BALLS[k]], np.float32)[:, None, None]
+    return torch.from_numpy(np.clip(img, 0, 1, out=img))
+
+
+def agent_cells(video, grid=AGENT_GRID, colour_width=0.5):
+    """The agent's position (..., 2) as (x, y) in cells, read from frames (..., 3, H, W): the
+    centroid of a colour mask (weight 1 - |pixel - yellow| / colour_width), minus half a cell, so
+    a simulated frame gives its cell exactly. NaN where the mask holds less than a quarter of a
+    sprite (the agent is lost)."""
+    video = video.float()
+    colour = torch.tensor(AGENT_COLOR).view(3, 1, 1)
+    w = (1 - (video - colour).norm(dim=-3) / colour_width).clamp(min=0)  # (..., H, W)
+    h, wd = w.shape[-2:]
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) * grid / h
+    xs = (torch.arange(wd, dtype=torch.float32) + 0.5) * grid / wd
+    mass = w.sum((-2, -1))
+    x = (w * xs).sum((-2, -1)) / mass.clamp(min=1e-6) - 0.5
+    y = (w * ys[:, None]).sum((-2, -1)) / mass.clamp(min=1e-6) - 0.5
+    cell = h // grid
+    lost = mass < 0.25 * (cell - 2 * (cell // 8)) ** 2
+    pos = torch.stack([x, y], -1)
+    return torch.where(lost[..., None], torch.nan, pos)
+
+
+def position_error(pred_video, cells, grid=AGENT_GRID):
+    """Per frame: distance in cells between the agent read from pred_video (..., T, 3, H, W) and
+    its true cells (..., T, 2); a lost agent counts as `grid` cells, more than any distance in the
+    room. -> (error (..., T), exact-cell hit (..., T) as 0/1)."""
+    pos = agent_cells(pred_video, grid)
+    err = (pos - cells.float()).norm(dim=-1)
+    hit = (pos.round() == cells.float()).all(-1).float()
+    lost = pos.isnan().any(-1)
+    return torch.where(lost, float(grid), err), torch.where(lost, 0.0, hit)
+
+
+class Agent(_Synthetic):
+    """A controllable agent in a room (AGENT_GRID cells a side): items {video, actions, states,
+    events}; actions (T,) int64 index ACTIONS, actions[t] acts after frame t; states (T, 4, 2)
+    int64 cells (x, y) of the agent and up to 3 balls (-1 rows: no such ball); events (T,) index
+    EVENTS, the outcome of actions[t] (seen in frame t + 1)."""
+
+    def __init__(self, num_samples, resolution=64, num_frames=16, seed=0, split="train"):
+        super().__init__(num_samples, resolution, num_frames, seed, split)
+        if resolution % AGENT_GRID:
+            raise ValueError(
+                f"resolution {resolution} does not divide into the agent's {AGENT_GRID}x"
+                f"{AGENT_GRID} cells: use a multiple of {AGENT_GRID}, e.g. 32 or 64"
+            )
+
+    def room(self, i):
+        """Clip i's room at frame 0, and the rng its policy continues from."""
+        rng = self.rng(i)
+        return agent_layout(rng), rng
+
+    def replay(self, room, actions):
+        """Step room (in place) through actions -> {video, actions, states, events}: frame 0 is
+        the room as given, frame t + 1 follows actions[t]; the last action is applied too."""
+        cells = [room.cells()]
+        events = []
+        for a in actions:
+            events.append(room.step(int(a)))
+            cells.append(room.cells())
+        cells = np.stack(cells)
+        states = np.full((len(cells), 1 + len(AGENT_BALLS), 2), -1, np.int64)
+        states[:, : cells.shape[1]] = cells
+        return {
+            "video": render_agent(room.walls, cells[:-1], self.res),
+            "actions": torch.as_tensor(np.asarray(actions, np.int64)),
+            "states": torch.from_numpy(states[:-1]),
+            "events": torch.tensor(events, dtype=torch.int64),
+        }
+
+    def make(self, rng):
+        room = agent_layout(rng)
+        sim = room.copy()  # the policy reads the room as it moves
+        policy = agent_policy(rng, sim)
+        actions = []
+        for _ in range(self.t):
+            actions.append(next(policy))
+            sim.step(actions[-1])
+        return self.replay(room, actions)
+
+
 # ----------------------------------------------------------------------------- Moving MNIST
 _DIGIT_FONTS = (
     "DejaVuSans.ttf",
@@ -1232,8 +1426,55 @@ def read_video(path, resolution):
     return x.round().clamp(0, 255).byte()
 
 
+def actions_file(path):
+    """The actions file of a video file or frame folder: <stem>.actions.txt or <stem>.actions.npz
+    beside it, or None."""
+    stem = os.path.splitext(os.path.normpath(path))[0] if os.path.isfile(path) else path
+    found = [stem + ext for ext in (".actions.txt", ".actions.npz") if os.path.isfile(stem + ext)]
+    return found[0] if found else None
+
+
+def _action_id(word, file, line):
+    """One action of an actions file: an id 0-4, a name of ACTIONS, or -1 / unknown."""
+    word = word.strip().lower()
+    if word in ACTIONS:
+        return ACTIONS.index(word)
+    if word == "unknown" or re.fullmatch(r"-?\d+", word) and -1 <= int(word) < len(ACTIONS):
+        return -1 if word == "unknown" else int(word)
+    raise ValueError(
+        f"{file} line {line}: unknown action {word!r}; use an id 0-{len(ACTIONS) - 1}, a name "
+        f"({', '.join(ACTIONS)}) or -1 for unknown"
+    )
+
+
+def read_actions(file, num_frames):
+    """The actions (num_frames,) int64 of a video of num_frames frames from its actions file: one
+    per frame (actions[t] acts after frame t), or one fewer (the last frame's is unused, -1)."""
+    if file.endswith(".npz"):
+        try:
+            with np.load(file) as z:
+                values = z["actions"]
+        except Exception as e:
+            raise ValueError(f"cannot read {file}: {e} (it needs an int array 'actions')") from None
+        if values.ndim != 1 or values.dtype.kind not in "iu":
+            raise ValueError(f"{file}: 'actions' must be a 1-D int array, got {values.dtype}")
+        words = [str(v) for v in values]
+    else:
+        with open(file) as f:
+            words = [w for w in f.read().splitlines() if w.strip()]
+    ids = [_action_id(w, file, k + 1) for k, w in enumerate(words)]
+    if len(ids) not in (num_frames, num_frames - 1):
+        raise ValueError(
+            f"{file} has {len(ids)} actions for a video of {num_frames} frames: give one per frame "
+            f"({num_frames}, or {num_frames - 1}: the last frame's is unused)"
+        )
+    return torch.tensor(ids + [-1] * (num_frames - len(ids)), dtype=torch.int64)
+
+
 class VideoFolder(Dataset):
-    """Windows of num_frames (every `stride` frames) from a folder of videos, split by file."""
+    """Windows of num_frames (every `stride` frames) from a folder of videos, split by file. When
+    any video has an actions file (actions_file), every one must, and items hold their "actions"
+    (-1: unknown)."""
 
     channels = 3
 
@@ -1243,6 +1484,9 @@ class VideoFolder(Dataset):
         _check_size(resolution, num_frames)
         self.files = split_files(list_videos(root), _need(split, SPLITS, "split"))
         self.clips = [read_video(p, resolution) for p in self.files]  # decoded once, uint8
+        self.actions = None
+        if any(actions_file(p) for p in list_videos(root)):
+            self.actions = [self._actions(p, len(c)) for p, c in zip(self.files, self.clips)]
         self.t = num_frames
         step = stride or num_frames
         windows = [
@@ -1260,9 +1504,23 @@ class VideoFolder(Dataset):
     def __len__(self):
         return len(self.index)
 
+    @staticmethod
+    def _actions(path, num_frames):
+        file = actions_file(path)
+        if file is None:
+            stem = os.path.splitext(os.path.normpath(path))[0]
+            raise ValueError(
+                f"{path} has no actions file: other videos of its folder have one; add "
+                f"{stem}.actions.txt (one action per frame) or remove the others"
+            )
+        return read_actions(file, num_frames)
+
     def __getitem__(self, i):
         k, s = self.index[i]
-        return {"video": self.clips[k][s : s + self.t].float() / 255}
+        item = {"video": self.clips[k][s : s + self.t].float() / 255}
+        if self.actions is not None:
+            item["actions"] = self.actions[k][s : s + self.t]
+        return item
 
 
 # ----------------------------------------------------------------------------- .npz / .npy files
@@ -1540,6 +1798,8 @@ def make_dataset(
         )
     if kind == "smoke":
         return Smoke(num_samples, resolution, num_frames, seed, split)
+    if kind == "agent":
+        return Agent(num_samples, resolution, num_frames, seed, split)
     if data_dir is None:
         raise ValueError(
             f"data kind {kind!r} needs data_dir: a folder of videos (folder) or a .npz file (npz)"
@@ -1623,7 +1883,7 @@ def bench(resolution=64, num_frames=16, seconds=1.0):
     """frames/s of every synthetic kind on one thread (CPU-time figures stay fair on a busy
     machine)."""
     torch.set_num_threads(1)
-    for kind in KINDS[:7]:
+    for kind in KINDS[:8]:
         ds = make_dataset(kind, 10**6, resolution, num_frames)
         ds[0]  # builds lazy caches (digit pools)
         n = 0
@@ -1702,6 +1962,8 @@ def _write_npz(path, items, videos, split):
         arrays["prompts"] = np.array([it["prompt"] for it in items])
     if "states" in items[0]:
         arrays["states"] = torch.stack([it["states"] for it in items]).numpy()
+    if "actions" in items[0]:
+        arrays["actions"] = torch.stack([it["actions"] for it in items]).numpy()
     np.savez_compressed(path, **arrays)
     extras = "".join(f", {k}" for k in arrays if k not in ("videos", "split"))
     extras += f" (split {split!r}: it serves as {split} data only)" * (split != "train")

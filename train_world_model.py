@@ -54,6 +54,25 @@ blurry.
     # a CPU shared with other jobs: far faster than 2 threads
     OMP_NUM_THREADS=1 python train_world_model.py
 
+Actions (--actions): a world model you steer. Each dynamics step also takes the action taken
+after the frame it reads (actions[t] moves frame t to frame t + 1), as a learned embedding (an
+nn.Embedding with a spare null row for unknown actions, -1) added to every cell of the ConvGRU's
+or ConvLSTM's input and to every token of the transformer's frame. --action-dropout of the
+training clips get null actions only, so the same model also predicts without them (the
+actions_zeroed baseline). On --data agent (toy_data: a yellow agent that walks and pushes balls
+in a walled room) metrics.json adds the agent's position error in cells, read from predicted
+frames against the simulator's under the same actions, per frame out to --rollout, and a
+counterfactual test: the same context continued with each of up, down, left, right, in the
+model and in the simulator (samples/counterfactual.png). --play opens a matplotlib window (arrows
+or WASD, space waits, r resets, q quits; one model step per key press) beside the simulator;
+--play-actions RRUUL... plays the letters headless into samples/play.gif and prints frames/s.
+Your own videos with actions: docs/data.md (<stem>.actions.txt beside each video).
+
+    OMP_NUM_THREADS=1 python train_world_model.py --data agent --actions --resolution 32 \
+        --latent-grid 8 --context 4 --steps 4500                  # 10 min on 1 CPU thread
+    python train_world_model.py --data agent --actions --resolution 32 --latent-grid 8 \
+        --context 4 --ckpt runs/train_world_model/ckpt_best.pt --play   # or --play-actions RRUUL
+
 The Moving MNIST 10 -> 10 benchmark (docs/results/moving_mnist.md): fresh two-digit clips every
 step, evaluated on a file in the standard test layout (mnist_test_seq.npy, or the one toy_data.py
 writes with held-out digits); metrics.json and the last line give the per-frame MSE and MAE (sums
@@ -144,8 +163,8 @@ class Args:
     """torch.compile the model (default: on for CUDA, off otherwise)"""
     # data
     data: str = "bouncing_balls"
-    """data kind: shapes, bouncing_balls, pendulum, falling, projectile, moving_mnist, smoke, folder
-    or npz (the last two need --data-dir)"""
+    """data kind: shapes, bouncing_balls, pendulum, falling, projectile, moving_mnist, smoke, agent
+    (with actions), folder or npz (the last two need --data-dir)"""
     data_dir: str | None = None
     """folder of videos (--data folder), .npz file (--data npz) or MNIST files (--data
     moving_mnist); implies its kind when --data is left out"""
@@ -226,6 +245,20 @@ class Args:
     curriculum: float = 0.3
     """fraction of --steps over which the training rollout grows from 1 frame to --horizon (0: full
     from the start)"""
+    # actions
+    actions: bool = False
+    """condition the dynamics on the action of each frame (--data agent, or a folder whose videos
+    have <stem>.actions.txt files): actions[t], taken after frame t, enters the step that predicts
+    frame t + 1"""
+    action_dropout: float = 0.1
+    """with --actions: fraction of training clips whose actions are replaced by the null (unknown)
+    action, so the model also predicts without them (the actions_zeroed baseline)"""
+    play: bool = False
+    """play the checkpoint (--ckpt, default out_dir/ckpt.pt) in a window: arrows or WASD move, space
+    waits, r resets, q quits; one model step per key press, the simulator beside it"""
+    play_actions: str | None = None
+    """headless play: one letter per step, U D L R or N (none), e.g. RRRUUL; writes
+    out_dir/samples/play.gif (model | simulator | difference) and prints frames/s"""
 
 
 # ----------------------------------------------------------------------------- model
@@ -291,9 +324,12 @@ class ConvGRU(nn.Module):
         self.cand = nn.Conv2d(2 * hidden, hidden, 3, padding=1)
         self.out = zero_init(nn.Conv2d(hidden, zc, 3, padding=1))
 
-    def forward(self, z, h=None):
-        """latent z (B, zc, h, w), state -> next latent, state"""
+    def forward(self, z, h=None, a=None):
+        """latent z (B, zc, h, w), state, action embedding (B, hidden) or None -> next latent,
+        state. The action is added to the input at every cell: a broadcast bias the gates read."""
         x = F.silu(self.inp(z))
+        if a is not None:
+            x = x + a[:, :, None, None]
         h = torch.zeros_like(x) if h is None else h
         r, u = torch.sigmoid(self.gates(torch.cat([x, h], 1))).chunk(2, 1)
         h = u * h + (1 - u) * torch.tanh(self.cand(torch.cat([x, r * h], 1)))
@@ -309,8 +345,10 @@ class ConvLSTM(nn.Module):
         self.gates = nn.Conv2d(2 * hidden, 4 * hidden, 3, padding=1)
         self.out = zero_init(nn.Conv2d(hidden, zc, 3, padding=1))
 
-    def forward(self, z, state=None):
+    def forward(self, z, state=None, a=None):
         x = F.silu(self.inp(z))
+        if a is not None:  # as in ConvGRU
+            x = x + a[:, :, None, None]
         h, c = (torch.zeros_like(x), torch.zeros_like(x)) if state is None else state
         i, f, o, g = self.gates(torch.cat([x, h], 1)).chunk(4, 1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -379,9 +417,11 @@ class CausalTransformer(nn.Module):
         # (query cell, key cell) -> index of (dy, dx)
         self.register_buffer("offset", offset, persistent=False)
 
-    def forward(self, z, caches=None):
+    def forward(self, z, caches=None, a=None):
         B, C, H, W = z.shape
         x = self.inp(z).flatten(2).transpose(1, 2) + self.pos
+        if a is not None:  # the action embedding joins every token of the frame
+            x = x + a[:, None, :]
         caches = caches or [[] for _ in self.blocks]
         new = []
         for block, cache in zip(self.blocks, caches):
@@ -458,6 +498,15 @@ def adapter(cin, c, latent_channels):
     )
 
 
+def make_dynamics(kind, zc, hidden, layers, heads, grid, window):
+    """The dynamics model of --dynamics on latents of zc channels."""
+    if kind == "gru":
+        return ConvGRU(zc, hidden)
+    if kind == "lstm":
+        return ConvLSTM(zc, hidden)
+    return CausalTransformer(zc, hidden, layers, heads, grid, window)
+
+
 class WorldModel(nn.Module):
     def __init__(
         self,
@@ -474,9 +523,12 @@ class WorldModel(nn.Module):
         down=3,
         encoder="conv",
         backbone=None,
+        num_actions=0,
+        action_names=(),
     ):
         """encoder: conv, or the name of the pretrained `backbone` (a Backbone on the latent
-        grid), which an adapter follows."""
+        grid), which an adapter follows. num_actions > 0: the dynamics take an action per step,
+        embedded by a table with one spare row, the null (unknown) action, for ids < 0."""
         super().__init__()
         c1, c2, c3 = width, 2 * width, 4 * width
         attn = SelfAttention if decoder_attn else (lambda c: nn.Identity())
@@ -508,13 +560,21 @@ class WorldModel(nn.Module):
             nn.Conv2d(c1, 4 * channels, 3, padding=1),
             nn.PixelShuffle(2),
         )
-        self.dynamics = {
-            "gru": lambda: ConvGRU(latent_channels, hidden),
-            "lstm": lambda: ConvLSTM(latent_channels, hidden),
-            "transformer": lambda: CausalTransformer(
-                latent_channels, hidden, layers, heads, grid, window
-            ),
-        }[dynamics]()
+        self.dynamics = make_dynamics(
+            dynamics, latent_channels, hidden, layers, heads, grid, window
+        )
+        self.num_actions = num_actions
+        self.action_names = list(action_names)
+        if num_actions:
+            self.action_embed = nn.Embedding(num_actions + 1, hidden)
+
+    def step(self, z, state, action=None):
+        """One dynamics step: latent z (B, ...) and the action ids (B,) taken after its frame
+        (< 0: unknown) -> the next frame's latent, state."""
+        if action is None:
+            return self.dynamics(z, state)
+        ids = torch.where(action < 0, self.num_actions, action)
+        return self.dynamics(z, state, self.action_embed(ids))
 
     def encode(self, x):
         """x (B, C, H, W) in [0, 1] -> latent grid (B, latent_channels, H/2^down, W/2^down)."""
@@ -526,26 +586,29 @@ class WorldModel(nn.Module):
         """latent grid -> frames (unclamped; about [0, 1])."""
         return (self.decoder(z) + 1) / 2
 
-    def rollout(self, z_context, steps):
+    def rollout(self, z_context, steps, actions=None):
         """Latents of the observed frames (B, T, ...) -> `steps` predicted latents (B, steps, ...).
         The context is read one frame at a time; after it, every step's input is the previous step's
-        prediction."""
+        prediction. actions (B, >= T + steps - 1) ids: actions[:, t] moves frame t to t + 1."""
         state = None
-        for t in range(z_context.shape[1]):
+        at = (lambda t: None) if actions is None else (lambda t: actions[:, t])
+        T = z_context.shape[1]
+        for t in range(T):
             # contiguous: the strides of a predicted latent, so a compiled cell needs one graph
-            z, state = self.dynamics(z_context[:, t].contiguous(), state)
+            z, state = self.step(z_context[:, t].contiguous(), state, at(t))
         preds = [z]
-        for _ in range(steps - 1):
-            z, state = self.dynamics(z, state)
+        for j in range(steps - 1):
+            z, state = self.step(z, state, at(T + j))
             preds.append(z)
         return torch.stack(preds, 1)
 
-    def forward(self, context, steps):
+    def forward(self, context, steps, actions=None):
         """context frames (B, T, C, H, W) -> their reconstructions (B, T, ...), `steps` predicted
-        frames (B, steps, ...) and the predicted latents. Nothing after the context is seen."""
+        frames (B, steps, ...) and the predicted latents. Nothing after the context is seen but the
+        actions (B, >= T + steps - 1), if the model takes them."""
         B, T = context.shape[:2]
         z = self.encode(context.flatten(0, 1)).unflatten(0, (B, T))
-        z_pred = self.rollout(z, steps)
+        z_pred = self.rollout(z, steps, actions)
         frames = self.decode(torch.cat([z, z_pred], 1).flatten(0, 1)).unflatten(0, (B, T + steps))
         return frames[:, :T], frames[:, T:], z_pred
 
@@ -592,14 +655,15 @@ def world_model_losses(context, target, rec, pred, kind="mse", gdl_weight=0.1, t
     return total, torch.stack([total, l_rec, l_pred, l_gdl, l_tmp]).detach()
 
 
-def rollout_losses(model, x, k, args, amp, steps=None):
+def rollout_losses(model, x, k, args, amp, steps=None, actions=None):
     """THE loss, for training, validation and the FLOP count: encode the --context frames of clips x
-    (B, T, C, H, W) in [0, 1], roll out `steps` frames (default k) on the model's own latents, and
-    score the reconstruction and the first k predicted frames against x.
-    -> total, stacked terms (LOSS_NAMES), reconstructed frames, predicted frames."""
+    (B, T, C, H, W) in [0, 1], roll out `steps` frames (default k) on the model's own latents
+    (with the clips' actions (B, T) under --actions), and score the reconstruction and the first k
+    predicted frames against x. -> total, stacked terms (LOSS_NAMES), reconstructed frames,
+    predicted frames."""
     c = args.context
     with amp:
-        rec, pred, _ = model(x[:, :c], steps or k)
+        rec, pred, _ = model(x[:, :c], steps or k, actions)
     target = x[:, c : c + k]
     total, terms = world_model_losses(
         x[:, :c], target, rec, pred[:, :k], args.recon_loss, args.gdl_weight, args.temporal_weight
@@ -620,9 +684,10 @@ def eval_rollout(args):
     return args.rollout or 3 * args.horizon
 
 
-def train_step(model, opt, scaler, x, k, args, amp):
-    """One AdamW step on a batch x at rollout length k -> the loss terms (LOSS_NAMES)."""
-    loss, terms, _, _ = rollout_losses(model, x, k, args, amp)
+def train_step(model, opt, scaler, x, k, args, amp, actions=None):
+    """One AdamW step on a batch x (and its actions) at rollout length k -> the loss terms
+    (LOSS_NAMES)."""
+    loss, terms, _, _ = rollout_losses(model, x, k, args, amp, actions=actions)
     optimizer_step(opt, scaler, loss, model.parameters(), args.grad_clip)
     return terms
 
@@ -836,9 +901,15 @@ def resolve_data(args):
         raise SystemExit(f"error: {e}")
 
 
+NO_ACTIONS = (
+    "needs data with actions: --data agent, or a folder of videos with <stem>.actions.txt files "
+    "(docs/data.md); drop --actions to train without them"
+)
+
+
 def load_clips(args, n_clips, n_frames, split, rank=0, world=1):
-    """Generate clips once into a uint8 (N, T, C, H, W) tensor;
-    rank r keeps clips r, r+world, ..."""
+    """Generate clips once into a uint8 (N, T, C, H, W) tensor; rank r keeps clips r, r+world, ...
+    -> (clips, their actions (N, T) int64 under --actions, else None)."""
     try:
         ds = toy_data.make_dataset(
             args.data, n_clips, args.resolution, n_frames, args.seed, split, args.data_dir
@@ -854,23 +925,39 @@ def load_clips(args, n_clips, n_frames, split, rank=0, world=1):
     try:
         indices = range(rank, min(n_clips, len(ds)), world)
         shown = progress(indices, len(indices), f"{split} clips", show=rank == 0)
-        clips = [ds[i]["video"] for i in shown]
+        items = [ds[i] for i in shown]
     finally:
         torch.set_num_threads(threads)
-    if not clips:
+    if not items:
         raise SystemExit(
             f"error: --data {args.data} gave no {split} clips; check --data-dir or raise "
             "--train-clips/--eval-clips"
         )
-    return (torch.stack(clips).clamp(0, 1) * 255).round().to(torch.uint8)
+    clips = (torch.stack([it["video"] for it in items]).clamp(0, 1) * 255).round().to(torch.uint8)
+    if not args.actions:
+        return clips, None
+    if "actions" not in items[0]:
+        raise SystemExit(f"error: --actions {NO_ACTIONS}; --data {args.data} has none")
+    return clips, torch.stack([it["actions"] for it in items])
 
 
-def sample_batch(pool, gen, args, device):
-    """Random windows of --context + --horizon frames from random pool clips, in [0, 1]."""
+def drop_actions(actions, gen, p):
+    """Training clips whose actions all become -1 (unknown) with probability p each."""
+    drop = torch.rand(len(actions), generator=gen) < p
+    return torch.where(drop[:, None], -1, actions)
+
+
+def sample_batch(pool, gen, args, device, actions=None):
+    """Random windows of --context + --horizon frames from random pool clips, in [0, 1], and the
+    same windows of their actions (--action-dropout of them unknown), or None."""
     span = args.context + args.horizon
     i = torch.randint(len(pool), (args.batch_size,), generator=gen)
     s = torch.randint(pool.shape[1] - span + 1, (args.batch_size,), generator=gen)
-    return pool[i[:, None], s[:, None] + torch.arange(span)].to(device).float() / 255
+    window = (i[:, None], s[:, None] + torch.arange(span))
+    x = pool[window].to(device).float() / 255
+    if actions is None:
+        return x, None
+    return x, drop_actions(actions[window], gen, args.action_dropout).to(device)
 
 
 def training_data(args, rt):
@@ -887,25 +974,33 @@ def training_data(args, rt):
 def fresh_batch(ds, step, gen, args, device, rank=0, world=1):
     """--fresh: a step's batch is the next --batch-size clips of the 'train' stream (indices from
     (step * world + rank) * batch_size: each rank, each step new clips), at the pool's uint8
-    precision, one random window of --context + --horizon frames each, in [0, 1]."""
+    precision, one random window of --context + --horizon frames each, in [0, 1]; and the same
+    windows of their actions under --actions (as sample_batch), else None."""
     first = (step * world + rank) * args.batch_size
-    clips = torch.stack([ds[first + j]["video"] for j in range(args.batch_size)])
+    items = [ds[first + j] for j in range(args.batch_size)]
+    clips = torch.stack([it["video"] for it in items])
     clips = (clips.clamp(0, 1) * 255).round() / 255
     span = args.context + args.horizon
     s = torch.randint(clips.shape[1] - span + 1, (args.batch_size,), generator=gen)
-    rows = torch.arange(args.batch_size)[:, None]
-    return clips[rows, s[:, None] + torch.arange(span)].to(device)
+    window = (torch.arange(args.batch_size)[:, None], s[:, None] + torch.arange(span))
+    x = clips[window].to(device)
+    if not args.actions:
+        return x, None
+    actions = torch.stack([it["actions"] for it in items])
+    return x, drop_actions(actions[window], gen, args.action_dropout).to(device)
 
 
 def next_batch(data, step, gen, args, rt):
-    """The training batch of a step: new clips with --fresh, else windows of pool clips."""
+    """The training batch of a step and its actions (or None): new clips with --fresh, else
+    windows of pool clips."""
     if args.fresh:
         return fresh_batch(data, step, gen, args, rt.device, rt.rank, rt.world)
-    return sample_batch(data, gen, args, rt.device)
+    return sample_batch(data[0], gen, args, rt.device, data[1])
 
 
 def test_set(args):
-    """The clips behind metrics.json: the first --test-clips of --test-file, or of split 'test'."""
+    """The clips behind metrics.json (and their actions, or None): the first --test-clips of
+    --test-file, or of split 'test'."""
     source = args
     if args.test_file:
         source = replace(args, data="npz", data_dir=args.test_file)
@@ -915,11 +1010,13 @@ def test_set(args):
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # compiled graphs serve training steps alone
-def evaluate(model, clips, args, device, amp, batch=32):
+def evaluate(model, clips, args, device, amp, batch=32, actions=None):
     """Roll out held-out clips exactly as in training: encode --context frames, then predict the
     rest from the model's own latents. Errors are scored on the raw output, PSNR and SSIM on it
     clamped (metrics.prediction_scores). -> (model scores, copy_last scores, loss terms, per-frame
-    tensors, frames of the first 4 clips: context reconstructed, then predicted, in [0, 1])."""
+    tensors, frames of the first 4 clips: context reconstructed, then predicted, in [0, 1]).
+    actions (N, T): the clips' actions (--actions). On agent data the scores include the agent's
+    position error (position_scores)."""
     model.eval()
     c = args.context
     steps = clips.shape[1] - c
@@ -929,7 +1026,8 @@ def evaluate(model, clips, args, device, amp, batch=32):
     t0 = time.perf_counter()
     for i in range(0, len(clips), batch):
         x = clips[i : i + batch].to(device).float() / 255
-        _, batch_terms, rec, pred = rollout_losses(model, x, h, args, amp, steps)
+        a = None if actions is None else actions[i : i + batch].to(device)
+        _, batch_terms, rec, pred = rollout_losses(model, x, h, args, amp, steps, a)
         terms += batch_terms.cpu() * len(x)
         preds.append(pred.float().cpu())
         rec = rec.float().clamp(0, 1).cpu()
@@ -942,10 +1040,139 @@ def evaluate(model, clips, args, device, amp, batch=32):
     scores, curves = metrics.score_prediction(
         torch.cat(preds), truth[:, :1], truth[:, 1:], args.horizon
     )
+    if args.data == "agent":
+        scores["model"].update(position_scores(torch.cat(preds), truth[:, 1:], args.horizon))
+        copy = truth[:, :1].expand_as(truth[:, 1:])
+        scores["copy_last"].update(position_scores(copy, truth[:, 1:], args.horizon))
     val = dict(zip(LOSS_NAMES, (terms / len(clips)).tolist()))
     val["recon_psnr"] = float(torch.cat(recon_psnr).mean())
     val["gen_frames_per_s"] = fps
     return scores["model"], scores["copy_last"], val, curves, shown
+
+
+def position_scores(pred, truth, horizon):
+    """The agent's position in predicted frames (N, T, C, H, W) against the true frames (the
+    simulator's, under the same actions), in cells (toy_data.position_error): the mean error
+    over the first `horizon` frames and over all, per frame, and the share of frames in the exact
+    cell."""
+    cells = toy_data.agent_cells(truth).round()  # exact on simulated frames
+    err, hit = toy_data.position_error(pred, cells)
+    return {
+        "agent_error": float(err[:, :horizon].mean()),
+        "agent_error_rollout": float(err.mean()),
+        "agent_error_per_frame": err.mean(0).tolist(),
+        "agent_cell_hit": float(hit[:, :horizon].mean()),
+        "agent_cell_hit_rollout": float(hit.mean()),
+    }
+
+
+BRANCHES = (1, 2, 3, 4)  # up, down, left, right, each held for --horizon steps
+
+
+def branch_futures(model, ds, i, args, device):
+    """Clip i's context, then each of BRANCHES held for --horizon steps, in the model and in the
+    simulator from the same room. -> predicted, simulated frames (branches, horizon, C, H, W)."""
+    c, k = args.context, args.horizon
+    item = ds[i]
+    room, _ = ds.room(i)
+    ds.replay(room, item["actions"][: c - 1])  # the room at the last context frame
+    sims = [ds.replay(room.copy(), [b] * (k + 1))["video"][1:] for b in BRANCHES]
+    x = (item["video"][:c].clamp(0, 1) * 255).round() / 255  # as the uint8 test clips
+    n = len(BRANCHES)
+    future = torch.tensor(BRANCHES)[:, None].expand(n, k)
+    actions = torch.cat([item["actions"][None, : c - 1].expand(n, c - 1), future], 1)
+    _, pred, _ = model(x[None].expand(n, *x.shape).to(device), k, actions.to(device))
+    return pred.float().clamp(0, 1).cpu(), torch.stack(sims)
+
+
+def _cell_distance(a, b, lost=toy_data.AGENT_GRID):
+    """Distances (...) between positions (..., 2) in cells; a NaN position (lost) counts `lost`."""
+    d = (a - b).norm(dim=-1)
+    return torch.where(d.isnan(), float(lost), d)
+
+
+def spread(pos):
+    """Mean distance between the branches of positions (clips, branches, steps, 2), over the
+    pairs where both positions are found (NaN if none)."""
+    d = (pos[:, :, None] - pos[:, None]).norm(dim=-1)  # (clips, branch, branch, steps)
+    off = ~torch.eye(pos.shape[1], dtype=torch.bool)
+    return d[:, off].nanmean()
+
+
+@torch.no_grad()
+@torch.compiler.set_stance("force_eager")
+def counterfactual(model, args, device, n_clips=16):
+    """Same context, different futures: for the first n_clips test clips, each of BRANCHES from
+    the same context in the model and in the simulator. Errors are agent position distances in
+    cells averaged over the --horizon steps: `matched` compares each predicted branch with its own
+    simulator branch, `mismatched` with the others' (an action-blind model scores the same on
+    both); `spread` is the mean distance between branches (model and simulator).
+    -> (scores, frames of clip 0: simulator and model rows per branch)."""
+    model.eval()
+    ds = toy_data.make_dataset(
+        "agent", n_clips, args.resolution, args.context + args.horizon, args.seed, "test"
+    )
+    pos = []  # (model, simulator) positions (branches, horizon, 2) per clip
+    for i in range(n_clips):
+        pred, sim = branch_futures(model, ds, i, args, device)
+        pos.append((toy_data.agent_cells(pred), toy_data.agent_cells(sim)))
+        if i == 0:
+            shown = torch.stack([v for pair in zip(sim, pred) for v in pair])
+    model.train()
+    m = torch.stack([p[0] for p in pos])  # (clips, branches, horizon, 2)
+    s = torch.stack([p[1] for p in pos])
+    err = _cell_distance(m[:, :, None], s[:, None]).mean((0, 3))  # (model branch, sim branch)
+    off = ~torch.eye(len(BRANCHES), dtype=torch.bool)
+    scores = {
+        "branches": [toy_data.ACTIONS[b] for b in BRANCHES],
+        "n_clips": n_clips,
+        "steps": args.horizon,
+        "matched_error": float(err.diagonal().mean()),
+        "mismatched_error": float(err[off].mean()),
+        "error_matrix": err.tolist(),
+        "model_spread": float(spread(m)),
+        "simulator_spread": float(spread(s)),
+    }
+    return scores, shown
+
+
+def save_counterfactual(shown, scores, args):
+    """samples/counterfactual.png: per branch, the simulator's row, then the model's."""
+    captions = [
+        f"{who}: {name} x{args.horizon} after the same context"
+        for name in scores["branches"]
+        for who in ("simulator", "model")
+    ]
+    path = os.path.join(args.out_dir, "samples", "counterfactual.png")
+    viz.save_video_grid(shown, path, captions)
+    return path
+
+
+def action_report(raw, args, rt, clips):
+    """With --actions: the same model with every action unknown on the test clips
+    (baselines.actions_zeroed) and, on agent data, the counterfactual branches."""
+    if not args.actions:
+        return {}
+    zeroed = torch.full_like(clips[1], -1)
+    out = {"actions_zeroed": evaluate(raw, clips[0], args, rt.device, rt.amp, actions=zeroed)[0]}
+    z = out["actions_zeroed"]
+    line = f"test, actions zeroed: PSNR {z['psnr']:.2f} dB"
+    if "agent_error" in z:
+        line += (
+            f", agent error {z['agent_error']:.2f} cells ({z['agent_error_rollout']:.2f} rollout)"
+        )
+    if args.data == "agent":
+        cf, shown = counterfactual(raw, args, rt.device)
+        save_counterfactual(shown, cf, args)
+        out["counterfactual"] = cf
+        line += (
+            f"; counterfactual ({', '.join(cf['branches'])} x{cf['steps']}): error to its own "
+            f"simulator branch {cf['matched_error']:.2f} cells, to the others "
+            f"{cf['mismatched_error']:.2f}; spread model {cf['model_spread']:.2f}, simulator "
+            f"{cf['simulator_spread']:.2f}"
+        )
+    print(line, flush=True)
+    return out
 
 
 def save_samples(clips, frames, curves, args, step, writer):
@@ -986,10 +1213,21 @@ def save_plots(curves, args):
         )
 
 
+def agent_line(ours, base):
+    """The agent's position error for the eval line (agent data), else ''."""
+    if "agent_error" not in ours:
+        return ""
+    return (
+        f"  agent error {ours['agent_error']:.2f} cells ({base['agent_error']:.2f}), "
+        f"{ours['agent_error_rollout']:.2f} ({base['agent_error_rollout']:.2f}) over the rollout"
+    )
+
+
 def run_eval(raw, eval_clips, args, rt, step, writer, tag="eval"):
-    """Evaluate on held-out clips, print the line (tag "eval": val clips, "test": test clips)
-    and log it (rank 0)."""
-    ours, base, val, curves, frames = evaluate(raw, eval_clips, args, rt.device, rt.amp)
+    """Evaluate on held-out clips (clips, actions or None), print the line (tag "eval": val clips,
+    "test": test clips) and log it (rank 0)."""
+    clips, actions = eval_clips
+    ours, base, val, curves, frames = evaluate(raw, clips, args, rt.device, rt.amp, actions=actions)
     if writer:
         for k, v in ours.items():
             if isinstance(v, float):
@@ -1003,7 +1241,7 @@ def run_eval(raw, eval_clips, args, rt, step, writer, tag="eval"):
         f"SSIM {ours['ssim']:.4f} ({base['ssim']:.4f})  MSE/frame {ours['mse_frame_sum']:.1f} "
         f"({base['mse_frame_sum']:.1f}) over {args.horizon} frames; {rollout} frames: "
         f"PSNR {ours['psnr_rollout']:.2f} ({base['psnr_rollout']:.2f})  loss {val['loss']:.4f}"
-        f"  recon PSNR {val['recon_psnr']:.2f}",
+        f"  recon PSNR {val['recon_psnr']:.2f}" + agent_line(ours, base),
         flush=True,
     )
     return ours, base, val, curves, frames
@@ -1028,10 +1266,11 @@ def eval_and_keep_best(raw, eval_clips, args, rt, arch, step, best, writer):
     return results, val_loss
 
 
-def write_metrics(results, perf, args, step, best, test_clips, writer, t_start, selected):
-    """Final samples, plots and metrics.json (rank 0): figures of the test clips, from the weights
-    of step `selected` (best on val)."""
+def write_metrics(results, perf, args, step, best, test_clips, writer, t_start, selected, extra):
+    """Final samples, plots and metrics.json (rank 0): figures of the test clips (clips, actions),
+    from the weights of step `selected` (best on val); extra: action_report's."""
     ours, base, val, curves, frames = results
+    test_clips = test_clips[0]
     save_samples(test_clips, frames, curves, args, step, writer)
     save_plots(curves, args)
     perf["gen_frames_per_s"] = val.pop("gen_frames_per_s")
@@ -1050,7 +1289,11 @@ def write_metrics(results, perf, args, step, best, test_clips, writer, t_start, 
         "step": step,
         "wall_s": round(time.time() - t_start, 1),
         "eval": ours,
-        "baselines": {"copy_last": base},
+        "baselines": {
+            "copy_last": base,
+            **{k: v for k, v in extra.items() if k != "counterfactual"},
+        },
+        "counterfactual": extra.get("counterfactual"),
         "losses": val,  # on the same test clips
         "val": {"best_loss": best if math.isfinite(best) else None, "selected_step": selected},
         "perf": perf,
@@ -1070,7 +1313,8 @@ def report_test(raw, args, rt, step, best, perf, writer, t_start):
         selected = ckpt["step"]
     clips = test_set(args)
     results = run_eval(raw, clips, args, rt, step, None, "test")
-    write_metrics(results, perf, args, step, best, clips, writer, t_start, selected)
+    extra = action_report(raw, args, rt, clips)
+    write_metrics(results, perf, args, step, best, clips, writer, t_start, selected, extra)
     return results, selected
 
 
@@ -1094,6 +1338,134 @@ def summary(results, args, selected, wall_s=None):
     )
 
 
+# ----------------------------------------------------------------------------- play
+PLAY_LETTERS = {"N": 0, "U": 1, "D": 2, "L": 3, "R": 4}  # --play-actions, indices of ACTIONS
+PLAY_KEYS = {" ": 0, "up": 1, "w": 1, "down": 2, "s": 2, "left": 3, "a": 3, "right": 4, "d": 4}
+PLAY_RESET, PLAY_QUIT = "r", "q"
+
+
+def playing(args):
+    return args.play or args.play_actions is not None
+
+
+def parse_play_actions(text):
+    """--play-actions letters -> action ids, or stop with one line."""
+    bad = sorted(set(text.upper()) - set(PLAY_LETTERS))
+    if bad or not text:
+        raise SystemExit(
+            f"error: --play-actions {text!r}: use the letters U D L R and N (none), e.g. RRRUUL"
+            + (f"; {''.join(bad)} is not one" if bad else "")
+        )
+    return [PLAY_LETTERS[ch] for ch in text.upper()]
+
+
+@torch.no_grad()
+def play_reset(model, args, device, clip=0):
+    """A game from test clip `clip`: its --context frames encoded, the dynamics run to the last
+    one (which waits for the first action), and on agent data the simulator's room at that
+    frame. -> game dict: latent z, state, room, the last context frame."""
+    ds = toy_data.make_dataset(
+        args.data, clip + 1, args.resolution, args.context, args.seed, "test", args.data_dir
+    )
+    item = ds[clip]
+    c = args.context
+    x = (item["video"].clamp(0, 1) * 255).round() / 255  # as the uint8 test clips
+    z = model.encode(x.to(device))[None]
+    actions = item["actions"][None].to(device)
+    state = None
+    for t in range(c - 1):
+        _, state = model.step(z[:, t].contiguous(), state, actions[:, t])
+    room = None
+    if isinstance(ds, toy_data.Agent):
+        room, _ = ds.room(clip)
+        ds.replay(room, item["actions"][: c - 1])
+    return {"z": z[:, -1].contiguous(), "state": state, "room": room, "frame": x[-1]}
+
+
+@torch.no_grad()
+def play_step(model, game, action, resolution):
+    """One action in the model and the simulator (if any) -> their next frames (C, H, W)."""
+    a = torch.tensor([action], device=game["z"].device)
+    game["z"], game["state"] = model.step(game["z"], game["state"], a)
+    frame = model.decode(game["z"])[0].float().clamp(0, 1).cpu()
+    sim = None
+    if game["room"] is not None:
+        game["room"].step(action)
+        sim = toy_data.render_agent(game["room"].walls, game["room"].cells()[None], resolution)[0]
+    return frame, sim
+
+
+def play_panels(frame, sim):
+    """model | simulator | |difference| x4 as one (H, W', 3) image (the model alone without a
+    simulator)."""
+    parts = [frame] if sim is None else [frame, sim, ((frame - sim).abs() * 4).clamp(0, 1)]
+    gap = torch.ones(3, frame.shape[1], 2)
+    return torch.cat([p for part in parts for p in (part, gap)][:-1], 2).permute(1, 2, 0).numpy()
+
+
+def play_headless(model, args, device):
+    """--play-actions: play the letters, write samples/play.gif (model | simulator | difference)
+    and print frames/s (the model's and simulator's steps, no drawing). -> model frames."""
+    actions = parse_play_actions(args.play_actions)
+    game = play_reset(model, args, device)
+    frames, sims = [], []
+    t0 = time.perf_counter()
+    for a in actions:
+        frame, sim = play_step(model, game, a, args.resolution)
+        frames.append(frame)
+        sims.append(frame if sim is None else sim)
+    fps = len(actions) / (time.perf_counter() - t0)
+    frames, sims = torch.stack(frames), torch.stack(sims)
+    panels = {"model": frames}
+    if game["room"] is not None:
+        panels.update(simulator=sims, difference=((frames - sims).abs() * 4).clamp(0, 1))
+        err = toy_data.position_error(frames, toy_data.agent_cells(sims).round())[0]
+        print(f"agent position error (cells): mean {err.mean():.2f}, last {err[-1]:.2f}")
+    path = os.path.join(args.out_dir, "samples", "play.gif")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    viz.create_video_comparison(panels, path, error=False, fps=8)
+    print(f"played {len(actions)} steps at {fps:.1f} frames/s; wrote {path}")
+    return frames
+
+
+def play_key(model, args, device, game, key):
+    """A key press of --play -> the panels to show: the next step's, the first ones again after
+    r (reset), or None for a key that is no action."""
+    if key == PLAY_RESET:
+        game.clear()
+        game.update(play_reset(model, args, device))
+        return play_panels(game["frame"], game["frame"] if game["room"] else None)
+    if key not in PLAY_KEYS:
+        return None
+    return play_panels(*play_step(model, game, PLAY_KEYS[key], args.resolution))
+
+
+def play_window(model, args, device):
+    """--play: a matplotlib window, one model step per key press (turn-based: holding a key
+    repeats it); arrows/WASD move, space waits, r resets, q quits."""
+    import matplotlib.pyplot as plt
+
+    game = play_reset(model, args, device)
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    fig.canvas.mpl_disconnect(fig.canvas.manager.key_press_handler_id)  # no default keymap
+    first = game["frame"] if game["room"] else None
+    im = ax.imshow(play_panels(game["frame"], first), interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title("model | simulator | difference: arrows/WASD move, space waits, r reset, q quit")
+
+    def on_key(event):
+        if event.key == PLAY_QUIT:
+            plt.close(fig)
+            return
+        panels = play_key(model, args, device, game, event.key)
+        if panels is not None:
+            im.set_data(panels)
+            fig.canvas.draw_idle()
+
+    fig.canvas.mpl_connect("key_press_event", on_key)
+    plt.show()
+
+
 # ----------------------------------------------------------------------------- training loop
 def latent_grid(args):
     """Side of the latent grid: --latent-grid, by default --resolution / 8."""
@@ -1109,7 +1481,7 @@ def check_data(args):
             f"error: --fresh draws new generated clips, but --data {args.data} is a fixed set of "
             "videos; drop --fresh (the --train-clips pool samples them)"
         )
-    clip = test_set(replace(args, test_clips=1))  # now, not after training
+    clip = test_set(replace(args, test_clips=1))[0]  # now, not after training
     if args.test_file:
         want = toy_data.channels_of(args.data, args.data_dir)
         if clip.shape[2] != want:
@@ -1148,11 +1520,18 @@ def check_args(args, ckpt_path):
         raise SystemExit(
             f"error: --ckpt {args.ckpt} does not exist; pass the path of a {SCRIPT} ckpt.pt"
         )
-    if args.eval_only and not os.path.isfile(ckpt_path):
+    if (args.eval_only or playing(args)) and not os.path.isfile(ckpt_path):
+        flag = "--eval-only" if args.eval_only else "--play"
         raise SystemExit(
-            f"error: --eval-only needs a checkpoint but {ckpt_path} does not exist; train first or "
+            f"error: {flag} needs a checkpoint but {ckpt_path} does not exist; train first or "
             "pass --ckpt"
         )
+    if playing(args):
+        parse_play_actions(args.play_actions or "N")
+        if not args.actions:
+            raise SystemExit("error: --play steps the model with actions: add --actions")
+    if not 0 <= args.action_dropout <= 1:
+        raise SystemExit(f"error: --action-dropout {args.action_dropout} is not in [0, 1]")
     check_encoder_flags(args)
     check_data(args)
 
@@ -1172,14 +1551,25 @@ def model_arch(args, channels):
         window=args.context,
         down=round(math.log2(args.resolution // latent_grid(args))),
         encoder=encoder_kind(args.encoder),
+        num_actions=len(toy_data.ACTIONS) if args.actions else 0,
+        action_names=list(toy_data.ACTIONS) if args.actions else [],
     )
 
 
 def read_checkpoint(path, arch):
-    """load_checkpoint, with a checkpoint of another --encoder refused by that flag's name (one
-    from before --encoder has the conv encoder)."""
-    ckpt = load_checkpoint(path, {k: v for k, v in arch.items() if k != "encoder"})
-    saved = ckpt.get("arch", {}).get("encoder", "conv")
+    """load_checkpoint, with a checkpoint of another --encoder or other actions refused by that
+    flag's name (one from before --encoder has the conv encoder, and no actions)."""
+    own = ("encoder", "num_actions", "action_names")
+    ckpt = load_checkpoint(path, {k: v for k, v in arch.items() if k not in own})
+    saved = ckpt.get("arch", {})
+    actions = (saved.get("num_actions", 0), list(saved.get("action_names", [])))
+    if actions != (arch["num_actions"], arch["action_names"]):
+        fix = "pass --actions" if actions[0] else "drop --actions"
+        raise SystemExit(
+            f"error: {path} takes {actions[0]} actions {actions[1]}, this run "
+            f"{arch['num_actions']} {arch['action_names']}; {fix} or use another --out-dir"
+        )
+    saved = saved.get("encoder", "conv")
     if saved != arch["encoder"]:
         flag = shlex.quote(ckpt.get("args", {}).get("encoder", saved))
         raise SystemExit(
@@ -1219,6 +1609,37 @@ def wrap_model(raw, rt):
     return wrap_ddp(raw, rt)
 
 
+def build_model(args, rt, ckpt_path, arch):
+    """The model, with the weights of ckpt_path when resuming, evaluating or playing.
+    -> (model, checkpoint or None)."""
+    ckpt = None
+    use = args.eval_only or playing(args)
+    if (args.resume or use) and os.path.isfile(ckpt_path):
+        ckpt = read_checkpoint(ckpt_path, arch)
+    if ckpt and not use and "optimizer" not in ckpt:
+        raise SystemExit(
+            f"error: {ckpt_path} holds best weights only; resume from ckpt.pt or evaluate it with "
+            "--eval-only"
+        )
+    backbone = build_backbone(args, arch["channels"], pretrained=ckpt is None)
+    raw = WorldModel(**arch, backbone=backbone).to(rt.device)
+    if ckpt:
+        load_weights(raw, ckpt["model"], ckpt_path)
+    if ckpt and not use:  # the encoder's weights come from the checkpoint
+        check_resume(ckpt, args, ckpt_path, free=("encoder", "encoder_weights"))
+    return raw, ckpt
+
+
+def play(raw, args, rt):
+    """--play or --play-actions on the checkpoint (rank 0), fp32."""
+    raw.eval()
+    if rt.master and args.play_actions is not None:
+        play_headless(raw, args, rt.device)
+    elif rt.master:
+        play_window(raw, args, rt.device)
+    teardown(rt)
+
+
 def eval_only(raw, args, rt, step, best):
     """--eval-only: metrics.json, samples and plots of the checkpoint on the test clips (rank 0);
     no checkpoint, args.json or events are written."""
@@ -1236,7 +1657,9 @@ def start_line(args, rt, raw, data, step):
     """The first line of a training run."""
     clips = f"new training clips every step (split 'train'; {len(data)} in all)"
     if not args.fresh:
-        clips = f"{len(data)} training clips/rank"
+        clips = f"{len(data[0])} training clips/rank"
+    if args.actions:
+        clips += f" with actions ({', '.join(toy_data.ACTIONS)})"
     grid = latent_grid(args)
     n_params = sum(p.numel() for p in raw.parameters())
     encoder = ""
@@ -1817,23 +2240,13 @@ def main(args: Args):
     ckpt_path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     check_args(args, ckpt_path)  # validate everything before anything is written
     eval_clips = load_clips(args, args.eval_clips, args.context + eval_rollout(args), "val")
-    arch = model_arch(args, eval_clips.shape[2])
-    ckpt = None
-    if (args.resume or args.eval_only) and os.path.isfile(ckpt_path):
-        ckpt = read_checkpoint(ckpt_path, arch)
-    if ckpt and not args.eval_only and "optimizer" not in ckpt:
-        raise SystemExit(
-            f"error: {ckpt_path} holds best weights only; resume from ckpt.pt or evaluate it with "
-            "--eval-only"
-        )
-    backbone = build_backbone(args, arch["channels"], pretrained=ckpt is None)
-    raw = WorldModel(**arch, backbone=backbone).to(rt.device)
-    if ckpt:
-        load_weights(raw, ckpt["model"], ckpt_path)
-    if ckpt and not args.eval_only:  # the encoder's weights come from the checkpoint
-        check_resume(ckpt, args, ckpt_path, free=("encoder", "encoder_weights"))
+    arch = model_arch(args, eval_clips[0].shape[2])
+    raw, ckpt = build_model(args, rt, ckpt_path, arch)
     step = ckpt["step"] if ckpt else 0
     best = ckpt.get("best_val", math.inf) if ckpt else math.inf
+    if playing(args):
+        play(raw, args, rt)
+        return
     if args.eval_only:
         eval_only(raw, args, rt, step, best)
         return
@@ -1842,7 +2255,7 @@ def main(args: Args):
     # (clips, frames, C, H, W) uint8
     pool = training_data(args, rt)
     opt, scaler, gen = make_optimizer(raw, args, rt, ckpt)
-    flops = step_flops(raw, args, rt, eval_clips.shape[2])  # on the eager model, before compiling
+    flops = step_flops(raw, args, rt, arch["channels"])  # on the eager model, before compiling
     model = wrap_model(raw, rt)
     n_params = sum(p.numel() for p in raw.parameters())
     writer = None  # TensorBoard, rank 0 only
@@ -1862,8 +2275,8 @@ def main(args: Args):
             lr = lr_at(step, args.steps, args.lr, args.warmup_steps)
             set_lr([opt], lr)
             k = rollout_len(step, args)
-            x = next_batch(pool, step, gen, args, rt)
-            terms = train_step(model, opt, scaler, x, k, args, rt.amp)
+            x, actions = next_batch(pool, step, gen, args, rt)
+            terms = train_step(model, opt, scaler, x, k, args, rt.amp, actions)
             meter.add(torch.cat([terms, terms.new_tensor([k])]))
             step += 1
             speed.tick(step, flops[k] if flops else None)
@@ -1880,8 +2293,11 @@ def main(args: Args):
                     raw, eval_clips, args, rt, arch, step, best, writer
                 )
             if rt.master and not (last or stop) and step % args.sample_every == 0:
-                _, _, _, curves, frames = evaluate(raw, eval_clips[:4], args, rt.device, rt.amp)
-                save_samples(eval_clips, frames, curves, args, step, writer)
+                shown = [None if v is None else v[:4] for v in eval_clips]
+                _, _, _, curves, frames = evaluate(
+                    raw, shown[0], args, rt.device, rt.amp, actions=shown[1]
+                )
+                save_samples(eval_clips[0], frames, curves, args, step, writer)
             if stop or step % args.ckpt_every == 0 or last:
                 # never save weights that have gone non-finite since the last log
                 meter.means(rt, raw.parameters(), f"before step {step}")

@@ -869,3 +869,131 @@ def test_steady_needs_a_clip_length():
         td.ToyDataset(2, 16, 16, 4, steady=1)
     a, b = td.ToyDataset(3, 16, 16, 24, steady=12), td.ToyDataset(3, 16, 16, 12, steady=12)
     assert torch.equal(a[2]["video"][:12], b[2]["video"]) and a[2]["prompt"] == b[2]["prompt"]
+
+
+# ----------------------------------------------------------------------------- agent in a room
+STEP = {1: (0, -1), 2: (0, 1), 3: (-1, 0), 4: (1, 0)}  # up, down, left, right; y points down
+
+
+def _room(agent, balls, blocks=()):
+    walls = np.zeros((8, 8), bool)
+    walls[[0, -1], :] = walls[:, [0, -1]] = True
+    for x, y in blocks:
+        walls[y, x] = True
+    return td.AgentRoom(walls, agent, balls)
+
+
+def test_agent_items_shapes_and_determinism():
+    ds = td.make_dataset("agent", 3, 32, 12, seed=5)
+    item = ds[1]
+    assert item["video"].shape == (12, 3, 32, 32) and item["video"].dtype == torch.float32
+    assert item["actions"].shape == (12,) and item["actions"].dtype == torch.int64
+    assert item["states"].shape == (12, 4, 2) and item["events"].shape == (12,)
+    assert 0 <= item["actions"].min() and item["actions"].max() < len(td.ACTIONS)
+    again = td.make_dataset("agent", 3, 32, 12, seed=5)[1]
+    assert all(torch.equal(item[k], again[k]) for k in item)
+    val = td.make_dataset("agent", 3, 32, 12, seed=5, split="val")[1]
+    assert not torch.equal(item["video"], val["video"])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        td.make_dataset("agent", 3, 36, 12)
+
+
+def test_agent_actions_move_the_agent_one_cell_in_the_next_frame():
+    """actions[t] acts after frame t: a move into a free cell is +1 cell in frame t + 1 (read from
+    the states and from the pixels), 'none' and blocked moves stay; replaying the actions from
+    the clip's room gives the same frames."""
+    ds = td.make_dataset("agent", 6, 32, 24, seed=2)
+    moved = 0
+    for i in range(6):
+        item = ds[i]
+        s, a, e = item["states"][:, 0], item["actions"], item["events"]
+        for t in range(23):
+            want = s[t] + torch.tensor(STEP.get(int(a[t]), (0, 0))) * (e[t] in (1, 3))
+            assert torch.equal(s[t + 1], want), (i, t)
+            moved += int(e[t] == 1 and a[t] == 4)
+        assert torch.equal(td.agent_cells(item["video"]), s.float())  # the pixels agree
+        room, _ = ds.room(i)
+        replay = ds.replay(room, a)
+        assert torch.equal(replay["video"], item["video"])
+    assert moved > 0  # some 'right' into a free cell was seen
+    rates = torch.bincount(torch.cat([ds[i]["events"] for i in range(6)]), minlength=5)
+    assert (rates > 0).all()  # idle, moved, blocked, pushed and ball_blocked all happen
+
+
+def test_agent_walls_block_and_pushes_move_one_ball_one_cell():
+    room = _room((2, 2), [(3, 2)], blocks=[(2, 1)])
+    assert room.step(1) == 2 and room.agent == (2, 2)  # up into a wall block
+    assert room.step(4) == 3 and room.agent == (3, 2) and room.balls == [(4, 2)]  # push
+    assert room.step(0) == 0 and room.agent == (3, 2)
+    room = _room((5, 3), [(6, 3)])
+    assert room.step(4) == 4 and room.agent == (5, 3) and room.balls == [(6, 3)]  # ball at wall
+    room = _room((2, 4), [(3, 4), (4, 4)])
+    assert room.step(4) == 4 and room.balls == [(3, 4), (4, 4)]  # a ball behind the ball
+    room = _room((1, 1), [])
+    assert room.step(3) == 2 and room.step(1) == 2 and room.agent == (1, 1)  # border walls
+    assert room.step(2) == 1 and room.agent == (1, 2)
+
+
+def test_agent_rooms_keep_balls_and_nothing_overlaps():
+    ds = td.make_dataset("agent", 8, 32, 32, seed=7)
+    for i in range(8):
+        room, _ = ds.room(i)
+        s = ds[i]["states"]
+        n = int((s[0, :, 0] >= 0).sum())
+        for t in range(32):
+            cells = [tuple(c) for c in s[t].tolist() if c[0] >= 0]
+            assert len(cells) == n and len(set(cells)) == n  # count constant, no overlaps
+            assert not any(room.walls[y, x] for x, y in cells)
+
+
+def test_agent_position_error_scores_the_simulator_zero_and_degenerate_videos_badly():
+    """Before position error is evidence: the simulator's own frames score 0 and hit every cell;
+    black, frozen, time-shuffled and noise videos score worse."""
+    ds = td.make_dataset("agent", 6, 32, 24, seed=1)
+    videos = torch.stack([ds[i]["video"] for i in range(6)])
+    cells = torch.stack([ds[i]["states"][:, 0] for i in range(6)])
+    err, hit = td.position_error(videos, cells)
+    assert err.max() == 0 and hit.min() == 1
+    g = torch.Generator().manual_seed(0)
+    bad = {
+        "black": torch.zeros_like(videos),
+        "frozen": videos[:, :1].expand_as(videos),
+        "shuffled": videos[:, torch.randperm(24, generator=g)],
+        "noise": torch.rand(videos.shape, generator=g),
+    }
+    for name, v in bad.items():
+        e, h = td.position_error(v, cells)
+        assert e.mean() > 0.5 and h.mean() < 0.9, name
+    assert td.position_error(bad["black"], cells)[0].min() == td.AGENT_GRID  # lost everywhere
+
+
+def test_folder_actions_files_and_their_errors(tmp_path):
+    """<stem>.actions.txt (ids, names, -1; one per frame or one fewer) or <stem>.actions.npz
+    beside each video; bad files stop with one line naming the file and what is wrong."""
+    for k in range(2):  # fewer than 3 files: all of them are the train split
+        _gif(tmp_path / f"clip{k}.gif", 6, (40 * k, 100, 200))
+    (tmp_path / "clip0.actions.txt").write_text("right\n2\n-1\nup\nnone\n4\n")
+    (tmp_path / "clip1.actions.txt").write_text("1\n1\n1\n1\n1\n")
+    ds = td.VideoFolder(str(tmp_path), num_frames=6, resolution=16)
+    by_file = {os.path.basename(f): a.tolist() for f, a in zip(ds.files, ds.actions)}
+    assert by_file == {"clip0.gif": [4, 2, -1, 1, 0, 4], "clip1.gif": [1, 1, 1, 1, 1, -1]}
+    assert ds[0]["actions"].tolist() == by_file[os.path.basename(ds.files[ds.index[0][0]])]
+    (tmp_path / "clip1.actions.txt").unlink()
+    np.savez(tmp_path / "clip1.actions.npz", actions=np.arange(6) % 5)
+    ds = td.VideoFolder(str(tmp_path), num_frames=6, resolution=16)
+    assert ds.actions[ds.files.index(str(tmp_path / "clip1.gif"))].tolist() == [0, 1, 2, 3, 4, 0]
+    bad = {
+        "has 4 actions for a video of 6 frames": "1\n2\n3\n4",
+        "line 3: unknown action 'jump'": "1\n2\njump\n4\n0\n0",
+        "line 1: unknown action '7'": "7\n0\n0\n0\n0\n0",
+    }
+    for message, text in bad.items():
+        (tmp_path / "clip0.actions.txt").write_text(text)
+        with pytest.raises(ValueError, match=message) as e:
+            td.VideoFolder(str(tmp_path), num_frames=6, resolution=16)
+        assert "clip0.actions.txt" in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "clip0.actions.txt").unlink()
+    with pytest.raises(ValueError, match="clip0.gif has no actions file"):
+        td.VideoFolder(str(tmp_path), num_frames=6, resolution=16)
+    (tmp_path / "clip1.actions.npz").unlink()
+    assert "actions" not in td.VideoFolder(str(tmp_path), num_frames=6, resolution=16)[0]

@@ -221,7 +221,8 @@ def test_curriculum_grows_rollout_to_horizon():
 def test_batches_are_windows_of_pool_clips():
     args = wm.Args(context=2, horizon=3, batch_size=6)
     pool = torch.arange(4 * 9).view(4, 9, 1, 1, 1).to(torch.uint8)  # clip i, frame t -> 9 i + t
-    x = wm.sample_batch(pool, torch.Generator().manual_seed(0), args, torch.device("cpu"))
+    x, none = wm.sample_batch(pool, torch.Generator().manual_seed(0), args, torch.device("cpu"))
+    assert none is None  # no actions without --actions
     assert x.shape == (6, 5, 1, 1, 1)
     values = (x.flatten(1) * 255).round()
     first = values[:, 0]
@@ -714,10 +715,10 @@ def test_training_loop_uses_curriculum_k_on_full_windows(tmp_path, monkeypatch):
     calls = []
     rollout_losses = wm.rollout_losses
 
-    def record(model, x, k, args, amp, steps=None):
+    def record(model, x, k, args, amp, steps=None, actions=None):
         if torch.is_grad_enabled():  # training (evaluation runs under no_grad)
             calls.append((k, steps, tuple(x.shape)))
-        return rollout_losses(model, x, k, args, amp, steps)
+        return rollout_losses(model, x, k, args, amp, steps, actions)
 
     monkeypatch.setattr(wm, "rollout_losses", record)
     monkeypatch.setattr(wm, "step_flops", lambda *a: None)  # its calls are not training steps
@@ -764,7 +765,7 @@ def test_batches_cover_every_clip_and_start():
     and the clip from the whole pool; each window is context + horizon consecutive frames."""
     args = wm.Args(context=2, horizon=3, batch_size=400)
     pool = torch.arange(4 * 9).view(4, 9, 1, 1, 1).to(torch.uint8)
-    x = wm.sample_batch(pool, torch.Generator().manual_seed(9), args, torch.device("cpu"))
+    x, _ = wm.sample_batch(pool, torch.Generator().manual_seed(9), args, torch.device("cpu"))
     values = (x.flatten(1) * 255).round().long()
     clip, start = values[:, 0] // 9, values[:, 0] % 9
     assert set(clip.tolist()) == {0, 1, 2, 3} and set(start.tolist()) == {0, 1, 2, 3, 4}
@@ -858,7 +859,7 @@ def test_fresh_batches_never_repeat_a_clip():
     gen = torch.Generator().manual_seed(0)
     for step in range(4):
         for rank in range(2):
-            x = wm.fresh_batch(ds, step, gen, args, torch.device("cpu"), rank, 2)
+            x, _ = wm.fresh_batch(ds, step, gen, args, torch.device("cpu"), rank, 2)
             assert x.shape == (3, 5, 1, 2, 2)
             first = (step * 2 + rank) * 3
             want = torch.tensor([first, first + 1, first + 2]).float()

@@ -167,4 +167,58 @@ MUTANTS = [
         "old": "    q = np.mod(np.arange(t) / (steady - 1), 2)",
         "new": "    q = np.mod(np.arange(t) / (steady - 1), 1)",
     },
+    {
+        "name": "agent_push_leaves_ball",
+        "invariant": "a push moves the ball one cell",
+        "old": "            self.balls[self.balls.index(to)] = behind",
+        "new": "            self.balls[self.balls.index(to)] = to",
+    },
+    {
+        "name": "agent_walks_through_walls",
+        "invariant": "walls block the agent",
+        "old": "        if self.walls[to[1], to[0]]:\n            return 2",
+        "new": "        if False:\n            return 2",
+    },
+    {
+        "name": "agent_pushes_ball_into_ball",
+        "invariant": "a ball with a ball behind it blocks the push",
+        "old": "            if self.walls[behind[1], behind[0]] or behind in self.balls:",
+        "new": "            if self.walls[behind[1], behind[0]]:",
+    },
+    {
+        "name": "agent_up_is_down",
+        "invariant": "up moves the agent one row up (y points down)",
+        "old": "MOVES = ((0, 0), (0, -1), (0, 1), (-1, 0), (1, 0))",
+        "new": "MOVES = ((0, 0), (0, 1), (0, -1), (-1, 0), (1, 0))",
+    },
+    {
+        "name": "agent_states_one_frame_late",
+        "invariant": "states[t] is the room of frame t (actions[t] shows in frame t + 1)",
+        "old": '            "states": torch.from_numpy(states[:-1]),',
+        "new": '            "states": torch.from_numpy(states[1:]),',
+    },
+    {
+        "name": "agent_cells_off_by_half",
+        "invariant": "the centroid of a simulated agent is its cell exactly",
+        "old": "    x = (w * xs).sum((-2, -1)) / mass.clamp(min=1e-6) - 0.5",
+        "new": "    x = (w * xs).sum((-2, -1)) / mass.clamp(min=1e-6)",
+    },
+    {
+        "name": "agent_lost_scores_zero",
+        "invariant": "a lost agent counts as the room's size, never as a hit",
+        "old": "    return torch.where(lost, float(grid), err), torch.where(lost, 0.0, hit)",
+        "new": "    return torch.where(lost, 0.0, err), torch.where(lost, 0.0, hit)",
+    },
+    {
+        "name": "folder_actions_wrong_length_accepted",
+        "invariant": "an actions file has one action per frame, or one fewer",
+        "old": "    if len(ids) not in (num_frames, num_frames - 1):",
+        "new": "    if len(ids) > num_frames:",
+    },
+    {
+        "name": "folder_actions_any_id",
+        "invariant": "an action id outside 0..4 (other than -1) is refused",
+        "old": "-1 <= int(word) < len(ACTIONS)",
+        "new": "-1 <= int(word)",
+    },
 ]

@@ -2,20 +2,24 @@
 tests/test_train_world_model.py or tests/test_world_model_encoders.py (run: python
 tests/mutants/run.py train_world_model; the encoders' alone: ... -k encoder_)."""
 
-TESTS = ["tests/test_world_model_encoders.py", "tests/test_train_world_model.py"]
+TESTS = [
+    "tests/test_world_model_actions.py",
+    "tests/test_world_model_encoders.py",
+    "tests/test_train_world_model.py",
+]
 
 MUTANTS = [
     {
         "name": "rollout_teacher_forced",
         "invariant": "the rollout feeds its own predicted latent back, not an encoded frame",
-        "old": "            z, state = self.dynamics(z, state)",
-        "new": "            z, state = self.dynamics(z_context[:, -1], state)",
+        "old": "            z, state = self.step(z, state, at(T + j))",
+        "new": "            z, state = self.step(z_context[:, -1], state, at(T + j))",
     },
     {
         "name": "rollout_state_dropped",
         "invariant": "the recurrent state is carried across the context steps",
-        "old": "            z, state = self.dynamics(z_context[:, t], state)",
-        "new": "            z, state = self.dynamics(z_context[:, t], None)",
+        "old": "            z, state = self.step(z_context[:, t].contiguous(), state, at(t))",
+        "new": "            z, state = self.step(z_context[:, t].contiguous(), None, at(t))",
     },
     {
         "name": "pred_term_off_by_one",
@@ -131,8 +135,8 @@ MUTANTS = [
     {
         "name": "rollout_detached",
         "invariant": "the loss backpropagates through the fed-back predicted latents",
-        "old": "            z, state = self.dynamics(z, state)",
-        "new": "            z, state = self.dynamics(z.detach(), state)",
+        "old": "            z, state = self.step(z, state, at(T + j))",
+        "new": "            z, state = self.step(z.detach(), state, at(T + j))",
     },
     {
         "name": "alibi_sign_flipped",
@@ -227,8 +231,8 @@ MUTANTS = [
     {
         "name": "encoder_old_checkpoint_not_conv",
         "invariant": "a checkpoint without an encoder in its arch has the conv encoder",
-        "old": 'saved = ckpt.get("arch", {}).get("encoder", "conv")',
-        "new": 'saved = ckpt.get("arch", {}).get("encoder")',
+        "old": 'saved = saved.get("encoder", "conv")',
+        "new": 'saved = saved.get("encoder")',
     },
     {
         "name": "encoder_pretrained_weights_needed_on_resume",
@@ -283,5 +287,71 @@ MUTANTS = [
         "invariant": "the rollout's errors are scored on its raw output",
         "old": "        preds.append(pred.float().cpu())",
         "new": "        preds.append(pred.float().clamp(0, 1).cpu())",
+    },
+    {
+        "name": "action_off_by_one",
+        "invariant": "actions[t] acts after frame t: the step reading frame t takes action t",
+        "old": "at = (lambda t: None) if actions is None else (lambda t: actions[:, t])",
+        "new": "at = (lambda t: None) if actions is None else (lambda t: actions[:, t + 1])",
+    },
+    {
+        "name": "action_one_step_late",
+        "invariant": "the step that predicts frame t + 1 takes action t, not t - 1",
+        "old": "at = (lambda t: None) if actions is None else (lambda t: actions[:, t])",
+        "new": "at = (lambda t: None) if actions is None else (lambda t: actions[:, max(t - 1, 0)])",
+    },
+    {
+        "name": "action_not_added_gru",
+        "invariant": "the ConvGRU's input carries the action embedding",
+        "old": "        if a is not None:\n            x = x + a[:, :, None, None]\n        h = torch",
+        "new": "        if a is not None:\n            x = x\n        h = torch",
+    },
+    {
+        "name": "action_not_added_lstm",
+        "invariant": "the ConvLSTM's input carries the action embedding",
+        "old": "        if a is not None:  # as in ConvGRU\n            x = x + a[:, :, None, None]",
+        "new": "        if a is not None:  # as in ConvGRU\n            x = x",
+    },
+    {
+        "name": "action_not_added_transformer",
+        "invariant": "every token of the transformer's frame carries the action embedding",
+        "old": "            x = x + a[:, None, :]",
+        "new": "            x = x + a[:1, None, :]",
+    },
+    {
+        "name": "action_unknown_not_null_row",
+        "invariant": "an unknown action (-1) reads the spare null row of the table",
+        "old": "ids = torch.where(action < 0, self.num_actions, action)",
+        "new": "ids = torch.where(action < 0, 0, action)",
+    },
+    {
+        "name": "action_dropout_per_step",
+        "invariant": "action dropout replaces whole clips' actions, never single steps",
+        "old": "    return torch.where(drop[:, None], -1, actions)",
+        "new": "    return torch.where(torch.rand(actions.shape, generator=gen) < p, -1, actions)",
+    },
+    {
+        "name": "action_batch_window_shifted",
+        "invariant": "a batch's actions are the same window as its frames",
+        "old": "    return x, drop_actions(actions[window], gen, args.action_dropout).to(device)\n\n\ndef training_data",
+        "new": "    return x, drop_actions(actions[window[0], window[1] - 1], gen, args.action_dropout).to(device)\n\n\ndef training_data",
+    },
+    {
+        "name": "action_play_reads_last_context_frame",
+        "invariant": "play's first key acts after the last context frame (the rollout's alignment)",
+        "old": "    for t in range(c - 1):\n        _, state = model.step(",
+        "new": "    for t in range(c):\n        _, state = model.step(",
+    },
+    {
+        "name": "action_counterfactual_branch_mixup",
+        "invariant": "each predicted branch is compared with its own simulator branch",
+        "old": '        "matched_error": float(err.diagonal().mean()),',
+        "new": '        "matched_error": float(err.mean()),',
+    },
+    {
+        "name": "action_checkpoint_ignores_count",
+        "invariant": "a checkpoint with another action count is refused",
+        "old": '    if actions != (arch["num_actions"], arch["action_names"]):',
+        "new": "    if False:",
     },
 ]

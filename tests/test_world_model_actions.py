@@ -1,0 +1,293 @@
+"""train_world_model.py with actions: alignment and causality of the action input in every
+dynamics type, the null action, batches, a tiny --actions run (metrics, checkpoint, refusals),
+headless play against rollout(), the counterfactual score on stubs, and (slow) control after a
+short training run."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import tyro
+
+import toy_data as td
+import train_world_model as wm
+
+TINY = (
+    "--steps 4 --log-every 1 --eval-every 2 --sample-every 2 --ckpt-every 2 "
+    "--data agent --actions --resolution 32 --latent-grid 8 --frames 8 --context 3 --horizon 2 "
+    "--train-clips 4 --eval-clips 3 --test-clips 3 --width 4 --hidden 8 --heads 2 --batch-size 2 "
+    "--dtype float32 --no-compile --device cpu --warmup-steps 1 --lr 3e-3"
+).split()
+A = len(td.ACTIONS)
+
+
+def run(out_dir, *extra, base=TINY):
+    wm.main(tyro.cli(wm.Args, args=[*base, "--out-dir", str(out_dir), *extra]))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def action_model(dynamics):
+    torch.manual_seed(0)
+    model = wm.WorldModel(
+        3, 4, 4, dynamics, hidden=8, layers=2, heads=2, grid=4, window=3, num_actions=A
+    )
+    with torch.no_grad():  # the output layers start at zero: make the dynamics do something
+        for p in model.dynamics.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def ref_rollout(model, z_context, steps, actions):
+    """A plain loop: step t reads latent t (context, then the last prediction) with the
+    embedding row of actions[:, t], the spare last row for -1."""
+    rows = torch.where(actions < 0, A, actions)
+    emb = model.action_embed.weight[rows]  # (B, T, hidden)
+    state, preds = None, []
+    z = None
+    for t in range(z_context.shape[1] + steps - 1):
+        x = z_context[:, t] if t < z_context.shape[1] else z
+        z, state = model.dynamics(x.contiguous(), state, emb[:, t])
+        if t >= z_context.shape[1] - 1:
+            preds.append(z)
+    return torch.stack(preds, 1)
+
+
+@pytest.mark.parametrize("dynamics", wm.DYNAMICS)
+def test_rollout_reads_action_t_with_frame_t(dynamics):
+    model = action_model(dynamics)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 3, 4, 4, 4, generator=g)
+    actions = torch.randint(-1, A, (2, 3 + 4 - 1), generator=g)
+    with torch.no_grad():
+        got = model.rollout(z, 4, actions)
+        want = ref_rollout(model, z, 4, actions)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("dynamics", wm.DYNAMICS)
+def test_prediction_is_causal_in_the_actions(dynamics):
+    """Frame c + j (prediction j) depends on actions up to c + j - 1 only: changing later actions
+    leaves it unchanged, changing action c + j - 1 changes it, and its gradient reaches that
+    action's embedding row but not the row of an action only taken later."""
+    model = action_model(dynamics)
+    g = torch.Generator().manual_seed(2)
+    ctx = torch.rand(2, 3, 3, 32, 32, generator=g)
+    actions = torch.tensor([[0, 0, 1, 1, 3, 3], [0, 0, 1, 1, 3, 3]])
+    with torch.no_grad():
+        _, pred, _ = model(ctx, 4, actions)
+        later = actions.clone()
+        later[:, 4:] = 4
+        _, pred_later, _ = model(ctx, 4, later)
+        now = actions.clone()
+        now[:, 3] = 2
+        _, pred_now, _ = model(ctx, 4, now)
+    assert torch.equal(pred[:, :2], pred_later[:, :2])  # frames c, c + 1 use actions 2, 3
+    assert not torch.allclose(pred[:, 2], pred_later[:, 2])  # frame c + 2 uses action 4
+    assert torch.equal(pred[:, :1], pred_now[:, :1])
+    assert not torch.allclose(pred[:, 1], pred_now[:, 1])
+    _, pred, _ = model(ctx, 3, actions)
+    pred[:, 1].sum().backward()  # frame c + 1: actions 0..3 are 0 and 1; 3 (left) comes later
+    grad = model.action_embed.weight.grad
+    assert grad[1].abs().sum() > 0 and grad[0].abs().sum() > 0
+    assert grad[3].abs().sum() == 0 and grad[A].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dynamics", wm.DYNAMICS)
+def test_each_clip_of_a_batch_gets_its_own_actions(dynamics):
+    """Two clips with the same context and other actions: each row equals that clip rolled out
+    alone, and the rows differ."""
+    model = action_model(dynamics)
+    z = torch.randn(1, 3, 4, 4, 4, generator=torch.Generator().manual_seed(4)).expand(
+        2, -1, -1, -1, -1
+    )
+    actions = torch.tensor([[1, 1, 1, 1, 1], [4, 4, 2, 2, 0]])
+    with torch.no_grad():
+        both = model.rollout(z, 3, actions)
+        alone = [model.rollout(z[:1], 3, actions[i : i + 1]) for i in range(2)]
+    assert torch.allclose(both, torch.cat(alone), atol=1e-6)
+    assert not torch.allclose(both[0], both[1])
+
+
+def test_unknown_action_is_the_spare_row_and_no_actions_no_table():
+    model = action_model("gru")
+    z = torch.randn(2, 4, 4, 4)
+    with torch.no_grad():
+        a = model.step(z, None, torch.tensor([-1, 2]))[0]
+        b = model.dynamics(z, None, model.action_embed.weight[torch.tensor([A, 2])])[0]
+    assert torch.equal(a, b) and model.action_embed.num_embeddings == A + 1
+    plain = wm.WorldModel(3, 4, 4, "gru", hidden=8, grid=4)
+    assert not any("action" in k for k in plain.state_dict())
+
+
+def test_batches_carry_their_actions_and_drop_whole_clips():
+    args = wm.Args(context=2, horizon=3, batch_size=64, action_dropout=0.0)
+    pool = torch.arange(4 * 9).view(4, 9, 1, 1, 1).to(torch.uint8)  # clip i, frame t -> 9 i + t
+    actions = torch.arange(4 * 9).view(4, 9) + 100  # the same numbering, shifted
+    x, a = wm.sample_batch(
+        pool, torch.Generator().manual_seed(0), args, torch.device("cpu"), actions
+    )
+    assert torch.equal(a - 100, (x.flatten(1) * 255).round().long())  # action t of frame t
+    args.action_dropout = 0.5
+    x, a = wm.sample_batch(
+        pool, torch.Generator().manual_seed(0), args, torch.device("cpu"), actions
+    )
+    dropped = (a == -1).all(1)
+    assert ((a == -1).any(1) == dropped).all()  # whole clips, never single steps
+    assert 16 < int(dropped.sum()) < 48
+    assert torch.equal(a[~dropped] - 100, (x[~dropped].flatten(1) * 255).round().long())
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(wm.drop_actions(actions, g, 0.0), actions)
+    assert (wm.drop_actions(actions, g, 1.0) == -1).all()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("tiny_actions")
+    run(out)
+    return out
+
+
+def test_tiny_action_run_writes_control_metrics_and_checkpoint(tiny):
+    m = json.load(open(tiny / "metrics.json"))
+    assert set(m["baselines"]) == {"copy_last", "actions_zeroed"}
+    for scores in (m["eval"], m["baselines"]["copy_last"], m["baselines"]["actions_zeroed"]):
+        assert len(scores["agent_error_per_frame"]) == 6  # 3 x --horizon
+        assert 0 <= scores["agent_error"] <= td.AGENT_GRID
+    cf = m["counterfactual"]
+    assert cf["branches"] == ["up", "down", "left", "right"] and len(cf["error_matrix"]) == 4
+    assert cf["simulator_spread"] > 0
+    assert os.path.isfile(tiny / "samples" / "counterfactual.png")
+    ck = torch.load(tiny / "ckpt.pt", weights_only=True)
+    assert ck["arch"]["num_actions"] == A and ck["arch"]["action_names"] == list(td.ACTIONS)
+
+
+def test_checkpoint_refuses_other_actions_and_data_without_actions(tiny, tmp_path, capsys):
+    no_actions = [f for f in TINY if f != "--actions"]
+    with pytest.raises(SystemExit, match="takes 5 actions.*pass --actions"):
+        run(tiny, "--eval-only", base=no_actions)
+    with pytest.raises(SystemExit, match="--actions needs data with actions"):
+        run(tmp_path, "--data", "bouncing_balls")
+    with pytest.raises(SystemExit, match="--play needs a checkpoint"):
+        run(tmp_path / "none", "--play-actions", "RR")
+    with pytest.raises(SystemExit, match="X is not one"):
+        run(tiny, "--play-actions", "RXR")
+
+
+def test_headless_play_writes_the_gif_and_equals_rollout(tiny, capsys):
+    run(tiny, "--play-actions", "RRUULDN")
+    out = capsys.readouterr().out
+    assert "played 7 steps at" in out and os.path.getsize(tiny / "samples" / "play.gif") > 0
+    args = tyro.cli(wm.Args, args=[*TINY, "--out-dir", str(tiny), "--play-actions", "RRUULDN"])
+    model = wm.WorldModel(**wm.model_arch(args, 3))
+    model.load_state_dict(torch.load(tiny / "ckpt.pt", weights_only=True)["model"])
+    model.eval()
+    frames = wm.play_headless(model, args, torch.device("cpu"))
+    again = wm.play_headless(model, args, torch.device("cpu"))
+    assert torch.equal(frames, again) and frames.shape == (7, 3, 32, 32)
+    item = td.make_dataset("agent", 1, 32, 3, 0, "test")[0]
+    ctx = (item["video"] * 255).round() / 255
+    played = torch.tensor([4, 4, 1, 1, 3, 2, 0])
+    actions = torch.cat([item["actions"][:2], played])[None]
+    with torch.no_grad():
+        _, pred, _ = model(ctx[None], 7, actions)
+    assert torch.allclose(frames, pred[0].clamp(0, 1), atol=1e-5)
+
+
+def test_play_keys_cover_every_action_and_clash_with_nothing():
+    assert set(wm.PLAY_KEYS.values()) == set(range(A)) == set(wm.PLAY_LETTERS.values())
+    assert not {wm.PLAY_RESET, wm.PLAY_QUIT} & set(wm.PLAY_KEYS)
+
+
+class Stub(nn.Module):
+    """A model whose prediction is the last context frame shifted by each action (follows_actions)
+    or repeated (action-blind): forward as WorldModel's."""
+
+    def __init__(self, follows_actions):
+        super().__init__()
+        self.follows = follows_actions
+
+    def forward(self, context, steps, actions):
+        frame, out = context[:, -1], []
+        cell = context.shape[-1] // td.AGENT_GRID
+        for j in range(steps):
+            a = actions[:, context.shape[1] - 1 + j]
+            if self.follows:
+                dx = torch.tensor([td.MOVES[int(k)][0] for k in a]).view(-1, 1, 1, 1)
+                dy = torch.tensor([td.MOVES[int(k)][1] for k in a]).view(-1, 1, 1, 1)
+                frame = torch.stack(
+                    [
+                        f.roll((int(y) * cell, int(x) * cell), (-2, -1))
+                        for f, x, y in zip(frame, dx, dy)
+                    ]
+                )
+            out.append(frame)
+        return None, torch.stack(out, 1), None
+
+
+def test_counterfactual_separates_a_model_that_follows_actions_from_a_blind_one():
+    args = wm.Args(data="agent", resolution=32, context=3, horizon=3)
+    blind, _ = wm.counterfactual(Stub(False), args, torch.device("cpu"), n_clips=6)
+    follows, _ = wm.counterfactual(Stub(True), args, torch.device("cpu"), n_clips=6)
+    assert blind["model_spread"] == 0 and blind["simulator_spread"] > 0
+    assert abs(blind["matched_error"] - blind["mismatched_error"]) < 1e-6
+    assert follows["model_spread"] > 0
+    assert follows["matched_error"] < follows["mismatched_error"] - 0.5
+
+
+@pytest.mark.slow
+def test_after_short_training_actions_change_the_prediction(tmp_path):
+    """A short --actions run: from the same context, the branches differ, and each lies nearer its
+    own simulator branch than the others."""
+    short = [f for f in TINY]
+    for flag, value in (("--steps", "300"), ("--width", "8"), ("--hidden", "32")):
+        short[short.index(flag) + 1] = value
+    run(
+        tmp_path, "--eval-every", "300", "--ckpt-every", "300", "--sample-every", "1000", base=short
+    )
+    cf = json.load(open(tmp_path / "metrics.json"))["counterfactual"]
+    assert cf["model_spread"] > 0.3
+    assert cf["matched_error"] < cf["mismatched_error"]
+
+
+def test_play_window_steps_on_keys_resets_and_quits(tiny, monkeypatch):
+    """The --play window on Agg: arrow keys step (the panels change), r shows the first panels
+    again, q closes it; matplotlib's own keymap (s saves, q quits, ...) is disconnected."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import KeyEvent
+
+    monkeypatch.setattr(plt, "show", lambda: None)
+    args = tyro.cli(wm.Args, args=[*TINY, "--out-dir", str(tiny), "--play"])
+    ck = torch.load(tiny / "ckpt.pt", weights_only=True)
+    model = wm.WorldModel(**ck["arch"]).eval()
+    model.load_state_dict(ck["model"])
+    wm.play_window(model, args, torch.device("cpu"))
+    fig = plt.gcf()
+    default = fig.canvas.manager.key_press_handler_id
+    assert default not in fig.canvas.callbacks.callbacks["key_press_event"]
+    image = fig.axes[0].images[0]
+    first = image.get_array().copy()
+    seen = []
+    for key in ("right", "down", "left", "up", "w"):
+        fig.canvas.callbacks.process(
+            "key_press_event", KeyEvent("key_press_event", fig.canvas, key)
+        )
+        seen.append(image.get_array().copy())
+    assert any(not np.array_equal(s, first) for s in seen)
+    assert first.shape[1] > 2 * first.shape[0]  # model | simulator | difference
+    fig.canvas.callbacks.process("key_press_event", KeyEvent("key_press_event", fig.canvas, "r"))
+    assert np.array_equal(image.get_array(), first)
+    fig.canvas.callbacks.process("key_press_event", KeyEvent("key_press_event", fig.canvas, "q"))
+    assert not plt.fignum_exists(fig.number)
