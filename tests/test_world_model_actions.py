@@ -28,12 +28,7 @@ def run(out_dir, *extra, base=TINY):
     wm.main(tyro.cli(wm.Args, args=[*base, "--out-dir", str(out_dir), *extra]))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 def action_model(dynamics):

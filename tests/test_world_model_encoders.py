@@ -50,12 +50,7 @@ def args_of(*flags):
     return tyro.cli(wm.Args, args=[*TINY, *flags])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 @pytest.fixture(autouse=True)
