@@ -28,10 +28,10 @@ loss is not divided by the data variance.
     python train_vqvae.py --width 64 --batch-size 128 --steps 20000 --gan-weight 0.1  # GPU
     torchrun --standalone --nproc_per_node=2 train_vqvae.py # DDP (nccl on CUDA, gloo on CPU)
     python train_vqvae.py --eval-only                       # re-evaluate runs/train_vqvae/ckpt.pt
-    python train_vqvae.py --temporal-downsample 4 --spatial-downsample 4 --resolution 32 \\
-        --data moving_mnist --width 32 --latent-channels 8 --recon-loss mse --batch-size 8 \\
-        --train-clips 512 --steps 1200 --lr 2e-3 --out-dir runs/train_vqvae_3d
-                                                            # VideoGPT's first stage, ~7 min
+    python train_vqvae.py --temporal-downsample 2 --spatial-downsample 4 --resolution 32 \\
+        --data moving_mnist --width 32 --latent-channels 8 --codebook-size 64 --recon-loss mse \\
+        --batch-size 8 --train-clips 512 --steps 1200 --lr 2e-3 --out-dir runs/train_vqvae_3d
+                                                            # VideoGPT's first stage, ~5 min
     OMP_NUM_THREADS=1 python train_vqvae.py                 # busy CPU: far faster than 2 threads
 
 Outputs in --out-dir: ckpt.pt, args.json, metrics.json, samples/ (original | reconstruction

@@ -32,8 +32,8 @@ VQ_TINY = (  # a 3D first stage on 16 px clips of 4 frames -> 2 x 2 x 2 codes of
 TINY = (
     "--data bouncing_balls --resolution 16 --frames 4 --context 2 --steps 4 --log-every 1 "
     "--eval-every 2 --sample-every 2 --ckpt-every 2 --train-clips 6 --eval-clips 3 --samples 3 "
-    "--bench-samples 2 --width 12 --heads 2 --layers 1 --batch-size 3 --dtype float32 "
-    "--no-compile --device cpu --warmup-steps 1"
+    "--bench-samples 2 --width 12 --heads 2 --layers 1 --batch-size 3 --dropout 0.1 "
+    "--dtype float32 --no-compile --device cpu --warmup-steps 1"
 ).split()
 
 
@@ -495,7 +495,7 @@ def test_wrong_first_stages(tmp_path, first_stage):
         (d / "first_stage.json").write_text(json.dumps(changed))
         with pytest.raises(SystemExit, match=message) as e:
             run(tmp_path / "out", first_stage, "--vqvae", str(d))
-        assert "--temporal-downsample 4" in str(e.value.code) and "\n" not in str(e.value.code)
+        assert "--temporal-downsample 2" in str(e.value.code) and "\n" not in str(e.value.code)
     assert not (tmp_path / "out").exists()
 
 
