@@ -253,6 +253,14 @@ class Args:
     action_dropout: float = 0.1
     """with --actions: fraction of training clips whose actions are replaced by the null (unknown)
     action, so the model also predicts without them (the actions_zeroed baseline)"""
+    input_kernel: int = 3
+    """kernel of the ConvGRU's or ConvLSTM's input convolution over the latent grid (odd): how far
+    a cell sees in the frame it reads. 5 lets the agent's cell (--data agent) see past a ball it
+    walks into, where a wall or a ball decides whether the push happens"""
+    fsq_levels: int = 0
+    """quantise the latent grid, at encoding and after every dynamics step, to this many levels
+    per channel (odd, e.g. 5; 0: continuous): an error under half a level is undone at the next
+    step, so a world of few states per cell (--data agent) stays sharp in long rollouts"""
     play: bool = False
     """play the checkpoint (--ckpt, default out_dir/ckpt.pt) in a window: arrows or WASD move, space
     waits, r resets, q quits; one model step per key press, the simulator beside it"""
@@ -315,11 +323,11 @@ def zero_init(layer):
 
 class ConvGRU(nn.Module):
     """Convolutional GRU over the latent grid (3x3 kernels: a cell sees its neighbours, i.e. +-8
-    pixels a step)."""
+    pixels a step; the input convolution's kernel may be wider, --input-kernel)."""
 
-    def __init__(self, zc, hidden):
+    def __init__(self, zc, hidden, input_kernel=3):
         super().__init__()
-        self.inp = nn.Conv2d(zc, hidden, 3, padding=1)
+        self.inp = nn.Conv2d(zc, hidden, input_kernel, padding=input_kernel // 2)
         self.gates = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1)
         self.cand = nn.Conv2d(2 * hidden, hidden, 3, padding=1)
         self.out = zero_init(nn.Conv2d(hidden, zc, 3, padding=1))
@@ -339,9 +347,9 @@ class ConvGRU(nn.Module):
 class ConvLSTM(nn.Module):
     """Convolutional LSTM over the latent grid (Shi et al. 2015, without peepholes)."""
 
-    def __init__(self, zc, hidden):
+    def __init__(self, zc, hidden, input_kernel=3):
         super().__init__()
-        self.inp = nn.Conv2d(zc, hidden, 3, padding=1)
+        self.inp = nn.Conv2d(zc, hidden, input_kernel, padding=input_kernel // 2)
         self.gates = nn.Conv2d(2 * hidden, 4 * hidden, 3, padding=1)
         self.out = zero_init(nn.Conv2d(hidden, zc, 3, padding=1))
 
@@ -498,13 +506,47 @@ def adapter(cin, c, latent_channels):
     )
 
 
-def make_dynamics(kind, zc, hidden, layers, heads, grid, window):
+def make_dynamics(kind, zc, hidden, layers, heads, grid, window, input_kernel=3):
     """The dynamics model of --dynamics on latents of zc channels."""
     if kind == "gru":
-        return ConvGRU(zc, hidden)
+        return ConvGRU(zc, hidden, input_kernel)
     if kind == "lstm":
-        return ConvLSTM(zc, hidden)
+        return ConvLSTM(zc, hidden, input_kernel)
     return CausalTransformer(zc, hidden, layers, heads, grid, window)
+
+
+def conv_encoder(channels, width, latent_channels, down):
+    """Frames -> latent grid: a strided stem (full-resolution layers are what costs most on a
+    CPU), then blocks that halve the size until `down` halvings (1-3) reach the latent grid."""
+    c1, c2, c3 = width, 2 * width, 4 * width
+    return nn.Sequential(
+        nn.Conv2d(channels, c1, 4, stride=2, padding=1),
+        ResBlock(c1, c2, "down" if down > 1 else None),
+        ResBlock(c2, c3, "down" if down > 2 else None),
+        ResBlock(c3, c3),
+        norm(c3),
+        nn.SiLU(),
+        nn.Conv2d(c3, latent_channels, 3, padding=1),
+    )
+
+
+def conv_decoder(channels, width, latent_channels, down, decoder_attn):
+    """Latent grid -> frames, the encoder mirrored; pixel shuffle for the last doubling: sharp
+    edges at 1/2 resolution's cost."""
+    c1, c2, c3 = width, 2 * width, 4 * width
+    attn = SelfAttention if decoder_attn else (lambda c: nn.Identity())
+    return nn.Sequential(
+        nn.Conv2d(latent_channels, c3, 3, padding=1),
+        ResBlock(c3, c3),
+        attn(c3),
+        ResBlock(c3, c2, "up" if down > 2 else None),
+        attn(c2),
+        ResBlock(c2, c1, "up" if down > 1 else None),
+        norm(c1),
+        nn.SiLU(),
+        nn.Conv2d(c1, 4 * channels, 3, padding=1),
+        nn.PixelShuffle(2),
+    )
 
 
 class WorldModel(nn.Module):
@@ -525,62 +567,53 @@ class WorldModel(nn.Module):
         backbone=None,
         num_actions=0,
         action_names=(),
+        fsq_levels=0,
+        input_kernel=3,
     ):
         """encoder: conv, or the name of the pretrained `backbone` (a Backbone on the latent
         grid), which an adapter follows. num_actions > 0: the dynamics take an action per step,
         embedded by a table with one spare row, the null (unknown) action, for ids < 0."""
         super().__init__()
-        c1, c2, c3 = width, 2 * width, 4 * width
-        attn = SelfAttention if decoder_attn else (lambda c: nn.Identity())
         self.backbone = backbone
         if encoder == "conv":
-            # a strided stem (full-resolution layers are what costs most on a CPU), then blocks
-            # that halve the size until `down` halvings (1-3) reach the latent grid
-            self.encoder = nn.Sequential(
-                nn.Conv2d(channels, c1, 4, stride=2, padding=1),
-                ResBlock(c1, c2, "down" if down > 1 else None),
-                ResBlock(c2, c3, "down" if down > 2 else None),
-                ResBlock(c3, c3),
-                norm(c3),
-                nn.SiLU(),
-                nn.Conv2d(c3, latent_channels, 3, padding=1),
-            )
+            self.encoder = conv_encoder(channels, width, latent_channels, down)
         else:
-            self.encoder = adapter(backbone.channels, c3, latent_channels)
-        # pixel shuffle for the last doubling: sharp edges at 1/2 resolution's cost
-        self.decoder = nn.Sequential(
-            nn.Conv2d(latent_channels, c3, 3, padding=1),
-            ResBlock(c3, c3),
-            attn(c3),
-            ResBlock(c3, c2, "up" if down > 2 else None),
-            attn(c2),
-            ResBlock(c2, c1, "up" if down > 1 else None),
-            norm(c1),
-            nn.SiLU(),
-            nn.Conv2d(c1, 4 * channels, 3, padding=1),
-            nn.PixelShuffle(2),
-        )
+            self.encoder = adapter(backbone.channels, 4 * width, latent_channels)
+        self.decoder = conv_decoder(channels, width, latent_channels, down, decoder_attn)
         self.dynamics = make_dynamics(
-            dynamics, latent_channels, hidden, layers, heads, grid, window
+            dynamics, latent_channels, hidden, layers, heads, grid, window, input_kernel
         )
         self.num_actions = num_actions
         self.action_names = list(action_names)
+        self.fsq_levels = fsq_levels
         if num_actions:
             self.action_embed = nn.Embedding(num_actions + 1, hidden)
 
+    def quantise(self, z):
+        """Finite scalar quantisation (Mentzer et al. 2023) with --fsq-levels L (odd): each
+        channel bounded to (-L//2, L//2) by a scaled tanh and rounded to an integer, with a
+        straight-through gradient. Identity when L = 0."""
+        if not self.fsq_levels:
+            return z
+        h = self.fsq_levels // 2
+        z = h * torch.tanh(z / h)
+        return z + (z.round() - z).detach()
+
     def step(self, z, state, action=None):
         """One dynamics step: latent z (B, ...) and the action ids (B,) taken after its frame
-        (< 0: unknown) -> the next frame's latent, state."""
+        (< 0: unknown) -> the next frame's latent (quantised), state."""
         if action is None:
-            return self.dynamics(z, state)
-        ids = torch.where(action < 0, self.num_actions, action)
-        return self.dynamics(z, state, self.action_embed(ids))
+            z, state = self.dynamics(z, state)
+        else:
+            ids = torch.where(action < 0, self.num_actions, action)
+            z, state = self.dynamics(z, state, self.action_embed(ids))
+        return self.quantise(z), state
 
     def encode(self, x):
         """x (B, C, H, W) in [0, 1] -> latent grid (B, latent_channels, H/2^down, W/2^down)."""
         if self.backbone is None:
-            return self.encoder(x * 2 - 1)
-        return self.encoder(self.backbone(x))
+            return self.quantise(self.encoder(x * 2 - 1))
+        return self.quantise(self.encoder(self.backbone(x)))
 
     def decode(self, z):
         """latent grid -> frames (unclamped; about [0, 1])."""
@@ -1041,9 +1074,10 @@ def evaluate(model, clips, args, device, amp, batch=32, actions=None):
         torch.cat(preds), truth[:, :1], truth[:, 1:], args.horizon
     )
     if args.data == "agent":
-        scores["model"].update(position_scores(torch.cat(preds), truth[:, 1:], args.horizon))
         copy = truth[:, :1].expand_as(truth[:, 1:])
-        scores["copy_last"].update(position_scores(copy, truth[:, 1:], args.horizon))
+        for name, video in (("model", torch.cat(preds)), ("copy_last", copy)):
+            scores[name].update(position_scores(video, truth[:, 1:], args.horizon))
+            scores[name].update(pushed_ball_scores(video, truth[:, :1], truth[:, 1:], args.horizon))
     val = dict(zip(LOSS_NAMES, (terms / len(clips)).tolist()))
     val["recon_psnr"] = float(torch.cat(recon_psnr).mean())
     val["gen_frames_per_s"] = fps
@@ -1064,6 +1098,24 @@ def position_scores(pred, truth, horizon):
         "agent_cell_hit": float(hit[:, :horizon].mean()),
         "agent_cell_hit_rollout": float(hit.mean()),
     }
+
+
+def pushed_ball_scores(pred, last, truth, horizon):
+    """The balls the agent pushed, read from frames (toy_data.ball_map): the cells that hold a
+    ball in a true frame but not in the last context frame `last` (N, 1, C, H, W) are arrivals,
+    the cells that held one there and no longer do are departures. `arrived`: the share of
+    arrivals where the predicted frame shows a ball; `left`: the share of departures where it
+    shows none; over the first `horizon` frames and over all. copy_last scores 0 on both, frames
+    without balls 0 and 1."""
+    true, start, got = toy_data.ball_map(truth), toy_data.ball_map(last), toy_data.ball_map(pred)
+    arrivals, departures = true & ~start, ~true & start
+    scores = {}
+    for suffix, frames in (("", slice(0, horizon)), ("_rollout", slice(None))):
+        a, d = arrivals[:, frames], departures[:, frames]
+        scores["pushed_ball_arrived" + suffix] = float(got[:, frames][a].float().mean())
+        scores["pushed_ball_left" + suffix] = float((~got[:, frames][d]).float().mean())
+        scores["pushed_ball_cells" + suffix] = int(a.sum())
+    return scores
 
 
 BRANCHES = (1, 2, 3, 4)  # up, down, left, right, each held for --horizon steps
@@ -1219,7 +1271,9 @@ def agent_line(ours, base):
         return ""
     return (
         f"  agent error {ours['agent_error']:.2f} cells ({base['agent_error']:.2f}), "
-        f"{ours['agent_error_rollout']:.2f} ({base['agent_error_rollout']:.2f}) over the rollout"
+        f"{ours['agent_error_rollout']:.2f} ({base['agent_error_rollout']:.2f}) over the rollout;"
+        f" pushed balls arrived {ours['pushed_ball_arrived']:.0%}, "
+        f"{ours['pushed_ball_arrived_rollout']:.0%} over the rollout"
     )
 
 
@@ -1408,6 +1462,7 @@ def play_headless(model, args, device):
     and print frames/s (the model's and simulator's steps, no drawing). -> model frames."""
     actions = parse_play_actions(args.play_actions)
     game = play_reset(model, args, device)
+    start = game["frame"].cpu()
     frames, sims = [], []
     t0 = time.perf_counter()
     for a in actions:
@@ -1421,6 +1476,12 @@ def play_headless(model, args, device):
         panels.update(simulator=sims, difference=((frames - sims).abs() * 4).clamp(0, 1))
         err = toy_data.position_error(frames, toy_data.agent_cells(sims).round())[0]
         print(f"agent position error (cells): mean {err.mean():.2f}, last {err[-1]:.2f}")
+        b = pushed_ball_scores(frames[None], start[None, None], sims[None], len(actions))
+        print(
+            f"pushed balls: in {b['pushed_ball_arrived']:.0%} of the {b['pushed_ball_cells']} "
+            f"(frame, cell) pairs where the simulator's balls arrived the model shows a ball; "
+            f"{b['pushed_ball_left']:.0%} of the cells they left are empty"
+        )
     path = os.path.join(args.out_dir, "samples", "play.gif")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     viz.create_video_comparison(panels, path, error=False, fps=8)
@@ -1532,6 +1593,14 @@ def check_args(args, ckpt_path):
             raise SystemExit("error: --play steps the model with actions: add --actions")
     if not 0 <= args.action_dropout <= 1:
         raise SystemExit(f"error: --action-dropout {args.action_dropout} is not in [0, 1]")
+    if args.fsq_levels and (args.fsq_levels < 3 or args.fsq_levels % 2 == 0):
+        raise SystemExit(
+            f"error: --fsq-levels {args.fsq_levels}: use 0 (off) or an odd number >= 3"
+        )
+    if args.input_kernel < 1 or args.input_kernel % 2 == 0:
+        raise SystemExit(
+            f"error: --input-kernel {args.input_kernel}: use an odd number, e.g. 3 or 5"
+        )
     check_encoder_flags(args)
     check_data(args)
 
@@ -1553,15 +1622,26 @@ def model_arch(args, channels):
         encoder=encoder_kind(args.encoder),
         num_actions=len(toy_data.ACTIONS) if args.actions else 0,
         action_names=list(toy_data.ACTIONS) if args.actions else [],
+        fsq_levels=args.fsq_levels,
+        input_kernel=args.input_kernel,
     )
+
+
+ADDED_ARCH = {"fsq_levels": 0, "input_kernel": 3}  # what checkpoints from before these flags had
 
 
 def read_checkpoint(path, arch):
     """load_checkpoint, with a checkpoint of another --encoder or other actions refused by that
     flag's name (one from before --encoder has the conv encoder, and no actions)."""
-    own = ("encoder", "num_actions", "action_names")
+    own = ("encoder", "num_actions", "action_names", *ADDED_ARCH)
     ckpt = load_checkpoint(path, {k: v for k, v in arch.items() if k not in own})
     saved = ckpt.get("arch", {})
+    for key, before in ADDED_ARCH.items():
+        if saved.get(key, before) != arch[key]:
+            raise SystemExit(
+                f"error: {path} was trained with --{key.replace('_', '-')} "
+                f"{saved.get(key, before)}, not {arch[key]}; pass that or use another --out-dir"
+            )
     actions = (saved.get("num_actions", 0), list(saved.get("action_names", [])))
     if actions != (arch["num_actions"], arch["action_names"]):
         fix = "pass --actions" if actions[0] else "drop --actions"
