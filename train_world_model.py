@@ -180,6 +180,10 @@ class Args:
     rollout: int | None = None
     """frames predicted at evaluation and in the demo (default: 3 x --horizon, past the training
     horizon)"""
+    rollout_window: int = 0
+    """at evaluation and play, rebuild the recurrent state at every step after the first from the
+    last N latents (a sliding window of frames; at most --context), so long rollouts never carry a
+    state older than training saw; 0 carries it throughout (as training always does)"""
     train_clips: int = 512
     """clips generated once into memory as the training pool (split 'train')"""
     fresh: bool = False
@@ -619,29 +623,44 @@ class WorldModel(nn.Module):
         """latent grid -> frames (unclamped; about [0, 1])."""
         return (self.decoder(z) + 1) / 2
 
-    def rollout(self, z_context, steps, actions=None):
+    def window_step(self, latents, actions):
+        """The next latent from a zero state that reads the given latents (a list of (B, ...))
+        with their actions (a list of ids (B,) or Nones), the last action moving the last latent."""
+        state = None
+        for z, a in zip(latents, actions):
+            # contiguous: the strides of a predicted latent, so a compiled cell needs one graph
+            z, state = self.step(z.contiguous(), state, a)
+        return z
+
+    def rollout(self, z_context, steps, actions=None, window=0):
         """Latents of the observed frames (B, T, ...) -> `steps` predicted latents (B, steps, ...).
         The context is read one frame at a time; after it, every step's input is the previous step's
-        prediction. actions (B, >= T + steps - 1) ids: actions[:, t] moves frame t to t + 1."""
-        state = None
+        prediction. actions (B, >= T + steps - 1) ids: actions[:, t] moves frame t to t + 1.
+        window > 0 (at most T): every step after the first rebuilds the state from zero over the
+        last `window` latents (a sliding window of frames, as in DIAMOND and GameNGen), so no
+        state is older than in training's first step; 0 carries the state throughout."""
         at = (lambda t: None) if actions is None else (lambda t: actions[:, t])
         T = z_context.shape[1]
+        zs = [*z_context.unbind(1)]
+        state = None
         for t in range(T):
-            # contiguous: the strides of a predicted latent, so a compiled cell needs one graph
-            z, state = self.step(z_context[:, t].contiguous(), state, at(t))
-        preds = [z]
-        for j in range(steps - 1):
-            z, state = self.step(z, state, at(T + j))
-            preds.append(z)
-        return torch.stack(preds, 1)
+            z, state = self.step(zs[t].contiguous(), state, at(t))
+        zs.append(z)
+        for t in range(T, T + steps - 1):  # t: the frame of the newest latent
+            if window:
+                z = self.window_step(zs[-window:], [at(i) for i in range(t + 1 - window, t + 1)])
+            else:
+                z, state = self.step(z, state, at(t))
+            zs.append(z)
+        return torch.stack(zs[T:], 1)
 
-    def forward(self, context, steps, actions=None):
+    def forward(self, context, steps, actions=None, window=0):
         """context frames (B, T, C, H, W) -> their reconstructions (B, T, ...), `steps` predicted
-        frames (B, steps, ...) and the predicted latents. Nothing after the context is seen but the
-        actions (B, >= T + steps - 1), if the model takes them."""
+        frames (B, steps, ...) and the predicted latents (rollout's window). Nothing after the
+        context is seen but the actions (B, >= T + steps - 1), if the model takes them."""
         B, T = context.shape[:2]
         z = self.encode(context.flatten(0, 1)).unflatten(0, (B, T))
-        z_pred = self.rollout(z, steps, actions)
+        z_pred = self.rollout(z, steps, actions, window)
         frames = self.decode(torch.cat([z, z_pred], 1).flatten(0, 1)).unflatten(0, (B, T + steps))
         return frames[:, :T], frames[:, T:], z_pred
 
@@ -688,15 +707,15 @@ def world_model_losses(context, target, rec, pred, kind="mse", gdl_weight=0.1, t
     return total, torch.stack([total, l_rec, l_pred, l_gdl, l_tmp]).detach()
 
 
-def rollout_losses(model, x, k, args, amp, steps=None, actions=None):
+def rollout_losses(model, x, k, args, amp, steps=None, actions=None, window=0):
     """THE loss, for training, validation and the FLOP count: encode the --context frames of clips x
     (B, T, C, H, W) in [0, 1], roll out `steps` frames (default k) on the model's own latents
     (with the clips' actions (B, T) under --actions), and score the reconstruction and the first k
-    predicted frames against x. -> total, stacked terms (LOSS_NAMES), reconstructed frames,
-    predicted frames."""
+    predicted frames against x; `window`: rollout()'s. -> total, stacked terms (LOSS_NAMES),
+    reconstructed frames, predicted frames."""
     c = args.context
     with amp:
-        rec, pred, _ = model(x[:, :c], steps or k, actions)
+        rec, pred, _ = model(x[:, :c], steps or k, actions, window)
     target = x[:, c : c + k]
     total, terms = world_model_losses(
         x[:, :c], target, rec, pred[:, :k], args.recon_loss, args.gdl_weight, args.temporal_weight
@@ -1054,13 +1073,14 @@ def evaluate(model, clips, args, device, amp, batch=32, actions=None):
     c = args.context
     steps = clips.shape[1] - c
     h = min(args.horizon, steps)  # the validation loss covers the trained horizon
-    terms = torch.zeros(5)
+    terms = torch.zeros(len(LOSS_NAMES))
     preds, recon_psnr = [], []
     t0 = time.perf_counter()
     for i in range(0, len(clips), batch):
         x = clips[i : i + batch].to(device).float() / 255
         a = None if actions is None else actions[i : i + batch].to(device)
-        _, batch_terms, rec, pred = rollout_losses(model, x, h, args, amp, steps, a)
+        window = args.rollout_window
+        _, batch_terms, rec, pred = rollout_losses(model, x, h, args, amp, steps, a, window)
         terms += batch_terms.cpu() * len(x)
         preds.append(pred.float().cpu())
         rec = rec.float().clamp(0, 1).cpu()
@@ -1133,7 +1153,8 @@ def branch_futures(model, ds, i, args, device):
     n = len(BRANCHES)
     future = torch.tensor(BRANCHES)[:, None].expand(n, k)
     actions = torch.cat([item["actions"][None, : c - 1].expand(n, c - 1), future], 1)
-    _, pred, _ = model(x[None].expand(n, *x.shape).to(device), k, actions.to(device))
+    x = x[None].expand(n, *x.shape).to(device)
+    _, pred, _ = model(x, k, actions.to(device), args.rollout_window)
     return pred.float().clamp(0, 1).cpu(), torch.stack(sims)
 
 
@@ -1417,7 +1438,8 @@ def parse_play_actions(text):
 def play_reset(model, args, device, clip=0):
     """A game from test clip `clip`: its --context frames encoded, the dynamics run to the last
     one (which waits for the first action), and on agent data the simulator's room at that
-    frame. -> game dict: latent z, state, room, the last context frame."""
+    frame. -> game dict: latent z, state, room, the last context frame, and for --rollout-window
+    the latents and actions so far."""
     ds = toy_data.make_dataset(
         args.data, clip + 1, args.resolution, args.context, args.seed, "test", args.data_dir
     )
@@ -1433,14 +1455,32 @@ def play_reset(model, args, device, clip=0):
     if isinstance(ds, toy_data.Agent):
         room, _ = ds.room(clip)
         ds.replay(room, item["actions"][: c - 1])
-    return {"z": z[:, -1].contiguous(), "state": state, "room": room, "frame": x[-1]}
+    return {
+        "z": z[:, -1].contiguous(),
+        "state": state,
+        "room": room,
+        "frame": x[-1],
+        "latents": list(z.unbind(1)),
+        "actions": list(actions[:, : c - 1].unbind(1)),
+        "window": args.rollout_window,
+        "played": 0,
+    }
 
 
 @torch.no_grad()
 def play_step(model, game, action, resolution):
-    """One action in the model and the simulator (if any) -> their next frames (C, H, W)."""
+    """One action in the model and the simulator (if any) -> their next frames (C, H, W). The
+    model steps as in rollout(): the first step carries the context's state, later ones rebuild
+    it over the last --rollout-window latents if that is set."""
     a = torch.tensor([action], device=game["z"].device)
-    game["z"], game["state"] = model.step(game["z"], game["state"], a)
+    latents, actions, window = game["latents"], game["actions"], game["window"]
+    actions.append(a)
+    if window and game["played"]:
+        game["z"] = model.window_step(latents[-window:], actions[-window:])
+    else:
+        game["z"], game["state"] = model.step(game["z"], game["state"], a)
+    latents.append(game["z"])
+    game["played"] += 1
     frame = model.decode(game["z"])[0].float().clamp(0, 1).cpu()
     sim = None
     if game["room"] is not None:
@@ -1596,6 +1636,13 @@ def check_args(args, ckpt_path):
     if args.fsq_levels and (args.fsq_levels < 3 or args.fsq_levels % 2 == 0):
         raise SystemExit(
             f"error: --fsq-levels {args.fsq_levels}: use 0 (off) or an odd number >= 3"
+        )
+    if not 0 <= args.rollout_window <= args.context or (
+        args.rollout_window and args.dynamics == "transformer"
+    ):
+        raise SystemExit(
+            f"error: --rollout-window {args.rollout_window}: use 0, or 1 to --context "
+            f"({args.context}) with the gru or lstm dynamics (the transformer has its own window)"
         )
     if args.input_kernel < 1 or args.input_kernel % 2 == 0:
         raise SystemExit(

@@ -403,3 +403,61 @@ def test_checkpoint_from_before_fsq_and_kernel_flags_still_loads(tiny, tmp_path)
     assert os.path.isfile(tmp_path / "metrics.json")
     with pytest.raises(SystemExit, match="trained with --fsq-levels 0, not 3"):
         run(tmp_path, "--eval-only", "--ckpt", str(tmp_path / "old.pt"), "--fsq-levels", "3")
+
+
+def ref_window_rollout(model, z_context, steps, actions, window):
+    """A plain loop: the first prediction reads the whole context from a zero state; each later
+    one reads only the last `window` latents (with their actions) from a zero state."""
+    emb = model.action_embed.weight[torch.where(actions < 0, A, actions)]
+    zs = list(z_context.unbind(1))
+    T = len(zs)
+    state = None
+    for t in range(T):
+        z, state = model.dynamics(zs[t].contiguous(), state, emb[:, t])
+    zs.append(z)
+    for new in range(T + 1, T + steps):  # the frame predicted
+        state = None
+        for i in range(new - window, new):
+            z, state = model.dynamics(zs[i].contiguous(), state, emb[:, i])
+        zs.append(z)
+    return torch.stack(zs[T:], 1)
+
+
+@pytest.mark.parametrize("dynamics", ["gru", "lstm"])
+@pytest.mark.parametrize("window", [1, 3])
+def test_rollout_window_rebuilds_the_state_from_the_last_latents(dynamics, window):
+    model = action_model(dynamics)
+    z = torch.randn(2, 3, 4, 4, 4)
+    actions = torch.randint(-1, A, (2, 8))
+    with torch.no_grad():
+        got = model.rollout(z, 6, actions, window)
+        want = ref_window_rollout(model, z, 6, actions, window)
+        carried = model.rollout(z, 6, actions)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(got[:, 0], carried[:, 0]) and not torch.allclose(got, carried)
+
+
+def test_headless_play_with_a_window_equals_rollout(tiny, capsys):
+    args = tyro.cli(
+        wm.Args,
+        args=[*TINY, "--out-dir", str(tiny), "--play-actions", "RRUULDN", "--rollout-window", "2"],
+    )
+    model = wm.WorldModel(**wm.model_arch(args, 3))
+    model.load_state_dict(torch.load(tiny / "ckpt.pt", weights_only=True)["model"])
+    model.eval()
+    frames = wm.play_headless(model, args, torch.device("cpu"))
+    item = td.make_dataset("agent", 1, 32, 3, 0, "test")[0]
+    ctx = (item["video"] * 255).round() / 255
+    actions = torch.cat([item["actions"][:2], torch.tensor([4, 4, 1, 1, 3, 2, 0])])[None]
+    with torch.no_grad():
+        _, pred, _ = model(ctx[None], 7, actions, 2)
+        _, carried, _ = model(ctx[None], 7, actions)
+    assert torch.allclose(frames, pred[0].clamp(0, 1), atol=1e-5)
+    assert not torch.allclose(frames, carried[0].clamp(0, 1), atol=1e-5)
+
+
+def test_rollout_window_refuses_bad_values(tmp_path):
+    with pytest.raises(SystemExit, match="--rollout-window 4: use 0, or 1 to --context"):
+        run(tmp_path, "--rollout-window", "4")
+    with pytest.raises(SystemExit, match="the transformer has its own window"):
+        run(tmp_path, "--rollout-window", "2", "--dynamics", "transformer")

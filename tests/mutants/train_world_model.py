@@ -12,14 +12,14 @@ MUTANTS = [
     {
         "name": "rollout_teacher_forced",
         "invariant": "the rollout feeds its own predicted latent back, not an encoded frame",
-        "old": "            z, state = self.step(z, state, at(T + j))",
-        "new": "            z, state = self.step(z_context[:, -1], state, at(T + j))",
+        "old": "                z, state = self.step(z, state, at(t))",
+        "new": "                z, state = self.step(z_context[:, -1], state, at(t))",
     },
     {
         "name": "rollout_state_dropped",
         "invariant": "the recurrent state is carried across the context steps",
-        "old": "            z, state = self.step(z_context[:, t].contiguous(), state, at(t))",
-        "new": "            z, state = self.step(z_context[:, t].contiguous(), None, at(t))",
+        "old": "            z, state = self.step(zs[t].contiguous(), state, at(t))",
+        "new": "            z, state = self.step(zs[t].contiguous(), None, at(t))",
     },
     {
         "name": "pred_term_off_by_one",
@@ -135,8 +135,8 @@ MUTANTS = [
     {
         "name": "rollout_detached",
         "invariant": "the loss backpropagates through the fed-back predicted latents",
-        "old": "            z, state = self.step(z, state, at(T + j))",
-        "new": "            z, state = self.step(z.detach(), state, at(T + j))",
+        "old": "                z, state = self.step(z, state, at(t))",
+        "new": "                z, state = self.step(z.detach(), state, at(t))",
     },
     {
         "name": "alibi_sign_flipped",
@@ -413,5 +413,29 @@ MUTANTS = [
         "invariant": "a checkpoint of other --fsq-levels or --input-kernel is refused",
         "old": "        if saved.get(key, before) != arch[key]:",
         "new": "        if False:",
+    },
+    {
+        "name": "window_step_off_by_one",
+        "invariant": "a window step reads the latents with their own actions",
+        "old": "                z = self.window_step(zs[-window:], [at(i) for i in range(t + 1 - window, t + 1)])",
+        "new": "                z = self.window_step(zs[-window:], [at(i) for i in range(t - window, t)])",
+    },
+    {
+        "name": "window_ignored_in_rollout",
+        "invariant": "--rollout-window rebuilds the state at every step after the first",
+        "old": "            if window:\n                z = self.window_step(",
+        "new": "            if False:\n                z = self.window_step(",
+    },
+    {
+        "name": "window_play_carries_state",
+        "invariant": "play steps as rollout() with the same window",
+        "old": '    if window and game["played"]:',
+        "new": "    if False:",
+    },
+    {
+        "name": "window_play_first_step_windowed",
+        "invariant": "play's first step carries the context's state, as rollout's",
+        "old": '    if window and game["played"]:',
+        "new": "    if window:",
     },
 ]
