@@ -59,19 +59,28 @@ after the frame it reads (actions[t] moves frame t to frame t + 1), as a learned
 nn.Embedding with a spare null row for unknown actions, -1) added to every cell of the ConvGRU's
 or ConvLSTM's input and to every token of the transformer's frame. --action-dropout of the
 training clips get null actions only, so the same model also predicts without them (the
-actions_zeroed baseline). On --data agent (toy_data: a yellow agent that walks and pushes balls
-in a walled room) metrics.json adds the agent's position error in cells, read from predicted
-frames against the simulator's under the same actions, per frame out to --rollout, and a
-counterfactual test: the same context continued with each of up, down, left, right, in the
+actions_zeroed baseline). On --data agent (toy_data: a yellow agent that walks and pushes red
+balls in a walled room) metrics.json adds the agent's position error in cells, read from
+predicted frames against the simulator's under the same actions, per frame out to --rollout, the
+share of cells a pushed ball moved into that show a ball (and of those it left that show none),
+and a counterfactual test: the same context continued with each of up, down, left, right, in the
 model and in the simulator (samples/counterfactual.png). --play opens a matplotlib window (arrows
 or WASD, space waits, r resets, q quits; one model step per key press) beside the simulator;
---play-actions RRUUL... plays the letters headless into samples/play.gif and prints frames/s.
-Your own videos with actions: docs/data.md (<stem>.actions.txt beside each video).
+--play-actions RRUUL... plays the letters headless into samples/play.gif and play.png and prints
+frames/s. Your own videos with actions: docs/data.md (<stem>.actions.txt beside each video).
+Three flags make a game of few states per cell hold up over long play: --fsq-levels quantises
+the latent grid (Mentzer et al., FSQ, 2023), so small errors are undone at every step;
+--input-kernel 5 lets a cell see two cells away (behind the ball the agent pushes);
+--rollout-window rebuilds the recurrent state at every evaluation and play step from the last
+latents (a window of frames, as in DIAMOND and GameNGen) instead of carrying it past where
+training did.
 
     OMP_NUM_THREADS=1 python train_world_model.py --data agent --actions --resolution 32 \
-        --latent-grid 8 --context 4 --steps 4500                  # 10 min on 1 CPU thread
+        --latent-grid 8 --context 4 --steps 4500 --fsq-levels 5 --input-kernel 5 \
+        --rollout-window 4                                        # 10 min on 1 CPU thread
     python train_world_model.py --data agent --actions --resolution 32 --latent-grid 8 \
-        --context 4 --ckpt runs/train_world_model/ckpt_best.pt --play   # or --play-actions RRUUL
+        --context 4 --fsq-levels 5 --input-kernel 5 --rollout-window 4 \
+        --ckpt runs/train_world_model/ckpt_best.pt --play        # or --play-actions RRUUL
 
 The Moving MNIST 10 -> 10 benchmark (docs/results/moving_mnist.md): fresh two-digit clips every
 step, evaluated on a file in the standard test layout (mnist_test_seq.npy, or the one toy_data.py
@@ -1525,8 +1534,25 @@ def play_headless(model, args, device):
     path = os.path.join(args.out_dir, "samples", "play.gif")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     viz.create_video_comparison(panels, path, error=False, fps=8)
-    print(f"played {len(actions)} steps at {fps:.1f} frames/s; wrote {path}")
+    still = save_play_still(panels, args.play_actions, path.replace(".gif", ".png"))
+    print(f"played {len(actions)} steps at {fps:.1f} frames/s; wrote {path} and {still}")
     return frames
+
+
+def save_play_still(panels, letters, path, per_row=10):
+    """The played steps as a picture: per 10 steps, the simulator's row (if any), then the
+    model's, captioned with the keys."""
+    rows, captions = [], []
+    for i in range(0, len(letters), per_row):
+        keys = letters[i : i + per_row]
+        for name in ("simulator", "model"):
+            if name in panels:
+                row = panels[name][i : i + per_row]
+                pad = row[-1:].expand(per_row - len(row), *row.shape[1:])  # the last step held
+                rows.append(torch.cat([row, pad]))
+                captions.append(f"{name}, steps {i + 1}-{i + len(keys)}: {keys}")
+    viz.save_video_grid(torch.stack(rows), path, captions)
+    return path
 
 
 def play_key(model, args, device, game, key):

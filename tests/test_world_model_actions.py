@@ -182,6 +182,7 @@ def test_headless_play_writes_the_gif_and_equals_rollout(tiny, capsys):
     run(tiny, "--play-actions", "RRUULDN")
     out = capsys.readouterr().out
     assert "played 7 steps at" in out and os.path.getsize(tiny / "samples" / "play.gif") > 0
+    assert os.path.getsize(tiny / "samples" / "play.png") > 0
     args = tyro.cli(wm.Args, args=[*TINY, "--out-dir", str(tiny), "--play-actions", "RRUULDN"])
     model = wm.WorldModel(**wm.model_arch(args, 3))
     model.load_state_dict(torch.load(tiny / "ckpt.pt", weights_only=True)["model"])
