@@ -212,7 +212,7 @@ class Stub(nn.Module):
         super().__init__()
         self.follows = follows_actions
 
-    def forward(self, context, steps, actions):
+    def forward(self, context, steps, actions, window=0):
         frame, out = context[:, -1], []
         cell = context.shape[-1] // td.AGENT_GRID
         for j in range(steps):
