@@ -71,15 +71,15 @@ frames/s. Your own videos with actions: docs/data.md (<stem>.actions.txt beside 
 Three flags make a game of few states per cell hold up over long play: --fsq-levels quantises
 the latent grid (Mentzer et al., FSQ, 2023), so small errors are undone at every step;
 --input-kernel 5 lets a cell see two cells away (behind the ball the agent pushes);
---rollout-window rebuilds the recurrent state at every evaluation and play step from the last
-latents (a window of frames, as in DIAMOND and GameNGen) instead of carrying it past where
-training did.
+--rollout-window 1 rebuilds the recurrent state at every step after the first from the last
+latent alone (a window of frames, as DIAMOND and GameNGen condition on), in training and play
+alike, so a 60-step game runs the computation training ran.
 
     OMP_NUM_THREADS=1 python train_world_model.py --data agent --actions --resolution 32 \
         --latent-grid 8 --context 4 --steps 4500 --fsq-levels 5 --input-kernel 5 \
-        --rollout-window 4                                        # 10 min on 1 CPU thread
+        --rollout-window 1                                        # 10 min on 1 CPU thread
     python train_world_model.py --data agent --actions --resolution 32 --latent-grid 8 \
-        --context 4 --fsq-levels 5 --input-kernel 5 --rollout-window 4 \
+        --context 4 --fsq-levels 5 --input-kernel 5 --rollout-window 1 \
         --ckpt runs/train_world_model/ckpt_best.pt --play        # or --play-actions RRUUL
 
 The Moving MNIST 10 -> 10 benchmark (docs/results/moving_mnist.md): fresh two-digit clips every
@@ -190,9 +190,11 @@ class Args:
     """frames predicted at evaluation and in the demo (default: 3 x --horizon, past the training
     horizon)"""
     rollout_window: int = 0
-    """at evaluation and play, rebuild the recurrent state at every step after the first from the
-    last N latents (a sliding window of frames; at most --context), so long rollouts never carry a
-    state older than training saw; 0 carries it throughout (as training always does)"""
+    """rebuild the recurrent state at every rollout step after the first from the last N latents
+    (a sliding window of frames; at most --context), in training, evaluation and play alike, so a
+    game of any length runs the computation training ran (a step costs N dynamics steps); 0
+    carries the state throughout. 1 makes each step a function of the last frame and action alone,
+    which suits a game whose frame tells everything (--data agent)"""
     train_clips: int = 512
     """clips generated once into memory as the training pool (split 'train')"""
     fresh: bool = False
@@ -748,7 +750,8 @@ def eval_rollout(args):
 def train_step(model, opt, scaler, x, k, args, amp, actions=None):
     """One AdamW step on a batch x (and its actions) at rollout length k -> the loss terms
     (LOSS_NAMES)."""
-    loss, terms, _, _ = rollout_losses(model, x, k, args, amp, actions=actions)
+    window = args.rollout_window
+    loss, terms, _, _ = rollout_losses(model, x, k, args, amp, actions=actions, window=window)
     optimizer_step(opt, scaler, loss, model.parameters(), args.grad_clip)
     return terms
 
@@ -1739,9 +1742,14 @@ def step_flops(raw, args, rt, channels):
     x = torch.zeros(
         args.batch_size, args.context + args.horizon, channels, size, size, device=rt.device
     )
+    window = args.rollout_window
     ends = []
+
+    def step(k):
+        rollout_losses(raw, x, k, args, rt.amp, window=window)[0].backward()
+
     for k in (1, args.horizon):
-        ends.append(count_flops(lambda: rollout_losses(raw, x, k, args, rt.amp)[0].backward()))
+        ends.append(count_flops(lambda: step(k)))
     raw.zero_grad(set_to_none=True)
     slope = ends[1] - ends[0]
     return {

@@ -462,3 +462,22 @@ def test_rollout_window_refuses_bad_values(tmp_path):
         run(tmp_path, "--rollout-window", "4")
     with pytest.raises(SystemExit, match="the transformer has its own window"):
         run(tmp_path, "--rollout-window", "2", "--dynamics", "transformer")
+
+
+def test_training_steps_roll_out_with_the_window():
+    """--rollout-window applies in training too: train_step's loss is rollout_losses' with the
+    window (computed on a copy before the update), not the carried state's."""
+    import copy
+    from contextlib import nullcontext
+
+    model = action_model("gru").train()
+    args = wm.Args(context=3, horizon=4, rollout_window=1)
+    x = torch.rand(2, 7, 3, 32, 32)
+    actions = torch.randint(0, A, (2, 7))
+    before = copy.deepcopy(model)
+    want = wm.rollout_losses(before, x, 4, args, nullcontext(), actions=actions, window=1)[1]
+    carried = wm.rollout_losses(before, x, 4, args, nullcontext(), actions=actions)[1]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    got = wm.train_step(model, opt, scaler, x, 4, args, nullcontext(), actions)
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, carried, atol=1e-6)

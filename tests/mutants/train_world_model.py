@@ -438,4 +438,10 @@ MUTANTS = [
         "old": '    if window and game["played"]:',
         "new": "    if window:",
     },
+    {
+        "name": "window_not_in_training",
+        "invariant": "--rollout-window rolls training out as evaluation and play do",
+        "old": "    loss, terms, _, _ = rollout_losses(model, x, k, args, amp, actions=actions, window=window)",
+        "new": "    loss, terms, _, _ = rollout_losses(model, x, k, args, amp, actions=actions)",
+    },
 ]
