@@ -648,8 +648,8 @@ class WorldModel(nn.Module):
         The context is read one frame at a time; after it, every step's input is the previous step's
         prediction. actions (B, >= T + steps - 1) ids: actions[:, t] moves frame t to t + 1.
         window > 0 (at most T): every step after the first rebuilds the state from zero over the
-        last `window` latents (a sliding window of frames, as in DIAMOND and GameNGen), so no
-        state is older than in training's first step; 0 carries the state throughout."""
+        last `window` latents (a sliding window of frames, as in DIAMOND and GameNGen), so a
+        rollout of any length repeats one computation; 0 carries the state throughout."""
         at = (lambda t: None) if actions is None else (lambda t: actions[:, t])
         T = z_context.shape[1]
         zs = [*z_context.unbind(1)]
