@@ -908,7 +908,8 @@ MOVES = ((0, 0), (0, -1), (0, 1), (-1, 0), (1, 0))  # (dx, dy) in cells; y point
 EVENTS = ("idle", "moved", "blocked", "pushed", "ball_blocked")
 AGENT_GRID = 8  # cells per side, the border cells being walls
 AGENT_COLOR = COLORS["yellow"]
-AGENT_BALLS = ("red", "blue", "cyan")  # far from yellow and from the grey walls
+AGENT_BALL = COLORS["red"]  # every ball: far from yellow and from the grey walls
+AGENT_MAX_BALLS = 3
 WALL_GREY = 0.5
 
 
@@ -960,7 +961,7 @@ def agent_layout(rng, grid=AGENT_GRID):
     for k in order[:n_blocks]:
         walls[inner[k][1], inner[k][0]] = True
     free = [inner[k] for k in order[n_blocks:]]
-    n_balls = int(rng.integers(2, len(AGENT_BALLS) + 1))
+    n_balls = int(rng.integers(2, AGENT_MAX_BALLS + 1))
     away = [c for c in free[1:] if 1 < c[0] < grid - 2 and 1 < c[1] < grid - 2]
     return AgentRoom(walls, free[0], away[:n_balls])
 
@@ -1005,19 +1006,23 @@ def render_agent(walls, cells, res):
         cx = (balls[..., 0].T + 0.5) * cell
         cy = (balls[..., 1].T + 0.5) * cell
         masks = disc_masks(cx, cy, 0.4 * cell, res, res)
-        for k in range(balls.shape[1]):
-            img += masks[k][:, None] * np.array(COLORS[AGENT_BALLS[k]], np.float32)[:, None, None]
+        img += masks.sum(0)[:, None] * np.array(AGENT_BALL, np.float32)[:, None, None]
     return torch.from_numpy(np.clip(img, 0, 1, out=img))
 
 
-def agent_cells(video, grid=AGENT_GRID, colour_width=0.5):
+def colour_weights(video, colour, colour_width=0.5):
+    """Per pixel of frames (..., 3, H, W), how much it is of one colour: 1 - |pixel - colour| /
+    colour_width, clamped at 0. -> (..., H, W)."""
+    colour = torch.tensor(colour).view(3, 1, 1)
+    return (1 - (video.float() - colour).norm(dim=-3) / colour_width).clamp(min=0)
+
+
+def agent_cells(video, grid=AGENT_GRID):
     """The agent's position (..., 2) as (x, y) in cells, read from frames (..., 3, H, W): the
-    centroid of a colour mask (weight 1 - |pixel - yellow| / colour_width), minus half a cell, so
-    a simulated frame gives its cell exactly. NaN where the mask holds less than a quarter of a
-    sprite (the agent is lost)."""
-    video = video.float()
-    colour = torch.tensor(AGENT_COLOR).view(3, 1, 1)
-    w = (1 - (video - colour).norm(dim=-3) / colour_width).clamp(min=0)  # (..., H, W)
+    centroid of its colour's weights (colour_weights of yellow), minus half a cell, so a simulated
+    frame gives its cell exactly. NaN where they add up to less than a quarter of a sprite (the
+    agent is lost)."""
+    w = colour_weights(video, AGENT_COLOR)
     h, wd = w.shape[-2:]
     ys = (torch.arange(h, dtype=torch.float32) + 0.5) * grid / h
     xs = (torch.arange(wd, dtype=torch.float32) + 0.5) * grid / wd
@@ -1028,6 +1033,16 @@ def agent_cells(video, grid=AGENT_GRID, colour_width=0.5):
     lost = mass < 0.25 * (cell - 2 * (cell // 8)) ** 2
     pos = torch.stack([x, y], -1)
     return torch.where(lost[..., None], torch.nan, pos)
+
+
+def ball_map(video, grid=AGENT_GRID):
+    """Which cells hold a ball, read from frames (..., 3, H, W) -> bool (..., grid, grid) indexed
+    [y, x]: the ball colour's weights in the cell add up to at least 1/8 of the cell's pixels (a
+    ball's come to about 0.3)."""
+    w = colour_weights(video, AGENT_BALL)
+    h, wd = w.shape[-2:]
+    per_cell = w.unflatten(-1, (grid, wd // grid)).unflatten(-3, (grid, h // grid)).sum((-3, -1))
+    return per_cell >= 0.125 * (h // grid) * (wd // grid)
 
 
 def position_error(pred_video, cells, grid=AGENT_GRID):
@@ -1069,7 +1084,7 @@ class Agent(_Synthetic):
             events.append(room.step(int(a)))
             cells.append(room.cells())
         cells = np.stack(cells)
-        states = np.full((len(cells), 1 + len(AGENT_BALLS), 2), -1, np.int64)
+        states = np.full((len(cells), 1 + AGENT_MAX_BALLS, 2), -1, np.int64)
         states[:, : cells.shape[1]] = cells
         return {
             "video": render_agent(room.walls, cells[:-1], self.res),

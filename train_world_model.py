@@ -59,19 +59,28 @@ after the frame it reads (actions[t] moves frame t to frame t + 1), as a learned
 nn.Embedding with a spare null row for unknown actions, -1) added to every cell of the ConvGRU's
 or ConvLSTM's input and to every token of the transformer's frame. --action-dropout of the
 training clips get null actions only, so the same model also predicts without them (the
-actions_zeroed baseline). On --data agent (toy_data: a yellow agent that walks and pushes balls
-in a walled room) metrics.json adds the agent's position error in cells, read from predicted
-frames against the simulator's under the same actions, per frame out to --rollout, and a
-counterfactual test: the same context continued with each of up, down, left, right, in the
+actions_zeroed baseline). On --data agent (toy_data: a yellow agent that walks and pushes red
+balls in a walled room) metrics.json adds the agent's position error in cells, read from
+predicted frames against the simulator's under the same actions, per frame out to --rollout, the
+share of cells a pushed ball moved into that show a ball (and of those it left that show none),
+and a counterfactual test: the same context continued with each of up, down, left, right, in the
 model and in the simulator (samples/counterfactual.png). --play opens a matplotlib window (arrows
 or WASD, space waits, r resets, q quits; one model step per key press) beside the simulator;
---play-actions RRUUL... plays the letters headless into samples/play.gif and prints frames/s.
-Your own videos with actions: docs/data.md (<stem>.actions.txt beside each video).
+--play-actions RRUUL... plays the letters headless into samples/play.gif and play.png and prints
+frames/s. Your own videos with actions: docs/data.md (<stem>.actions.txt beside each video).
+Three flags make a game of few states per cell hold up over long play: --fsq-levels quantises
+the latent grid (Mentzer et al., FSQ, 2023), so small errors are undone at every step;
+--input-kernel 5 lets a cell see two cells away (behind the ball the agent pushes);
+--rollout-window 1 rebuilds the recurrent state at every step after the first from the last
+latent alone (a window of frames, as DIAMOND and GameNGen condition on), in training and play
+alike, so a 60-step game runs the computation training ran.
 
     OMP_NUM_THREADS=1 python train_world_model.py --data agent --actions --resolution 32 \
-        --latent-grid 8 --context 4 --steps 4500                  # 10 min on 1 CPU thread
+        --latent-grid 8 --context 4 --steps 4500 --fsq-levels 5 --input-kernel 5 \
+        --rollout-window 1                                        # 10 min on 1 CPU thread
     python train_world_model.py --data agent --actions --resolution 32 --latent-grid 8 \
-        --context 4 --ckpt runs/train_world_model/ckpt_best.pt --play   # or --play-actions RRUUL
+        --context 4 --fsq-levels 5 --input-kernel 5 --rollout-window 1 \
+        --ckpt runs/train_world_model/ckpt_best.pt --play        # or --play-actions RRUUL
 
 The Moving MNIST 10 -> 10 benchmark (docs/results/moving_mnist.md): fresh two-digit clips every
 step, evaluated on a file in the standard test layout (mnist_test_seq.npy, or the one toy_data.py
@@ -180,6 +189,12 @@ class Args:
     rollout: int | None = None
     """frames predicted at evaluation and in the demo (default: 3 x --horizon, past the training
     horizon)"""
+    rollout_window: int = 0
+    """rebuild the recurrent state at every rollout step after the first from the last N latents
+    (a sliding window of frames; at most --context), in training, evaluation and play alike, so a
+    game of any length runs the computation training ran (a step costs N dynamics steps); 0
+    carries the state throughout. 1 makes each step a function of the last frame and action alone,
+    which suits a game whose frame tells everything (--data agent)"""
     train_clips: int = 512
     """clips generated once into memory as the training pool (split 'train')"""
     fresh: bool = False
@@ -253,6 +268,14 @@ class Args:
     action_dropout: float = 0.1
     """with --actions: fraction of training clips whose actions are replaced by the null (unknown)
     action, so the model also predicts without them (the actions_zeroed baseline)"""
+    input_kernel: int = 3
+    """kernel of the ConvGRU's or ConvLSTM's input convolution over the latent grid (odd): how far
+    a cell sees in the frame it reads. 5 lets the agent's cell (--data agent) see past a ball it
+    walks into, where a wall or a ball decides whether the push happens"""
+    fsq_levels: int = 0
+    """quantise the latent grid, at encoding and after every dynamics step, to this many levels
+    per channel (odd, e.g. 5; 0: continuous): an error under half a level is undone at the next
+    step, so a world of few states per cell (--data agent) stays sharp in long rollouts"""
     play: bool = False
     """play the checkpoint (--ckpt, default out_dir/ckpt.pt) in a window: arrows or WASD move, space
     waits, r resets, q quits; one model step per key press, the simulator beside it"""
@@ -315,11 +338,11 @@ def zero_init(layer):
 
 class ConvGRU(nn.Module):
     """Convolutional GRU over the latent grid (3x3 kernels: a cell sees its neighbours, i.e. +-8
-    pixels a step)."""
+    pixels a step; the input convolution's kernel may be wider, --input-kernel)."""
 
-    def __init__(self, zc, hidden):
+    def __init__(self, zc, hidden, input_kernel=3):
         super().__init__()
-        self.inp = nn.Conv2d(zc, hidden, 3, padding=1)
+        self.inp = nn.Conv2d(zc, hidden, input_kernel, padding=input_kernel // 2)
         self.gates = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1)
         self.cand = nn.Conv2d(2 * hidden, hidden, 3, padding=1)
         self.out = zero_init(nn.Conv2d(hidden, zc, 3, padding=1))
@@ -339,9 +362,9 @@ class ConvGRU(nn.Module):
 class ConvLSTM(nn.Module):
     """Convolutional LSTM over the latent grid (Shi et al. 2015, without peepholes)."""
 
-    def __init__(self, zc, hidden):
+    def __init__(self, zc, hidden, input_kernel=3):
         super().__init__()
-        self.inp = nn.Conv2d(zc, hidden, 3, padding=1)
+        self.inp = nn.Conv2d(zc, hidden, input_kernel, padding=input_kernel // 2)
         self.gates = nn.Conv2d(2 * hidden, 4 * hidden, 3, padding=1)
         self.out = zero_init(nn.Conv2d(hidden, zc, 3, padding=1))
 
@@ -498,13 +521,47 @@ def adapter(cin, c, latent_channels):
     )
 
 
-def make_dynamics(kind, zc, hidden, layers, heads, grid, window):
+def make_dynamics(kind, zc, hidden, layers, heads, grid, window, input_kernel=3):
     """The dynamics model of --dynamics on latents of zc channels."""
     if kind == "gru":
-        return ConvGRU(zc, hidden)
+        return ConvGRU(zc, hidden, input_kernel)
     if kind == "lstm":
-        return ConvLSTM(zc, hidden)
+        return ConvLSTM(zc, hidden, input_kernel)
     return CausalTransformer(zc, hidden, layers, heads, grid, window)
+
+
+def conv_encoder(channels, width, latent_channels, down):
+    """Frames -> latent grid: a strided stem (full-resolution layers are what costs most on a
+    CPU), then blocks that halve the size until `down` halvings (1-3) reach the latent grid."""
+    c1, c2, c3 = width, 2 * width, 4 * width
+    return nn.Sequential(
+        nn.Conv2d(channels, c1, 4, stride=2, padding=1),
+        ResBlock(c1, c2, "down" if down > 1 else None),
+        ResBlock(c2, c3, "down" if down > 2 else None),
+        ResBlock(c3, c3),
+        norm(c3),
+        nn.SiLU(),
+        nn.Conv2d(c3, latent_channels, 3, padding=1),
+    )
+
+
+def conv_decoder(channels, width, latent_channels, down, decoder_attn):
+    """Latent grid -> frames, the encoder mirrored; pixel shuffle for the last doubling: sharp
+    edges at 1/2 resolution's cost."""
+    c1, c2, c3 = width, 2 * width, 4 * width
+    attn = SelfAttention if decoder_attn else (lambda c: nn.Identity())
+    return nn.Sequential(
+        nn.Conv2d(latent_channels, c3, 3, padding=1),
+        ResBlock(c3, c3),
+        attn(c3),
+        ResBlock(c3, c2, "up" if down > 2 else None),
+        attn(c2),
+        ResBlock(c2, c1, "up" if down > 1 else None),
+        norm(c1),
+        nn.SiLU(),
+        nn.Conv2d(c1, 4 * channels, 3, padding=1),
+        nn.PixelShuffle(2),
+    )
 
 
 class WorldModel(nn.Module):
@@ -525,90 +582,96 @@ class WorldModel(nn.Module):
         backbone=None,
         num_actions=0,
         action_names=(),
+        fsq_levels=0,
+        input_kernel=3,
     ):
         """encoder: conv, or the name of the pretrained `backbone` (a Backbone on the latent
         grid), which an adapter follows. num_actions > 0: the dynamics take an action per step,
         embedded by a table with one spare row, the null (unknown) action, for ids < 0."""
         super().__init__()
-        c1, c2, c3 = width, 2 * width, 4 * width
-        attn = SelfAttention if decoder_attn else (lambda c: nn.Identity())
         self.backbone = backbone
         if encoder == "conv":
-            # a strided stem (full-resolution layers are what costs most on a CPU), then blocks
-            # that halve the size until `down` halvings (1-3) reach the latent grid
-            self.encoder = nn.Sequential(
-                nn.Conv2d(channels, c1, 4, stride=2, padding=1),
-                ResBlock(c1, c2, "down" if down > 1 else None),
-                ResBlock(c2, c3, "down" if down > 2 else None),
-                ResBlock(c3, c3),
-                norm(c3),
-                nn.SiLU(),
-                nn.Conv2d(c3, latent_channels, 3, padding=1),
-            )
+            self.encoder = conv_encoder(channels, width, latent_channels, down)
         else:
-            self.encoder = adapter(backbone.channels, c3, latent_channels)
-        # pixel shuffle for the last doubling: sharp edges at 1/2 resolution's cost
-        self.decoder = nn.Sequential(
-            nn.Conv2d(latent_channels, c3, 3, padding=1),
-            ResBlock(c3, c3),
-            attn(c3),
-            ResBlock(c3, c2, "up" if down > 2 else None),
-            attn(c2),
-            ResBlock(c2, c1, "up" if down > 1 else None),
-            norm(c1),
-            nn.SiLU(),
-            nn.Conv2d(c1, 4 * channels, 3, padding=1),
-            nn.PixelShuffle(2),
-        )
+            self.encoder = adapter(backbone.channels, 4 * width, latent_channels)
+        self.decoder = conv_decoder(channels, width, latent_channels, down, decoder_attn)
         self.dynamics = make_dynamics(
-            dynamics, latent_channels, hidden, layers, heads, grid, window
+            dynamics, latent_channels, hidden, layers, heads, grid, window, input_kernel
         )
         self.num_actions = num_actions
         self.action_names = list(action_names)
+        self.fsq_levels = fsq_levels
         if num_actions:
             self.action_embed = nn.Embedding(num_actions + 1, hidden)
 
+    def quantise(self, z):
+        """Finite scalar quantisation (Mentzer et al. 2023) with --fsq-levels L (odd): each
+        channel bounded to (-L//2, L//2) by a scaled tanh and rounded to an integer, with a
+        straight-through gradient. Identity when L = 0."""
+        if not self.fsq_levels:
+            return z
+        h = self.fsq_levels // 2
+        z = h * torch.tanh(z / h)
+        return z + (z.round() - z).detach()
+
     def step(self, z, state, action=None):
         """One dynamics step: latent z (B, ...) and the action ids (B,) taken after its frame
-        (< 0: unknown) -> the next frame's latent, state."""
+        (< 0: unknown) -> the next frame's latent (quantised), state."""
         if action is None:
-            return self.dynamics(z, state)
-        ids = torch.where(action < 0, self.num_actions, action)
-        return self.dynamics(z, state, self.action_embed(ids))
+            z, state = self.dynamics(z, state)
+        else:
+            ids = torch.where(action < 0, self.num_actions, action)
+            z, state = self.dynamics(z, state, self.action_embed(ids))
+        return self.quantise(z), state
 
     def encode(self, x):
         """x (B, C, H, W) in [0, 1] -> latent grid (B, latent_channels, H/2^down, W/2^down)."""
         if self.backbone is None:
-            return self.encoder(x * 2 - 1)
-        return self.encoder(self.backbone(x))
+            return self.quantise(self.encoder(x * 2 - 1))
+        return self.quantise(self.encoder(self.backbone(x)))
 
     def decode(self, z):
         """latent grid -> frames (unclamped; about [0, 1])."""
         return (self.decoder(z) + 1) / 2
 
-    def rollout(self, z_context, steps, actions=None):
+    def window_step(self, latents, actions):
+        """The next latent from a zero state that reads the given latents (a list of (B, ...))
+        with their actions (a list of ids (B,) or Nones), the last action moving the last latent."""
+        state = None
+        for z, a in zip(latents, actions):
+            # contiguous: the strides of a predicted latent, so a compiled cell needs one graph
+            z, state = self.step(z.contiguous(), state, a)
+        return z
+
+    def rollout(self, z_context, steps, actions=None, window=0):
         """Latents of the observed frames (B, T, ...) -> `steps` predicted latents (B, steps, ...).
         The context is read one frame at a time; after it, every step's input is the previous step's
-        prediction. actions (B, >= T + steps - 1) ids: actions[:, t] moves frame t to t + 1."""
-        state = None
+        prediction. actions (B, >= T + steps - 1) ids: actions[:, t] moves frame t to t + 1.
+        window > 0 (at most T): every step after the first rebuilds the state from zero over the
+        last `window` latents (a sliding window of frames, as in DIAMOND and GameNGen), so a
+        rollout of any length repeats one computation; 0 carries the state throughout."""
         at = (lambda t: None) if actions is None else (lambda t: actions[:, t])
         T = z_context.shape[1]
+        zs = [*z_context.unbind(1)]
+        state = None
         for t in range(T):
-            # contiguous: the strides of a predicted latent, so a compiled cell needs one graph
-            z, state = self.step(z_context[:, t].contiguous(), state, at(t))
-        preds = [z]
-        for j in range(steps - 1):
-            z, state = self.step(z, state, at(T + j))
-            preds.append(z)
-        return torch.stack(preds, 1)
+            z, state = self.step(zs[t].contiguous(), state, at(t))
+        zs.append(z)
+        for t in range(T, T + steps - 1):  # t: the frame of the newest latent
+            if window:
+                z = self.window_step(zs[-window:], [at(i) for i in range(t + 1 - window, t + 1)])
+            else:
+                z, state = self.step(z, state, at(t))
+            zs.append(z)
+        return torch.stack(zs[T:], 1)
 
-    def forward(self, context, steps, actions=None):
+    def forward(self, context, steps, actions=None, window=0):
         """context frames (B, T, C, H, W) -> their reconstructions (B, T, ...), `steps` predicted
-        frames (B, steps, ...) and the predicted latents. Nothing after the context is seen but the
-        actions (B, >= T + steps - 1), if the model takes them."""
+        frames (B, steps, ...) and the predicted latents (rollout's window). Nothing after the
+        context is seen but the actions (B, >= T + steps - 1), if the model takes them."""
         B, T = context.shape[:2]
         z = self.encode(context.flatten(0, 1)).unflatten(0, (B, T))
-        z_pred = self.rollout(z, steps, actions)
+        z_pred = self.rollout(z, steps, actions, window)
         frames = self.decode(torch.cat([z, z_pred], 1).flatten(0, 1)).unflatten(0, (B, T + steps))
         return frames[:, :T], frames[:, T:], z_pred
 
@@ -655,15 +718,15 @@ def world_model_losses(context, target, rec, pred, kind="mse", gdl_weight=0.1, t
     return total, torch.stack([total, l_rec, l_pred, l_gdl, l_tmp]).detach()
 
 
-def rollout_losses(model, x, k, args, amp, steps=None, actions=None):
+def rollout_losses(model, x, k, args, amp, steps=None, actions=None, window=0):
     """THE loss, for training, validation and the FLOP count: encode the --context frames of clips x
     (B, T, C, H, W) in [0, 1], roll out `steps` frames (default k) on the model's own latents
     (with the clips' actions (B, T) under --actions), and score the reconstruction and the first k
-    predicted frames against x. -> total, stacked terms (LOSS_NAMES), reconstructed frames,
-    predicted frames."""
+    predicted frames against x; `window`: rollout()'s. -> total, stacked terms (LOSS_NAMES),
+    reconstructed frames, predicted frames."""
     c = args.context
     with amp:
-        rec, pred, _ = model(x[:, :c], steps or k, actions)
+        rec, pred, _ = model(x[:, :c], steps or k, actions, window)
     target = x[:, c : c + k]
     total, terms = world_model_losses(
         x[:, :c], target, rec, pred[:, :k], args.recon_loss, args.gdl_weight, args.temporal_weight
@@ -687,7 +750,8 @@ def eval_rollout(args):
 def train_step(model, opt, scaler, x, k, args, amp, actions=None):
     """One AdamW step on a batch x (and its actions) at rollout length k -> the loss terms
     (LOSS_NAMES)."""
-    loss, terms, _, _ = rollout_losses(model, x, k, args, amp, actions=actions)
+    window = args.rollout_window
+    loss, terms, _, _ = rollout_losses(model, x, k, args, amp, actions=actions, window=window)
     optimizer_step(opt, scaler, loss, model.parameters(), args.grad_clip)
     return terms
 
@@ -1021,13 +1085,14 @@ def evaluate(model, clips, args, device, amp, batch=32, actions=None):
     c = args.context
     steps = clips.shape[1] - c
     h = min(args.horizon, steps)  # the validation loss covers the trained horizon
-    terms = torch.zeros(5)
+    terms = torch.zeros(len(LOSS_NAMES))
     preds, recon_psnr = [], []
     t0 = time.perf_counter()
     for i in range(0, len(clips), batch):
         x = clips[i : i + batch].to(device).float() / 255
         a = None if actions is None else actions[i : i + batch].to(device)
-        _, batch_terms, rec, pred = rollout_losses(model, x, h, args, amp, steps, a)
+        window = args.rollout_window
+        _, batch_terms, rec, pred = rollout_losses(model, x, h, args, amp, steps, a, window)
         terms += batch_terms.cpu() * len(x)
         preds.append(pred.float().cpu())
         rec = rec.float().clamp(0, 1).cpu()
@@ -1041,9 +1106,10 @@ def evaluate(model, clips, args, device, amp, batch=32, actions=None):
         torch.cat(preds), truth[:, :1], truth[:, 1:], args.horizon
     )
     if args.data == "agent":
-        scores["model"].update(position_scores(torch.cat(preds), truth[:, 1:], args.horizon))
         copy = truth[:, :1].expand_as(truth[:, 1:])
-        scores["copy_last"].update(position_scores(copy, truth[:, 1:], args.horizon))
+        for name, video in (("model", torch.cat(preds)), ("copy_last", copy)):
+            scores[name].update(position_scores(video, truth[:, 1:], args.horizon))
+            scores[name].update(pushed_ball_scores(video, truth[:, :1], truth[:, 1:], args.horizon))
     val = dict(zip(LOSS_NAMES, (terms / len(clips)).tolist()))
     val["recon_psnr"] = float(torch.cat(recon_psnr).mean())
     val["gen_frames_per_s"] = fps
@@ -1066,6 +1132,24 @@ def position_scores(pred, truth, horizon):
     }
 
 
+def pushed_ball_scores(pred, last, truth, horizon):
+    """The balls the agent pushed, read from frames (toy_data.ball_map): the cells that hold a
+    ball in a true frame but not in the last context frame `last` (N, 1, C, H, W) are arrivals,
+    the cells that held one there and no longer do are departures. `arrived`: the share of
+    arrivals where the predicted frame shows a ball; `left`: the share of departures where it
+    shows none; over the first `horizon` frames and over all. copy_last scores 0 on both, frames
+    without balls 0 and 1."""
+    true, start, got = toy_data.ball_map(truth), toy_data.ball_map(last), toy_data.ball_map(pred)
+    arrivals, departures = true & ~start, ~true & start
+    scores = {}
+    for suffix, frames in (("", slice(0, horizon)), ("_rollout", slice(None))):
+        a, d = arrivals[:, frames], departures[:, frames]
+        scores["pushed_ball_arrived" + suffix] = float(got[:, frames][a].float().mean())
+        scores["pushed_ball_left" + suffix] = float((~got[:, frames][d]).float().mean())
+        scores["pushed_ball_cells" + suffix] = int(a.sum())
+    return scores
+
+
 BRANCHES = (1, 2, 3, 4)  # up, down, left, right, each held for --horizon steps
 
 
@@ -1081,7 +1165,8 @@ def branch_futures(model, ds, i, args, device):
     n = len(BRANCHES)
     future = torch.tensor(BRANCHES)[:, None].expand(n, k)
     actions = torch.cat([item["actions"][None, : c - 1].expand(n, c - 1), future], 1)
-    _, pred, _ = model(x[None].expand(n, *x.shape).to(device), k, actions.to(device))
+    x = x[None].expand(n, *x.shape).to(device)
+    _, pred, _ = model(x, k, actions.to(device), args.rollout_window)
     return pred.float().clamp(0, 1).cpu(), torch.stack(sims)
 
 
@@ -1219,7 +1304,9 @@ def agent_line(ours, base):
         return ""
     return (
         f"  agent error {ours['agent_error']:.2f} cells ({base['agent_error']:.2f}), "
-        f"{ours['agent_error_rollout']:.2f} ({base['agent_error_rollout']:.2f}) over the rollout"
+        f"{ours['agent_error_rollout']:.2f} ({base['agent_error_rollout']:.2f}) over the rollout;"
+        f" pushed balls arrived {ours['pushed_ball_arrived']:.0%}, "
+        f"{ours['pushed_ball_arrived_rollout']:.0%} over the rollout"
     )
 
 
@@ -1363,7 +1450,8 @@ def parse_play_actions(text):
 def play_reset(model, args, device, clip=0):
     """A game from test clip `clip`: its --context frames encoded, the dynamics run to the last
     one (which waits for the first action), and on agent data the simulator's room at that
-    frame. -> game dict: latent z, state, room, the last context frame."""
+    frame. -> game dict: latent z, state, room, the last context frame, and for --rollout-window
+    the latents and actions so far."""
     ds = toy_data.make_dataset(
         args.data, clip + 1, args.resolution, args.context, args.seed, "test", args.data_dir
     )
@@ -1379,14 +1467,32 @@ def play_reset(model, args, device, clip=0):
     if isinstance(ds, toy_data.Agent):
         room, _ = ds.room(clip)
         ds.replay(room, item["actions"][: c - 1])
-    return {"z": z[:, -1].contiguous(), "state": state, "room": room, "frame": x[-1]}
+    return {
+        "z": z[:, -1].contiguous(),
+        "state": state,
+        "room": room,
+        "frame": x[-1],
+        "latents": list(z.unbind(1)),
+        "actions": list(actions[:, : c - 1].unbind(1)),
+        "window": args.rollout_window,
+        "played": 0,
+    }
 
 
 @torch.no_grad()
 def play_step(model, game, action, resolution):
-    """One action in the model and the simulator (if any) -> their next frames (C, H, W)."""
+    """One action in the model and the simulator (if any) -> their next frames (C, H, W). The
+    model steps as in rollout(): the first step carries the context's state, later ones rebuild
+    it over the last --rollout-window latents if that is set."""
     a = torch.tensor([action], device=game["z"].device)
-    game["z"], game["state"] = model.step(game["z"], game["state"], a)
+    latents, actions, window = game["latents"], game["actions"], game["window"]
+    actions.append(a)
+    if window and game["played"]:
+        game["z"] = model.window_step(latents[-window:], actions[-window:])
+    else:
+        game["z"], game["state"] = model.step(game["z"], game["state"], a)
+    latents.append(game["z"])
+    game["played"] += 1
     frame = model.decode(game["z"])[0].float().clamp(0, 1).cpu()
     sim = None
     if game["room"] is not None:
@@ -1408,6 +1514,7 @@ def play_headless(model, args, device):
     and print frames/s (the model's and simulator's steps, no drawing). -> model frames."""
     actions = parse_play_actions(args.play_actions)
     game = play_reset(model, args, device)
+    start = game["frame"].cpu()
     frames, sims = [], []
     t0 = time.perf_counter()
     for a in actions:
@@ -1421,11 +1528,34 @@ def play_headless(model, args, device):
         panels.update(simulator=sims, difference=((frames - sims).abs() * 4).clamp(0, 1))
         err = toy_data.position_error(frames, toy_data.agent_cells(sims).round())[0]
         print(f"agent position error (cells): mean {err.mean():.2f}, last {err[-1]:.2f}")
+        b = pushed_ball_scores(frames[None], start[None, None], sims[None], len(actions))
+        print(
+            f"pushed balls: in {b['pushed_ball_arrived']:.0%} of the {b['pushed_ball_cells']} "
+            f"(frame, cell) pairs where the simulator's balls arrived the model shows a ball; "
+            f"{b['pushed_ball_left']:.0%} of the cells they left are empty"
+        )
     path = os.path.join(args.out_dir, "samples", "play.gif")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     viz.create_video_comparison(panels, path, error=False, fps=8)
-    print(f"played {len(actions)} steps at {fps:.1f} frames/s; wrote {path}")
+    still = save_play_still(panels, args.play_actions, path.replace(".gif", ".png"))
+    print(f"played {len(actions)} steps at {fps:.1f} frames/s; wrote {path} and {still}")
     return frames
+
+
+def save_play_still(panels, letters, path, per_row=10):
+    """The played steps as a picture: per 10 steps, the simulator's row (if any), then the
+    model's, captioned with the keys."""
+    rows, captions = [], []
+    for i in range(0, len(letters), per_row):
+        keys = letters[i : i + per_row]
+        for name in ("simulator", "model"):
+            if name in panels:
+                row = panels[name][i : i + per_row]
+                pad = row[-1:].expand(per_row - len(row), *row.shape[1:])  # the last step held
+                rows.append(torch.cat([row, pad]))
+                captions.append(f"{name}, steps {i + 1}-{i + len(keys)}: {keys}")
+    viz.save_video_grid(torch.stack(rows), path, captions)
+    return path
 
 
 def play_key(model, args, device, game, key):
@@ -1532,6 +1662,21 @@ def check_args(args, ckpt_path):
             raise SystemExit("error: --play steps the model with actions: add --actions")
     if not 0 <= args.action_dropout <= 1:
         raise SystemExit(f"error: --action-dropout {args.action_dropout} is not in [0, 1]")
+    if args.fsq_levels and (args.fsq_levels < 3 or args.fsq_levels % 2 == 0):
+        raise SystemExit(
+            f"error: --fsq-levels {args.fsq_levels}: use 0 (off) or an odd number >= 3"
+        )
+    if not 0 <= args.rollout_window <= args.context or (
+        args.rollout_window and args.dynamics == "transformer"
+    ):
+        raise SystemExit(
+            f"error: --rollout-window {args.rollout_window}: use 0, or 1 to --context "
+            f"({args.context}) with the gru or lstm dynamics (the transformer has its own window)"
+        )
+    if args.input_kernel < 1 or args.input_kernel % 2 == 0:
+        raise SystemExit(
+            f"error: --input-kernel {args.input_kernel}: use an odd number, e.g. 3 or 5"
+        )
     check_encoder_flags(args)
     check_data(args)
 
@@ -1553,15 +1698,26 @@ def model_arch(args, channels):
         encoder=encoder_kind(args.encoder),
         num_actions=len(toy_data.ACTIONS) if args.actions else 0,
         action_names=list(toy_data.ACTIONS) if args.actions else [],
+        fsq_levels=args.fsq_levels,
+        input_kernel=args.input_kernel,
     )
+
+
+ADDED_ARCH = {"fsq_levels": 0, "input_kernel": 3}  # what checkpoints from before these flags had
 
 
 def read_checkpoint(path, arch):
     """load_checkpoint, with a checkpoint of another --encoder or other actions refused by that
     flag's name (one from before --encoder has the conv encoder, and no actions)."""
-    own = ("encoder", "num_actions", "action_names")
+    own = ("encoder", "num_actions", "action_names", *ADDED_ARCH)
     ckpt = load_checkpoint(path, {k: v for k, v in arch.items() if k not in own})
     saved = ckpt.get("arch", {})
+    for key, before in ADDED_ARCH.items():
+        if saved.get(key, before) != arch[key]:
+            raise SystemExit(
+                f"error: {path} was trained with --{key.replace('_', '-')} "
+                f"{saved.get(key, before)}, not {arch[key]}; pass that or use another --out-dir"
+            )
     actions = (saved.get("num_actions", 0), list(saved.get("action_names", [])))
     if actions != (arch["num_actions"], arch["action_names"]):
         fix = "pass --actions" if actions[0] else "drop --actions"
@@ -1586,9 +1742,14 @@ def step_flops(raw, args, rt, channels):
     x = torch.zeros(
         args.batch_size, args.context + args.horizon, channels, size, size, device=rt.device
     )
+    window = args.rollout_window
     ends = []
+
+    def step(k):
+        rollout_losses(raw, x, k, args, rt.amp, window=window)[0].backward()
+
     for k in (1, args.horizon):
-        ends.append(count_flops(lambda: rollout_losses(raw, x, k, args, rt.amp)[0].backward()))
+        ends.append(count_flops(lambda: step(k)))
     raw.zero_grad(set_to_none=True)
     slope = ends[1] - ends[0]
     return {

@@ -997,3 +997,19 @@ def test_folder_actions_files_and_their_errors(tmp_path):
         td.VideoFolder(str(tmp_path), num_frames=6, resolution=16)
     (tmp_path / "clip1.actions.npz").unlink()
     assert "actions" not in td.VideoFolder(str(tmp_path), num_frames=6, resolution=16)[0]
+
+
+@pytest.mark.parametrize("res", [32, 64])
+def test_ball_map_reads_the_cells_of_every_ball_and_none_of_black(res):
+    """The cells that hold a ball, read from pixels, equal the states' ball cells on simulated
+    frames (a plain loop marks them); black frames hold none, and neither does the agent's cell."""
+    ds = td.make_dataset("agent", 6, res, 12, seed=3)
+    for i in range(6):
+        item = ds[i]
+        want = torch.zeros(12, td.AGENT_GRID, td.AGENT_GRID, dtype=torch.bool)
+        for t in range(12):
+            for x, y in item["states"][t, 1:].tolist():
+                if x >= 0:
+                    want[t, y, x] = True
+        assert torch.equal(td.ball_map(item["video"]), want), i
+    assert not td.ball_map(torch.zeros(2, 3, res, res)).any()

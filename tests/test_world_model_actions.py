@@ -182,6 +182,7 @@ def test_headless_play_writes_the_gif_and_equals_rollout(tiny, capsys):
     run(tiny, "--play-actions", "RRUULDN")
     out = capsys.readouterr().out
     assert "played 7 steps at" in out and os.path.getsize(tiny / "samples" / "play.gif") > 0
+    assert os.path.getsize(tiny / "samples" / "play.png") > 0
     args = tyro.cli(wm.Args, args=[*TINY, "--out-dir", str(tiny), "--play-actions", "RRUULDN"])
     model = wm.WorldModel(**wm.model_arch(args, 3))
     model.load_state_dict(torch.load(tiny / "ckpt.pt", weights_only=True)["model"])
@@ -211,7 +212,7 @@ class Stub(nn.Module):
         super().__init__()
         self.follows = follows_actions
 
-    def forward(self, context, steps, actions):
+    def forward(self, context, steps, actions, window=0):
         frame, out = context[:, -1], []
         cell = context.shape[-1] // td.AGENT_GRID
         for j in range(steps):
@@ -286,3 +287,197 @@ def test_play_window_steps_on_keys_resets_and_quits(tiny, monkeypatch):
     assert np.array_equal(image.get_array(), first)
     fig.canvas.callbacks.process("key_press_event", KeyEvent("key_press_event", fig.canvas, "q"))
     assert not plt.fignum_exists(fig.number)
+
+
+def pushed_clip():
+    """A test clip of the agent kind with balls pushed in it, and its ball cells (T, balls, 2)."""
+    ds = td.make_dataset("agent", 40, 32, 16, 0, "test")
+    for i in range(40):
+        item = ds[i]
+        if (item["events"][:-1] == td.EVENTS.index("pushed")).sum() >= 2:
+            return item["video"], item["states"][:, 1:]
+    raise AssertionError("no clip with two pushes")
+
+
+def test_pushed_ball_scores_count_arrivals_and_departures():
+    """Against a plain loop over the states: a cell is an arrival at frame t when a ball is there
+    and none was in the first frame, a departure the other way round. The truth scores 1 and 1,
+    copy_last 0 and 0, black frames 0 and 1, frames with a ball in every cell 1 and 0."""
+    video, balls = pushed_clip()
+    last, truth = video[None, :1], video[None, 1:]
+    horizon = 6
+
+    def cells(t):
+        return {(x, y) for x, y in balls[t].tolist() if x >= 0}
+
+    arrivals = [len(cells(t) - cells(0)) for t in range(1, len(balls))]
+    departures = [len(cells(0) - cells(t)) for t in range(1, len(balls))]
+    assert 0 < sum(arrivals[:horizon]) < sum(arrivals) and sum(departures) == sum(arrivals)
+    exact = wm.pushed_ball_scores(truth, last, truth, horizon)
+    assert exact["pushed_ball_cells"] == sum(arrivals[:horizon])
+    assert exact["pushed_ball_cells_rollout"] == sum(arrivals)
+    assert exact["pushed_ball_arrived_rollout"] == 1 and exact["pushed_ball_left_rollout"] == 1
+    copy = wm.pushed_ball_scores(last.expand_as(truth), last, truth, horizon)
+    assert copy["pushed_ball_arrived_rollout"] == 0 and copy["pushed_ball_left_rollout"] == 0
+    black = wm.pushed_ball_scores(torch.zeros_like(truth), last, truth, horizon)
+    assert black["pushed_ball_arrived"] == 0 and black["pushed_ball_left"] == 1
+    red = torch.tensor(td.AGENT_BALL).view(1, 1, 3, 1, 1).expand_as(truth)
+    full = wm.pushed_ball_scores(red, last, truth, horizon)
+    assert full["pushed_ball_arrived"] == 1 and full["pushed_ball_left"] == 0
+    half = torch.cat([truth[:, :horizon], last.expand(1, truth.shape[1] - horizon, -1, -1, -1)], 1)
+    mixed = wm.pushed_ball_scores(half, last, truth, horizon)
+    assert mixed["pushed_ball_arrived"] == 1
+    moved_later = sum(arrivals[horizon:])
+    assert mixed["pushed_ball_arrived_rollout"] == pytest.approx(
+        sum(arrivals[:horizon]) / (sum(arrivals[:horizon]) + moved_later)
+    )
+
+
+def test_fsq_bounds_rounds_and_passes_gradients_straight_through():
+    """--fsq-levels 5: 2 tanh(z / 2) rounded, values -2..2 (hand-computed), gradient of the tanh
+    alone; a latent on the grid is its own quantisation; 0 levels: identity."""
+    model = wm.WorldModel(3, 4, 4, "gru", hidden=8, grid=4, window=3, fsq_levels=5)
+    z = torch.tensor([-9.0, -1.2, -0.4, 0.3, 0.8, 1.6, 50.0], requires_grad=True)
+    q = model.quantise(z)
+    assert q.tolist() == [-2, -1, 0, 0, 1, 1, 2]
+    q.sum().backward()
+    assert torch.allclose(z.grad, 1 - torch.tanh(z.detach() / 2) ** 2)
+    grid = torch.arange(-2.0, 3.0)
+    assert torch.equal(model.quantise(grid), grid)
+    plain = wm.WorldModel(3, 4, 4, "gru", hidden=8, grid=4, window=3)
+    assert torch.equal(plain.quantise(z), z)
+
+
+@pytest.mark.parametrize("dynamics", wm.DYNAMICS)
+def test_fsq_latents_of_encoding_and_every_rollout_step_lie_on_the_grid(dynamics):
+    torch.manual_seed(0)
+    model = wm.WorldModel(
+        3, 4, 4, dynamics, hidden=8, heads=2, grid=4, window=3, num_actions=A, fsq_levels=3
+    )
+    with torch.no_grad():
+        for p in model.dynamics.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.rand(2, 3, 3, 32, 32)
+    with torch.no_grad():
+        z = model.encode(x.flatten(0, 1))
+        _, _, z_pred = model(x, 4, torch.randint(0, A, (2, 6)))
+    for v in (z, z_pred):
+        assert torch.equal(v, v.round()) and v.abs().max() <= 1
+    assert z_pred.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dynamics", ["gru", "lstm"])
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_input_kernel_sets_how_far_one_step_sees(dynamics, kernel):
+    """One step from a zero state: the input convolution reaches kernel // 2 cells, the gate or
+    candidate convolution one more, the output convolution one more; a change in one corner
+    cell reaches exactly that far (Chebyshev distance)."""
+    torch.manual_seed(0)
+    model = wm.WorldModel(3, 4, 4, dynamics, hidden=8, grid=8, window=3, input_kernel=kernel)
+    with torch.no_grad():
+        for p in model.dynamics.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        z = torch.randn(1, 4, 8, 8)
+        bumped = z.clone()
+        bumped[0, :, 0, 0] += 1
+        changed = (model.step(bumped, None)[0] - model.step(z, None)[0]).abs().amax((0, 1)) > 0
+    reach = torch.arange(8)[:, None].maximum(torch.arange(8)[None])  # distance from (0, 0)
+    assert torch.equal(changed, reach <= kernel // 2 + 2)
+
+
+def test_fsq_and_kernel_flags_refuse_bad_values_and_other_checkpoints(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="--fsq-levels 4: use 0"):
+        run(tmp_path, "--fsq-levels", "4")
+    with pytest.raises(SystemExit, match="--input-kernel 4: use an odd"):
+        run(tmp_path, "--input-kernel", "4")
+    with pytest.raises(SystemExit, match="trained with --fsq-levels 0, not 5"):
+        run(tiny, "--eval-only", "--fsq-levels", "5")
+    with pytest.raises(SystemExit, match="trained with --input-kernel 3, not 5"):
+        run(tiny, "--eval-only", "--input-kernel", "5")
+
+
+def test_checkpoint_from_before_fsq_and_kernel_flags_still_loads(tiny, tmp_path):
+    ck = torch.load(tiny / "ckpt.pt", weights_only=True)
+    del ck["arch"]["fsq_levels"], ck["arch"]["input_kernel"]
+    torch.save(ck, tmp_path / "old.pt")
+    run(tmp_path, "--eval-only", "--ckpt", str(tmp_path / "old.pt"))
+    assert os.path.isfile(tmp_path / "metrics.json")
+    with pytest.raises(SystemExit, match="trained with --fsq-levels 0, not 3"):
+        run(tmp_path, "--eval-only", "--ckpt", str(tmp_path / "old.pt"), "--fsq-levels", "3")
+
+
+def ref_window_rollout(model, z_context, steps, actions, window):
+    """A plain loop: the first prediction reads the whole context from a zero state; each later
+    one reads only the last `window` latents (with their actions) from a zero state."""
+    emb = model.action_embed.weight[torch.where(actions < 0, A, actions)]
+    zs = list(z_context.unbind(1))
+    T = len(zs)
+    state = None
+    for t in range(T):
+        z, state = model.dynamics(zs[t].contiguous(), state, emb[:, t])
+    zs.append(z)
+    for new in range(T + 1, T + steps):  # the frame predicted
+        state = None
+        for i in range(new - window, new):
+            z, state = model.dynamics(zs[i].contiguous(), state, emb[:, i])
+        zs.append(z)
+    return torch.stack(zs[T:], 1)
+
+
+@pytest.mark.parametrize("dynamics", ["gru", "lstm"])
+@pytest.mark.parametrize("window", [1, 3])
+def test_rollout_window_rebuilds_the_state_from_the_last_latents(dynamics, window):
+    model = action_model(dynamics)
+    z = torch.randn(2, 3, 4, 4, 4)
+    actions = torch.randint(-1, A, (2, 8))
+    with torch.no_grad():
+        got = model.rollout(z, 6, actions, window)
+        want = ref_window_rollout(model, z, 6, actions, window)
+        carried = model.rollout(z, 6, actions)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(got[:, 0], carried[:, 0]) and not torch.allclose(got, carried)
+
+
+def test_headless_play_with_a_window_equals_rollout(tiny, capsys):
+    args = tyro.cli(
+        wm.Args,
+        args=[*TINY, "--out-dir", str(tiny), "--play-actions", "RRUULDN", "--rollout-window", "2"],
+    )
+    model = wm.WorldModel(**wm.model_arch(args, 3))
+    model.load_state_dict(torch.load(tiny / "ckpt.pt", weights_only=True)["model"])
+    model.eval()
+    frames = wm.play_headless(model, args, torch.device("cpu"))
+    item = td.make_dataset("agent", 1, 32, 3, 0, "test")[0]
+    ctx = (item["video"] * 255).round() / 255
+    actions = torch.cat([item["actions"][:2], torch.tensor([4, 4, 1, 1, 3, 2, 0])])[None]
+    with torch.no_grad():
+        _, pred, _ = model(ctx[None], 7, actions, 2)
+        _, carried, _ = model(ctx[None], 7, actions)
+    assert torch.allclose(frames, pred[0].clamp(0, 1), atol=1e-5)
+    assert not torch.allclose(frames, carried[0].clamp(0, 1), atol=1e-5)
+
+
+def test_rollout_window_refuses_bad_values(tmp_path):
+    with pytest.raises(SystemExit, match="--rollout-window 4: use 0, or 1 to --context"):
+        run(tmp_path, "--rollout-window", "4")
+    with pytest.raises(SystemExit, match="the transformer has its own window"):
+        run(tmp_path, "--rollout-window", "2", "--dynamics", "transformer")
+
+
+def test_training_steps_roll_out_with_the_window():
+    """--rollout-window applies in training too: train_step's loss is rollout_losses' with the
+    window (computed on a copy before the update), not the carried state's."""
+    import copy
+    from contextlib import nullcontext
+
+    model = action_model("gru").train()
+    args = wm.Args(context=3, horizon=4, rollout_window=1)
+    x = torch.rand(2, 7, 3, 32, 32)
+    actions = torch.randint(0, A, (2, 7))
+    before = copy.deepcopy(model)
+    want = wm.rollout_losses(before, x, 4, args, nullcontext(), actions=actions, window=1)[1]
+    carried = wm.rollout_losses(before, x, 4, args, nullcontext(), actions=actions)[1]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    got = wm.train_step(model, opt, scaler, x, 4, args, nullcontext(), actions)
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, carried, atol=1e-6)

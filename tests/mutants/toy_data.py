@@ -221,4 +221,16 @@ MUTANTS = [
         "old": "-1 <= int(word) < len(ACTIONS)",
         "new": "-1 <= int(word)",
     },
+    {
+        "name": "ball_map_threshold_zero",
+        "invariant": "a cell holds a ball only when enough of its pixels are the ball's colour",
+        "old": "    return per_cell >= 0.125 * (h // grid) * (wd // grid)",
+        "new": "    return per_cell >= 0.0",
+    },
+    {
+        "name": "ball_map_transposed",
+        "invariant": "ball_map is indexed [y, x]",
+        "old": "    per_cell = w.unflatten(-1, (grid, wd // grid)).unflatten(-3, (grid, h // grid)).sum((-3, -1))",
+        "new": "    per_cell = w.unflatten(-1, (grid, wd // grid)).unflatten(-3, (grid, h // grid)).sum((-3, -1)).transpose(-1, -2)",
+    },
 ]

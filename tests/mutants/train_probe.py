@@ -128,10 +128,10 @@ MUTANTS = [
         "new": 'x = data["x"][idx].float()',
     },
     {
-        "name": "val_from_train_split",
-        "invariant": "held-out accuracy comes from the val split, disjoint from training",
-        "old": 'val_x, val_y = probe_set(labels, max(4, args.n_per_kind // 4), "val", args.seed)',
-        "new": 'val_x, val_y = probe_set(labels, max(4, args.n_per_kind // 4), "train", args.seed)',
+        "name": "test_from_train_split",
+        "invariant": "held-out accuracy comes from the test split, disjoint from training",
+        "old": 'test_x, test_y = probe_set(labels, max(4, args.n_per_kind // 4), "test", args.seed)',
+        "new": 'test_x, test_y = probe_set(labels, max(4, args.n_per_kind // 4), "train", args.seed)',
     },
     {
         "name": "shapes_not_4x",

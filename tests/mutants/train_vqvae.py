@@ -7,8 +7,8 @@ MUTANTS = [
     {
         "name": "perplexity_is_entropy",
         "invariant": "perplexity = exp(entropy of the code histogram)",
-        "old": '"perplexity": float(torch.exp(-(p * p.clamp_min(1e-30).log()).sum())),',
-        "new": '"perplexity": float(-(p * p.clamp_min(1e-30).log()).sum()),',
+        "old": '        "loss": rec_loss / len(frames),\n        "codebook_usage": float((p > 0).double().mean()),\n        "perplexity": float(torch.exp(-(p * p.clamp_min(1e-30).log()).sum())),',
+        "new": '        "loss": rec_loss / len(frames),\n        "codebook_usage": float((p > 0).double().mean()),\n        "perplexity": float(-(p * p.clamp_min(1e-30).log()).sum()),',
     },
     {
         "name": "usage_wrong_axis",
@@ -31,8 +31,8 @@ MUTANTS = [
     {
         "name": "codebook_gets_gradient",
         "invariant": "codes move by EMA only: commitment uses sg[e], the codebook has no gradient",
-        "old": 'self.register_buffer("codebook", torch.zeros(codebook_size, latent_channels))',
-        "new": "self.codebook = nn.Parameter(torch.zeros(codebook_size, latent_channels))",
+        "old": '        # the codebook is a buffer: it moves by EMA (update_codebook), not by gradients\n        self.register_buffer("codebook", torch.zeros(codebook_size, latent_channels))',
+        "new": "        # the codebook is a buffer: it moves by EMA (update_codebook), not by gradients\n        self.codebook = nn.Parameter(torch.zeros(codebook_size, latent_channels))",
     },
     {
         "name": "ema_count_decay_swapped",
@@ -61,14 +61,14 @@ MUTANTS = [
     {
         "name": "ste_removed",
         "invariant": "straight-through: decoder grads reach the encoder",
-        "old": "x_rec = self.decode_latents(z + (zq - z).detach())",
-        "new": "x_rec = self.decode_latents(z + (zq - z))",
+        "old": "        # straight-through: decoder grads reach the encoder\n        x_rec = self.decode_latents(z + (zq - z).detach())",
+        "new": "        # straight-through: decoder grads reach the encoder\n        x_rec = self.decode_latents(z + (zq - z))",
     },
     {
         "name": "decoder_sees_z",
         "invariant": "the decoder sees the codes z_q, not z_e",
-        "old": "x_rec = self.decode_latents(z + (zq - z).detach())",
-        "new": "x_rec = self.decode_latents(z)",
+        "old": "        # straight-through: decoder grads reach the encoder\n        x_rec = self.decode_latents(z + (zq - z).detach())",
+        "new": "        # straight-through: decoder grads reach the encoder\n        x_rec = self.decode_latents(z)",
     },
     {
         "name": "nearest_argmax",
@@ -133,8 +133,8 @@ MUTANTS = [
     {
         "name": "decode_skips_quantize",
         "invariant": "RIVER's decode snaps any latent to its nearest code first",
-        "old": "return self.decode_latents(self.quantize(z)[0]).clamp(0, 1)",
-        "new": "return self.decode_latents(z).clamp(0, 1)",
+        "old": '        x in [0, 1]."""\n        return self.decode_latents(self.quantize(z)[0]).clamp(0, 1)',
+        "new": '        x in [0, 1]."""\n        return self.decode_latents(z).clamp(0, 1)',
     },
     {
         "name": "export_static_batch",

@@ -12,14 +12,14 @@ MUTANTS = [
     {
         "name": "rollout_teacher_forced",
         "invariant": "the rollout feeds its own predicted latent back, not an encoded frame",
-        "old": "            z, state = self.step(z, state, at(T + j))",
-        "new": "            z, state = self.step(z_context[:, -1], state, at(T + j))",
+        "old": "                z, state = self.step(z, state, at(t))",
+        "new": "                z, state = self.step(z_context[:, -1], state, at(t))",
     },
     {
         "name": "rollout_state_dropped",
         "invariant": "the recurrent state is carried across the context steps",
-        "old": "            z, state = self.step(z_context[:, t].contiguous(), state, at(t))",
-        "new": "            z, state = self.step(z_context[:, t].contiguous(), None, at(t))",
+        "old": "            z, state = self.step(zs[t].contiguous(), state, at(t))",
+        "new": "            z, state = self.step(zs[t].contiguous(), None, at(t))",
     },
     {
         "name": "pred_term_off_by_one",
@@ -135,8 +135,8 @@ MUTANTS = [
     {
         "name": "rollout_detached",
         "invariant": "the loss backpropagates through the fed-back predicted latents",
-        "old": "            z, state = self.step(z, state, at(T + j))",
-        "new": "            z, state = self.step(z.detach(), state, at(T + j))",
+        "old": "                z, state = self.step(z, state, at(t))",
+        "new": "                z, state = self.step(z.detach(), state, at(t))",
     },
     {
         "name": "alibi_sign_flipped",
@@ -195,8 +195,8 @@ MUTANTS = [
     {
         "name": "encoder_finetune_gradient_blocked",
         "invariant": "--finetune-encoder: the loss's gradient reaches the pretrained network",
-        "old": "        return self.encoder(self.backbone(x))",
-        "new": "        return self.encoder(self.backbone(x).detach())",
+        "old": "        return self.quantise(self.encoder(self.backbone(x)))",
+        "new": "        return self.quantise(self.encoder(self.backbone(x).detach()))",
     },
     {
         "name": "encoder_resnet18_stride_16",
@@ -255,8 +255,8 @@ MUTANTS = [
     {
         "name": "encoder_grid_off",
         "invariant": "the encoder halves the frame `down` times (latent grid resolution / 2^down)",
-        "old": '            ResBlock(c2, c3, "down" if down > 2 else None),',
-        "new": '            ResBlock(c2, c3, "down" if down > 1 else None),',
+        "old": '        ResBlock(c2, c3, "down" if down > 2 else None),',
+        "new": '        ResBlock(c2, c3, "down" if down > 1 else None),',
     },
     {
         "name": "latent_grid_flag_ignored",
@@ -353,5 +353,95 @@ MUTANTS = [
         "invariant": "a checkpoint with another action count is refused",
         "old": '    if actions != (arch["num_actions"], arch["action_names"]):',
         "new": "    if False:",
+    },
+    {
+        "name": "fsq_no_rounding",
+        "invariant": "--fsq-levels rounds every latent to the grid",
+        "old": "        return z + (z.round() - z).detach()",
+        "new": "        return z",
+    },
+    {
+        "name": "fsq_no_straight_through",
+        "invariant": "the rounding passes gradients straight through",
+        "old": "        return z + (z.round() - z).detach()",
+        "new": "        return z.round()",
+    },
+    {
+        "name": "fsq_levels_not_halved",
+        "invariant": "L levels bound each channel to -L//2..L//2",
+        "old": "        h = self.fsq_levels // 2",
+        "new": "        h = self.fsq_levels",
+    },
+    {
+        "name": "fsq_rollout_not_quantised",
+        "invariant": "every dynamics step's output is quantised",
+        "old": "        return self.quantise(z), state",
+        "new": "        return z, state",
+    },
+    {
+        "name": "fsq_encoding_not_quantised",
+        "invariant": "the encoded latents are quantised",
+        "old": "            return self.quantise(self.encoder(x * 2 - 1))",
+        "new": "            return self.encoder(x * 2 - 1)",
+    },
+    {
+        "name": "pushed_ball_arrivals_include_still_balls",
+        "invariant": "arrivals are ball cells that were empty in the last context frame",
+        "old": "    arrivals, departures = true & ~start, ~true & start",
+        "new": "    arrivals, departures = true, ~true & start",
+    },
+    {
+        "name": "pushed_ball_left_inverted",
+        "invariant": "a departure is right when the prediction shows no ball there",
+        "old": '        scores["pushed_ball_left" + suffix] = float((~got[:, frames][d]).float().mean())',
+        "new": '        scores["pushed_ball_left" + suffix] = float((got[:, frames][d]).float().mean())',
+    },
+    {
+        "name": "pushed_ball_horizon_ignored",
+        "invariant": "the first scores cover the training horizon only",
+        "old": '    for suffix, frames in (("", slice(0, horizon)), ("_rollout", slice(None))):',
+        "new": '    for suffix, frames in (("", slice(0, horizon + 1)), ("_rollout", slice(None))):',
+    },
+    {
+        "name": "input_kernel_ignored",
+        "invariant": "--input-kernel sets the ConvGRU's input convolution",
+        "old": "        self.inp = nn.Conv2d(zc, hidden, input_kernel, padding=input_kernel // 2)\n        self.gates = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1)",
+        "new": "        self.inp = nn.Conv2d(zc, hidden, 3, padding=1)\n        self.gates = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1)",
+    },
+    {
+        "name": "added_arch_not_checked",
+        "invariant": "a checkpoint of other --fsq-levels or --input-kernel is refused",
+        "old": "        if saved.get(key, before) != arch[key]:",
+        "new": "        if False:",
+    },
+    {
+        "name": "window_step_off_by_one",
+        "invariant": "a window step reads the latents with their own actions",
+        "old": "                z = self.window_step(zs[-window:], [at(i) for i in range(t + 1 - window, t + 1)])",
+        "new": "                z = self.window_step(zs[-window:], [at(i) for i in range(t - window, t)])",
+    },
+    {
+        "name": "window_ignored_in_rollout",
+        "invariant": "--rollout-window rebuilds the state at every step after the first",
+        "old": "            if window:\n                z = self.window_step(",
+        "new": "            if False:\n                z = self.window_step(",
+    },
+    {
+        "name": "window_play_carries_state",
+        "invariant": "play steps as rollout() with the same window",
+        "old": '    if window and game["played"]:',
+        "new": "    if False:",
+    },
+    {
+        "name": "window_play_first_step_windowed",
+        "invariant": "play's first step carries the context's state, as rollout's",
+        "old": '    if window and game["played"]:',
+        "new": "    if window:",
+    },
+    {
+        "name": "window_not_in_training",
+        "invariant": "--rollout-window rolls training out as evaluation and play do",
+        "old": "    loss, terms, _, _ = rollout_losses(model, x, k, args, amp, actions=actions, window=window)",
+        "new": "    loss, terms, _, _ = rollout_losses(model, x, k, args, amp, actions=actions)",
     },
 ]
