@@ -1091,8 +1091,9 @@ def evaluate(model, clips, args, device, amp, batch=32, actions=None):
     for i in range(0, len(clips), batch):
         x = clips[i : i + batch].to(device).float() / 255
         a = None if actions is None else actions[i : i + batch].to(device)
-        window = args.rollout_window
-        _, batch_terms, rec, pred = rollout_losses(model, x, h, args, amp, steps, a, window)
+        _, batch_terms, rec, pred = rollout_losses(
+            model, x, h, args, amp, steps, a, args.rollout_window
+        )
         terms += batch_terms.cpu() * len(x)
         preds.append(pred.float().cpu())
         rec = rec.float().clamp(0, 1).cpu()
@@ -1492,6 +1493,7 @@ def play_step(model, game, action, resolution):
     else:
         game["z"], game["state"] = model.step(game["z"], game["state"], a)
     latents.append(game["z"])
+    del latents[: -max(window, 1)], actions[: -max(window, 1)]  # a long game keeps only the window
     game["played"] += 1
     frame = model.decode(game["z"])[0].float().clamp(0, 1).cpu()
     sim = None
