@@ -73,13 +73,15 @@ the latent grid (Mentzer et al., FSQ, 2023), so small errors are undone at every
 --input-kernel 5 lets a cell see two cells away (behind the ball the agent pushes);
 --rollout-window 1 rebuilds the recurrent state at every step after the first from the last
 latent alone (a window of frames, as DIAMOND and GameNGen condition on), in training and play
-alike, so a 60-step game runs the computation training ran.
+alike, so a 60-step game runs the computation training ran. At evaluation and in play,
+--reencode feeds each predicted frame back (decoded, then encoded again) instead of its latent:
+what the frame does not show cannot come back later, and pushed balls stay where they went.
 
     OMP_NUM_THREADS=1 python train_world_model.py --data agent --actions --resolution 32 \
         --latent-grid 8 --context 4 --steps 4500 --fsq-levels 5 --input-kernel 5 \
         --rollout-window 1                                        # 10 min on 1 CPU thread
     python train_world_model.py --data agent --actions --resolution 32 --latent-grid 8 \
-        --context 4 --fsq-levels 5 --input-kernel 5 --rollout-window 1 \
+        --context 4 --fsq-levels 5 --input-kernel 5 --rollout-window 1 --reencode \
         --ckpt runs/train_world_model/ckpt_best.pt --play        # or --play-actions RRUUL
 
 The Moving MNIST 10 -> 10 benchmark (docs/results/moving_mnist.md): fresh two-digit clips every
@@ -195,6 +197,12 @@ class Args:
     game of any length runs the computation training ran (a step costs N dynamics steps); 0
     carries the state throughout. 1 makes each step a function of the last frame and action alone,
     which suits a game whose frame tells everything (--data agent)"""
+    reencode: bool = False
+    """at evaluation and in play, feed each predicted frame back instead of its latent: every
+    predicted latent is decoded, clamped to [0, 1] and encoded again before the next step reads
+    it, so nothing the frame does not show carries over (a ball shown gone cannot come back from
+    a trace in the latent). Training rolls out on latents either way: trained through the
+    re-encoded frames, the agent preset lost its agent"""
     train_clips: int = 512
     """clips generated once into memory as the training pool (split 'train')"""
     fresh: bool = False
@@ -643,35 +651,42 @@ class WorldModel(nn.Module):
             z, state = self.step(z.contiguous(), state, a)
         return z
 
-    def rollout(self, z_context, steps, actions=None, window=0):
+    def reencoded(self, z):
+        """The latent of z's decoded frame (clamped to [0, 1]): what --reencode feeds back."""
+        return self.encode(self.decode(z).clamp(0, 1))
+
+    def rollout(self, z_context, steps, actions=None, window=0, reencode=False):
         """Latents of the observed frames (B, T, ...) -> `steps` predicted latents (B, steps, ...).
         The context is read one frame at a time; after it, every step's input is the previous step's
         prediction. actions (B, >= T + steps - 1) ids: actions[:, t] moves frame t to t + 1.
         window > 0 (at most T): every step after the first rebuilds the state from zero over the
         last `window` latents (a sliding window of frames, as in DIAMOND and GameNGen), so a
-        rollout of any length repeats one computation; 0 carries the state throughout."""
+        rollout of any length repeats one computation; 0 carries the state throughout.
+        reencode: each prediction is replaced by reencoded(prediction), the latent of its frame."""
         at = (lambda t: None) if actions is None else (lambda t: actions[:, t])
+        fed_back = self.reencoded if reencode else (lambda z: z)
         T = z_context.shape[1]
         zs = [*z_context.unbind(1)]
         state = None
         for t in range(T):
             z, state = self.step(zs[t].contiguous(), state, at(t))
-        zs.append(z)
+        zs.append(fed_back(z))
         for t in range(T, T + steps - 1):  # t: the frame of the newest latent
             if window:
                 z = self.window_step(zs[-window:], [at(i) for i in range(t + 1 - window, t + 1)])
             else:
-                z, state = self.step(z, state, at(t))
-            zs.append(z)
+                z, state = self.step(zs[-1], state, at(t))
+            zs.append(fed_back(z))
         return torch.stack(zs[T:], 1)
 
-    def forward(self, context, steps, actions=None, window=0):
+    def forward(self, context, steps, actions=None, window=0, reencode=False):
         """context frames (B, T, C, H, W) -> their reconstructions (B, T, ...), `steps` predicted
         frames (B, steps, ...) and the predicted latents (rollout's window). Nothing after the
-        context is seen but the actions (B, >= T + steps - 1), if the model takes them."""
+        context is seen but the actions (B, >= T + steps - 1), if the model takes them. window,
+        reencode: rollout()'s."""
         B, T = context.shape[:2]
         z = self.encode(context.flatten(0, 1)).unflatten(0, (B, T))
-        z_pred = self.rollout(z, steps, actions, window)
+        z_pred = self.rollout(z, steps, actions, window, reencode)
         frames = self.decode(torch.cat([z, z_pred], 1).flatten(0, 1)).unflatten(0, (B, T + steps))
         return frames[:, :T], frames[:, T:], z_pred
 
@@ -718,15 +733,15 @@ def world_model_losses(context, target, rec, pred, kind="mse", gdl_weight=0.1, t
     return total, torch.stack([total, l_rec, l_pred, l_gdl, l_tmp]).detach()
 
 
-def rollout_losses(model, x, k, args, amp, steps=None, actions=None, window=0):
+def rollout_losses(model, x, k, args, amp, steps=None, actions=None, reencode=False):
     """THE loss, for training, validation and the FLOP count: encode the --context frames of clips x
     (B, T, C, H, W) in [0, 1], roll out `steps` frames (default k) on the model's own latents
-    (with the clips' actions (B, T) under --actions), and score the reconstruction and the first k
-    predicted frames against x; `window`: rollout()'s. -> total, stacked terms (LOSS_NAMES),
-    reconstructed frames, predicted frames."""
+    (with the clips' actions (B, T) under --actions; --rollout-window and `reencode` as rollout()
+    takes them), and score the reconstruction and the first k predicted frames against x.
+    -> total, stacked terms (LOSS_NAMES), reconstructed frames, predicted frames."""
     c = args.context
     with amp:
-        rec, pred, _ = model(x[:, :c], steps or k, actions, window)
+        rec, pred, _ = model(x[:, :c], steps or k, actions, args.rollout_window, reencode)
     target = x[:, c : c + k]
     total, terms = world_model_losses(
         x[:, :c], target, rec, pred[:, :k], args.recon_loss, args.gdl_weight, args.temporal_weight
@@ -750,8 +765,7 @@ def eval_rollout(args):
 def train_step(model, opt, scaler, x, k, args, amp, actions=None):
     """One AdamW step on a batch x (and its actions) at rollout length k -> the loss terms
     (LOSS_NAMES)."""
-    window = args.rollout_window
-    loss, terms, _, _ = rollout_losses(model, x, k, args, amp, actions=actions, window=window)
+    loss, terms, _, _ = rollout_losses(model, x, k, args, amp, actions=actions)
     optimizer_step(opt, scaler, loss, model.parameters(), args.grad_clip)
     return terms
 
@@ -1091,9 +1105,7 @@ def evaluate(model, clips, args, device, amp, batch=32, actions=None):
     for i in range(0, len(clips), batch):
         x = clips[i : i + batch].to(device).float() / 255
         a = None if actions is None else actions[i : i + batch].to(device)
-        _, batch_terms, rec, pred = rollout_losses(
-            model, x, h, args, amp, steps, a, args.rollout_window
-        )
+        _, batch_terms, rec, pred = rollout_losses(model, x, h, args, amp, steps, a, args.reencode)
         terms += batch_terms.cpu() * len(x)
         preds.append(pred.float().cpu())
         rec = rec.float().clamp(0, 1).cpu()
@@ -1139,15 +1151,18 @@ def pushed_ball_scores(pred, last, truth, horizon):
     the cells that held one there and no longer do are departures. `arrived`: the share of
     arrivals where the predicted frame shows a ball; `left`: the share of departures where it
     shows none; over the first `horizon` frames and over all. copy_last scores 0 on both, frames
-    without balls 0 and 1."""
+    without balls 0 and 1. `balls_exact`: the share of frames whose every cell holds a ball in the
+    prediction exactly when it does in the truth (a ball shown where none is counts too)."""
     true, start, got = toy_data.ball_map(truth), toy_data.ball_map(last), toy_data.ball_map(pred)
     arrivals, departures = true & ~start, ~true & start
+    exact = (got == true).flatten(-2).all(-1)
     scores = {}
     for suffix, frames in (("", slice(0, horizon)), ("_rollout", slice(None))):
         a, d = arrivals[:, frames], departures[:, frames]
         scores["pushed_ball_arrived" + suffix] = float(got[:, frames][a].float().mean())
         scores["pushed_ball_left" + suffix] = float((~got[:, frames][d]).float().mean())
         scores["pushed_ball_cells" + suffix] = int(a.sum())
+        scores["balls_exact" + suffix] = float(exact[:, frames].float().mean())
     return scores
 
 
@@ -1167,7 +1182,7 @@ def branch_futures(model, ds, i, args, device):
     future = torch.tensor(BRANCHES)[:, None].expand(n, k)
     actions = torch.cat([item["actions"][None, : c - 1].expand(n, c - 1), future], 1)
     x = x[None].expand(n, *x.shape).to(device)
-    _, pred, _ = model(x, k, actions.to(device), args.rollout_window)
+    _, pred, _ = model(x, k, actions.to(device), args.rollout_window, args.reencode)
     return pred.float().clamp(0, 1).cpu(), torch.stack(sims)
 
 
@@ -1451,8 +1466,8 @@ def parse_play_actions(text):
 def play_reset(model, args, device, clip=0):
     """A game from test clip `clip`: its --context frames encoded, the dynamics run to the last
     one (which waits for the first action), and on agent data the simulator's room at that
-    frame. -> game dict: latent z, state, room, the last context frame, and for --rollout-window
-    the latents and actions so far."""
+    frame. -> game dict: latent z, state, room, the last context frame, for --rollout-window the
+    latents and actions so far, and how to feed back (--rollout-window, --reencode)."""
     ds = toy_data.make_dataset(
         args.data, clip + 1, args.resolution, args.context, args.seed, "test", args.data_dir
     )
@@ -1476,6 +1491,7 @@ def play_reset(model, args, device, clip=0):
         "latents": list(z.unbind(1)),
         "actions": list(actions[:, : c - 1].unbind(1)),
         "window": args.rollout_window,
+        "reencode": args.reencode,
         "played": 0,
     }
 
@@ -1484,7 +1500,7 @@ def play_reset(model, args, device, clip=0):
 def play_step(model, game, action, resolution):
     """One action in the model and the simulator (if any) -> their next frames (C, H, W). The
     model steps as in rollout(): the first step carries the context's state, later ones rebuild
-    it over the last --rollout-window latents if that is set."""
+    it over the last --rollout-window latents if that is set; --reencode feeds the frame back."""
     a = torch.tensor([action], device=game["z"].device)
     latents, actions, window = game["latents"], game["actions"], game["window"]
     actions.append(a)
@@ -1492,6 +1508,8 @@ def play_step(model, game, action, resolution):
         game["z"] = model.window_step(latents[-window:], actions[-window:])
     else:
         game["z"], game["state"] = model.step(game["z"], game["state"], a)
+    if game["reencode"]:
+        game["z"] = model.reencoded(game["z"])
     latents.append(game["z"])
     del latents[: -max(window, 1)], actions[: -max(window, 1)]  # a long game keeps only the window
     game["played"] += 1
@@ -1534,7 +1552,8 @@ def play_headless(model, args, device):
         print(
             f"pushed balls: in {b['pushed_ball_arrived']:.0%} of the {b['pushed_ball_cells']} "
             f"(frame, cell) pairs where the simulator's balls arrived the model shows a ball; "
-            f"{b['pushed_ball_left']:.0%} of the cells they left are empty"
+            f"{b['pushed_ball_left']:.0%} of the cells they left are empty; every ball right in "
+            f"{b['balls_exact']:.0%} of the frames"
         )
     path = os.path.join(args.out_dir, "samples", "play.gif")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -1744,11 +1763,10 @@ def step_flops(raw, args, rt, channels):
     x = torch.zeros(
         args.batch_size, args.context + args.horizon, channels, size, size, device=rt.device
     )
-    window = args.rollout_window
     ends = []
 
     def step(k):
-        rollout_losses(raw, x, k, args, rt.amp, window=window)[0].backward()
+        rollout_losses(raw, x, k, args, rt.amp)[0].backward()
 
     for k in (1, args.horizon):
         ends.append(count_flops(lambda: step(k)))

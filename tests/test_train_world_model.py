@@ -710,10 +710,10 @@ def test_training_loop_uses_curriculum_k_on_full_windows(tmp_path, monkeypatch):
     calls = []
     rollout_losses = wm.rollout_losses
 
-    def record(model, x, k, args, amp, steps=None, actions=None, window=0):
+    def record(model, x, k, args, amp, steps=None, actions=None):
         if torch.is_grad_enabled():  # training (evaluation runs under no_grad)
             calls.append((k, steps, tuple(x.shape)))
-        return rollout_losses(model, x, k, args, amp, steps, actions, window)
+        return rollout_losses(model, x, k, args, amp, steps, actions)
 
     monkeypatch.setattr(wm, "rollout_losses", record)
     monkeypatch.setattr(wm, "step_flops", lambda *a: None)  # its calls are not training steps

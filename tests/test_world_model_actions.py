@@ -5,6 +5,7 @@ short training run."""
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -212,7 +213,7 @@ class Stub(nn.Module):
         super().__init__()
         self.follows = follows_actions
 
-    def forward(self, context, steps, actions, window=0):
+    def forward(self, context, steps, actions, window=0, reencode=False):
         frame, out = context[:, -1], []
         cell = context.shape[-1] // td.AGENT_GRID
         for j in range(steps):
@@ -302,7 +303,9 @@ def pushed_clip():
 def test_pushed_ball_scores_count_arrivals_and_departures():
     """Against a plain loop over the states: a cell is an arrival at frame t when a ball is there
     and none was in the first frame, a departure the other way round. The truth scores 1 and 1,
-    copy_last 0 and 0, black frames 0 and 1, frames with a ball in every cell 1 and 0."""
+    copy_last 0 and 0, black frames 0 and 1, frames with a ball in every cell 1 and 0. All balls
+    are right in every frame of the truth, in a copy of the first frame where no ball has moved
+    yet, in no frame of black or red ones."""
     video, balls = pushed_clip()
     last, truth = video[None, :1], video[None, 1:]
     horizon = 6
@@ -317,16 +320,25 @@ def test_pushed_ball_scores_count_arrivals_and_departures():
     assert exact["pushed_ball_cells"] == sum(arrivals[:horizon])
     assert exact["pushed_ball_cells_rollout"] == sum(arrivals)
     assert exact["pushed_ball_arrived_rollout"] == 1 and exact["pushed_ball_left_rollout"] == 1
+    assert exact["balls_exact"] == 1 and exact["balls_exact_rollout"] == 1
     copy = wm.pushed_ball_scores(last.expand_as(truth), last, truth, horizon)
     assert copy["pushed_ball_arrived_rollout"] == 0 and copy["pushed_ball_left_rollout"] == 0
+    unmoved = [cells(t) == cells(0) for t in range(1, len(balls))]
+    assert copy["balls_exact"] == pytest.approx(sum(unmoved[:horizon]) / horizon)
+    assert copy["balls_exact_rollout"] == pytest.approx(sum(unmoved) / len(unmoved))
     black = wm.pushed_ball_scores(torch.zeros_like(truth), last, truth, horizon)
     assert black["pushed_ball_arrived"] == 0 and black["pushed_ball_left"] == 1
+    assert black["balls_exact_rollout"] == 0
     red = torch.tensor(td.AGENT_BALL).view(1, 1, 3, 1, 1).expand_as(truth)
     full = wm.pushed_ball_scores(red, last, truth, horizon)
     assert full["pushed_ball_arrived"] == 1 and full["pushed_ball_left"] == 0
+    assert full["balls_exact_rollout"] == 0
     half = torch.cat([truth[:, :horizon], last.expand(1, truth.shape[1] - horizon, -1, -1, -1)], 1)
     mixed = wm.pushed_ball_scores(half, last, truth, horizon)
     assert mixed["pushed_ball_arrived"] == 1
+    right = horizon + sum(unmoved[horizon:])
+    assert mixed["balls_exact"] == 1 and mixed["balls_exact_rollout"] < 1
+    assert mixed["balls_exact_rollout"] == pytest.approx(right / len(unmoved))
     moved_later = sum(arrivals[horizon:])
     assert mixed["pushed_ball_arrived_rollout"] == pytest.approx(
         sum(arrivals[:horizon]) / (sum(arrivals[:horizon]) + moved_later)
@@ -406,21 +418,31 @@ def test_checkpoint_from_before_fsq_and_kernel_flags_still_loads(tiny, tmp_path)
         run(tmp_path, "--eval-only", "--ckpt", str(tmp_path / "old.pt"), "--fsq-levels", "3")
 
 
-def ref_window_rollout(model, z_context, steps, actions, window):
+def ref_window_rollout(model, z_context, steps, actions, window, reencode=False):
     """A plain loop: the first prediction reads the whole context from a zero state; each later
-    one reads only the last `window` latents (with their actions) from a zero state."""
+    one reads only the last `window` latents (with their actions) from a zero state, or carries
+    the state when window is 0. reencode: each prediction is decoded to a frame in [0, 1] and
+    encoded again (the model's fsq_levels are 0: no quantisation) before anything reads it."""
     emb = model.action_embed.weight[torch.where(actions < 0, A, actions)]
+
+    def fed_back(z):
+        if not reencode:
+            return z
+        frame = ((model.decoder(z) + 1) / 2).clamp(0, 1)
+        return model.encoder(frame * 2 - 1)
+
     zs = list(z_context.unbind(1))
     T = len(zs)
     state = None
     for t in range(T):
         z, state = model.dynamics(zs[t].contiguous(), state, emb[:, t])
-    zs.append(z)
+    zs.append(fed_back(z))
     for new in range(T + 1, T + steps):  # the frame predicted
-        state = None
-        for i in range(new - window, new):
+        if window:
+            state = None
+        for i in range(new - window, new) if window else [new - 1]:
             z, state = model.dynamics(zs[i].contiguous(), state, emb[:, i])
-        zs.append(z)
+        zs.append(fed_back(z))
     return torch.stack(zs[T:], 1)
 
 
@@ -438,10 +460,26 @@ def test_rollout_window_rebuilds_the_state_from_the_last_latents(dynamics, windo
     assert torch.equal(got[:, 0], carried[:, 0]) and not torch.allclose(got, carried)
 
 
-def test_headless_play_with_a_window_equals_rollout(tiny, capsys):
+@pytest.mark.parametrize("dynamics", ["gru", "lstm"])
+@pytest.mark.parametrize("window", [0, 1, 3])
+def test_reencode_feeds_each_predicted_frame_back(dynamics, window):
+    """--reencode: every prediction, the first included, becomes the latent of its decoded frame
+    before the next step reads it, with the state carried or rebuilt over the window alike."""
+    model = action_model(dynamics)
+    z = torch.randn(2, 3, 4, 4, 4)
+    actions = torch.randint(-1, A, (2, 8))
+    with torch.no_grad():
+        got = model.rollout(z, 6, actions, window, reencode=True)
+        want = ref_window_rollout(model, z, 6, actions, window, reencode=True)
+        plain = model.rollout(z, 6, actions, window)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got[:, 0], plain[:, 0], atol=1e-3)
+
+
+@pytest.mark.parametrize("flags", [["--rollout-window", "2"], ["--reencode"]])
+def test_headless_play_feeds_back_as_rollout_does(tiny, capsys, flags):
     args = tyro.cli(
-        wm.Args,
-        args=[*TINY, "--out-dir", str(tiny), "--play-actions", "RRUULDN", "--rollout-window", "2"],
+        wm.Args, args=[*TINY, "--out-dir", str(tiny), "--play-actions", "RRUULDN", *flags]
     )
     model = wm.WorldModel(**wm.model_arch(args, 3))
     model.load_state_dict(torch.load(tiny / "ckpt.pt", weights_only=True)["model"])
@@ -451,7 +489,7 @@ def test_headless_play_with_a_window_equals_rollout(tiny, capsys):
     ctx = (item["video"] * 255).round() / 255
     actions = torch.cat([item["actions"][:2], torch.tensor([4, 4, 1, 1, 3, 2, 0])])[None]
     with torch.no_grad():
-        _, pred, _ = model(ctx[None], 7, actions, 2)
+        _, pred, _ = model(ctx[None], 7, actions, args.rollout_window, args.reencode)
         _, carried, _ = model(ctx[None], 7, actions)
     assert torch.allclose(frames, pred[0].clamp(0, 1), atol=1e-5)
     assert not torch.allclose(frames, carried[0].clamp(0, 1), atol=1e-5)
@@ -464,20 +502,44 @@ def test_rollout_window_refuses_bad_values(tmp_path):
         run(tmp_path, "--rollout-window", "2", "--dynamics", "transformer")
 
 
-def test_training_steps_roll_out_with_the_window():
-    """--rollout-window applies in training too: train_step's loss is rollout_losses' with the
-    window (computed on a copy before the update), not the carried state's."""
+def test_training_steps_roll_out_with_the_window_and_without_reencode():
+    """--rollout-window applies in training too, --reencode does not: train_step's loss is
+    rollout_losses' with the window and on latents (computed on a copy before the update)."""
     import copy
     from contextlib import nullcontext
 
     model = action_model("gru").train()
-    args = wm.Args(context=3, horizon=4, rollout_window=1)
+    args = wm.Args(context=3, horizon=4, rollout_window=1, reencode=True)
     x = torch.rand(2, 7, 3, 32, 32)
     actions = torch.randint(0, A, (2, 7))
     before = copy.deepcopy(model)
-    want = wm.rollout_losses(before, x, 4, args, nullcontext(), actions=actions, window=1)[1]
-    carried = wm.rollout_losses(before, x, 4, args, nullcontext(), actions=actions)[1]
+    want = wm.rollout_losses(before, x, 4, args, nullcontext(), actions=actions)[1]
+    carried = replace(args, rollout_window=0)
+    carried = wm.rollout_losses(before, x, 4, carried, nullcontext(), actions=actions)[1]
+    fed_back = wm.rollout_losses(before, x, 4, args, nullcontext(), actions=actions, reencode=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     got = wm.train_step(model, opt, scaler, x, 4, args, nullcontext(), actions)
     assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, carried, atol=1e-6)
+    assert not torch.allclose(got, fed_back[1], atol=1e-6)
+
+
+def test_evaluation_scores_the_reencoded_rollout():
+    """--reencode at evaluation: the validation loss is that of the rollout fed its frames."""
+    from contextlib import nullcontext
+
+    model = action_model("gru")
+    args = wm.Args(context=3, horizon=4, rollout=4, reencode=True)
+    clips = torch.randint(0, 256, (2, 7, 3, 32, 32), dtype=torch.uint8)
+    actions = torch.randint(0, A, (2, 7))
+    x = clips.float() / 255
+    _, _, val, _, _ = wm.evaluate(
+        model, clips, args, torch.device("cpu"), nullcontext(), actions=actions
+    )
+    with torch.no_grad():
+        fed_back = wm.rollout_losses(
+            model, x, 4, args, nullcontext(), actions=actions, reencode=True
+        )
+        plain = wm.rollout_losses(model, x, 4, args, nullcontext(), actions=actions)
+    assert val["loss"] == pytest.approx(float(fed_back[0]), rel=1e-5)
+    assert val["loss"] != pytest.approx(float(plain[0]), rel=1e-3)

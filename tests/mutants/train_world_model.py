@@ -12,7 +12,7 @@ MUTANTS = [
     {
         "name": "rollout_teacher_forced",
         "invariant": "the rollout feeds its own predicted latent back, not an encoded frame",
-        "old": "                z, state = self.step(z, state, at(t))",
+        "old": "                z, state = self.step(zs[-1], state, at(t))",
         "new": "                z, state = self.step(z_context[:, -1], state, at(t))",
     },
     {
@@ -135,8 +135,8 @@ MUTANTS = [
     {
         "name": "rollout_detached",
         "invariant": "the loss backpropagates through the fed-back predicted latents",
-        "old": "                z, state = self.step(z, state, at(t))",
-        "new": "                z, state = self.step(z.detach(), state, at(t))",
+        "old": "                z, state = self.step(zs[-1], state, at(t))",
+        "new": "                z, state = self.step(zs[-1].detach(), state, at(t))",
     },
     {
         "name": "alibi_sign_flipped",
@@ -441,7 +441,55 @@ MUTANTS = [
     {
         "name": "window_not_in_training",
         "invariant": "--rollout-window rolls training out as evaluation and play do",
-        "old": "    loss, terms, _, _ = rollout_losses(model, x, k, args, amp, actions=actions, window=window)",
-        "new": "    loss, terms, _, _ = rollout_losses(model, x, k, args, amp, actions=actions)",
+        "old": "        rec, pred, _ = model(x[:, :c], steps or k, actions, args.rollout_window, reencode)",
+        "new": "        rec, pred, _ = model(x[:, :c], steps or k, actions, 0, reencode)",
+    },
+    {
+        "name": "reencode_not_in_losses",
+        "invariant": "the losses of a rollout asked to feed back frames are that rollout's",
+        "old": "        rec, pred, _ = model(x[:, :c], steps or k, actions, args.rollout_window, reencode)",
+        "new": "        rec, pred, _ = model(x[:, :c], steps or k, actions, args.rollout_window)",
+    },
+    {
+        "name": "reencode_not_in_evaluation",
+        "invariant": "--reencode applies at evaluation",
+        "old": "rollout_losses(model, x, h, args, amp, steps, a, args.reencode)",
+        "new": "rollout_losses(model, x, h, args, amp, steps, a)",
+    },
+    {
+        "name": "reencode_in_training",
+        "invariant": "training rolls out on latents whatever --reencode says",
+        "old": "    loss, terms, _, _ = rollout_losses(model, x, k, args, amp, actions=actions)",
+        "new": "    loss, terms, _, _ = rollout_losses(model, x, k, args, amp, actions=actions, reencode=args.reencode)",
+    },
+    {
+        "name": "reencode_first_prediction_kept",
+        "invariant": "--reencode feeds back the first prediction's frame too",
+        "old": "        zs.append(fed_back(z))\n        for t in range(T, T + steps - 1):",
+        "new": "        zs.append(z)\n        for t in range(T, T + steps - 1):",
+    },
+    {
+        "name": "reencode_later_predictions_kept",
+        "invariant": "--reencode feeds back every later prediction's frame",
+        "old": "            zs.append(fed_back(z))",
+        "new": "            zs.append(z)",
+    },
+    {
+        "name": "reencode_carried_state_reads_the_latent",
+        "invariant": "with the state carried, the next step reads the fed-back latent",
+        "old": "                z, state = self.step(zs[-1], state, at(t))",
+        "new": "                z, state = self.step(z, state, at(t))",
+    },
+    {
+        "name": "reencode_unclamped",
+        "invariant": "the fed-back frame is clamped to [0, 1], as a frame shown is",
+        "old": "        return self.encode(self.decode(z).clamp(0, 1))",
+        "new": "        return self.encode(self.decode(z))",
+    },
+    {
+        "name": "reencode_not_in_play",
+        "invariant": "play feeds back as rollout() does",
+        "old": '    if game["reencode"]:\n        game["z"] = model.reencoded(game["z"])',
+        "new": '    if False:\n        game["z"] = model.reencoded(game["z"])',
     },
 ]
