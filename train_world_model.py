@@ -68,7 +68,7 @@ model and in the simulator (samples/counterfactual.png). --play opens a matplotl
 or WASD, space waits, r resets, q quits; one model step per key press) beside the simulator;
 --play-actions RRUUL... plays the letters headless into samples/play.gif and play.png and prints
 frames/s. Your own videos with actions: docs/data.md (<stem>.actions.txt beside each video).
-Three flags make a game of few states per cell hold up over long play: --fsq-levels quantises
+These flags make a game of few states per cell hold up over long play: --fsq-levels quantises
 the latent grid (Mentzer et al., FSQ, 2023), so small errors are undone at every step;
 --input-kernel 5 lets a cell see two cells away (behind the ball the agent pushes);
 --rollout-window 1 rebuilds the recurrent state at every step after the first from the last
@@ -76,13 +76,13 @@ latent alone (a window of frames, as DIAMOND and GameNGen condition on), in trai
 alike, so a 60-step game runs the computation training ran. At evaluation and in play,
 --reencode feeds each predicted frame back (decoded, then encoded again) instead of its latent:
 what the frame does not show cannot come back later, and pushed balls stay where they went.
+--fresh trains on new clips every step (the simulator is cheap) instead of a fixed pool.
 
-    OMP_NUM_THREADS=1 python train_world_model.py --data agent --actions --resolution 32 \
-        --latent-grid 8 --context 4 --steps 4500 --fsq-levels 5 --input-kernel 5 \
-        --rollout-window 1                                        # 10 min on 1 CPU thread
-    python train_world_model.py --data agent --actions --resolution 32 --latent-grid 8 \
-        --context 4 --fsq-levels 5 --input-kernel 5 --rollout-window 1 --reencode \
-        --ckpt runs/train_world_model/ckpt_best.pt --play        # or --play-actions RRUUL
+    AGENT="--data agent --actions --resolution 32 --latent-grid 8 --context 4 --fsq-levels 5
+        --input-kernel 5 --rollout-window 1 --reencode"
+    OMP_NUM_THREADS=1 python train_world_model.py $AGENT --fresh --steps 4500  # 13 min, 1 thread
+    python train_world_model.py $AGENT --ckpt runs/train_world_model/ckpt_best.pt --play
+    # or --play-actions RRUUL (headless)
 
 The Moving MNIST 10 -> 10 benchmark (docs/results/moving_mnist.md): fresh two-digit clips every
 step, evaluated on a file in the standard test layout (mnist_test_seq.npy, or the one toy_data.py

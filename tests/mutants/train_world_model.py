@@ -492,4 +492,10 @@ MUTANTS = [
         "old": '    if game["reencode"]:\n        game["z"] = model.reencoded(game["z"])',
         "new": '    if False:\n        game["z"] = model.reencoded(game["z"])',
     },
+    {
+        "name": "balls_exact_any_cell",
+        "invariant": "a frame's balls are right only when every cell is",
+        "old": "    exact = (got == true).flatten(-2).all(-1)",
+        "new": "    exact = (got == true).flatten(-2).any(-1)",
+    },
 ]
