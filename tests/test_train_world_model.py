@@ -710,10 +710,10 @@ def test_training_loop_uses_curriculum_k_on_full_windows(tmp_path, monkeypatch):
     calls = []
     rollout_losses = wm.rollout_losses
 
-    def record(model, x, k, args, amp, steps=None, actions=None):
+    def record(model, x, k, args, amp, steps=None, actions=None, reencode=False):
         if torch.is_grad_enabled():  # training (evaluation runs under no_grad)
             calls.append((k, steps, tuple(x.shape)))
-        return rollout_losses(model, x, k, args, amp, steps, actions)
+        return rollout_losses(model, x, k, args, amp, steps, actions, reencode)
 
     monkeypatch.setattr(wm, "rollout_losses", record)
     monkeypatch.setattr(wm, "step_flops", lambda *a: None)  # its calls are not training steps
