@@ -1089,10 +1089,11 @@ def test_set(args):
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")  # compiled graphs serve training steps alone
 def evaluate(model, clips, args, device, amp, batch=32, actions=None):
-    """Roll out held-out clips exactly as in training: encode --context frames, then predict the
-    rest from the model's own latents. Errors are scored on the raw output, PSNR and SSIM on it
-    clamped (metrics.prediction_scores). -> (model scores, copy_last scores, loss terms, per-frame
-    tensors, frames of the first 4 clips: context reconstructed, then predicted, in [0, 1]).
+    """Roll out held-out clips as in training: encode --context frames, then predict the rest
+    from the model's own latents (with --reencode, from the latents of its decoded frames, as
+    play does). Errors are scored on the raw output, PSNR and SSIM on it clamped
+    (metrics.prediction_scores). -> (model scores, copy_last scores, loss terms, per-frame tensors,
+    frames of the first 4 clips: context reconstructed, then predicted, in [0, 1]).
     actions (N, T): the clips' actions (--actions). On agent data the scores include the agent's
     position error (position_scores)."""
     model.eval()
