@@ -212,8 +212,10 @@ class Stub(nn.Module):
     def __init__(self, follows_actions):
         super().__init__()
         self.follows = follows_actions
+        self.rollouts = []  # the (window, reencode) of each call
 
     def forward(self, context, steps, actions, window=0, reencode=False):
+        self.rollouts.append((window, reencode))
         frame, out = context[:, -1], []
         cell = context.shape[-1] // td.AGENT_GRID
         for j in range(steps):
@@ -239,6 +241,15 @@ def test_counterfactual_separates_a_model_that_follows_actions_from_a_blind_one(
     assert abs(blind["matched_error"] - blind["mismatched_error"]) < 1e-6
     assert follows["model_spread"] > 0
     assert follows["matched_error"] < follows["mismatched_error"] - 0.5
+
+
+def test_counterfactual_rolls_out_as_evaluation_does():
+    """The branches roll out with the run's --rollout-window and --reencode, as play does."""
+    stub = Stub(True)
+    args = wm.Args(data="agent", resolution=32, context=3, horizon=3, rollout_window=1)
+    wm.counterfactual(stub, replace(args, reencode=True), torch.device("cpu"), n_clips=2)
+    wm.counterfactual(stub, args, torch.device("cpu"), n_clips=2)
+    assert stub.rollouts == [(1, True)] * 2 + [(1, False)] * 2
 
 
 @pytest.mark.slow

@@ -498,4 +498,10 @@ MUTANTS = [
         "old": "    exact = (got == true).flatten(-2).all(-1)",
         "new": "    exact = (got == true).flatten(-2).any(-1)",
     },
+    {
+        "name": "reencode_not_in_counterfactual",
+        "invariant": "the counterfactual branches roll out as evaluation and play do",
+        "old": "    _, pred, _ = model(x, k, actions.to(device), args.rollout_window, args.reencode)",
+        "new": "    _, pred, _ = model(x, k, actions.to(device), args.rollout_window)",
+    },
 ]
