@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -235,24 +236,40 @@ def test_fresh_prior_is_uniform_and_codebook_frozen():
     model = tg.VideoGPT(torch.randn(7, 3), (2, 2, 3), 12, 2, 1)
     codes = torch.randint(7, (2, 12))
     assert tg.gpt_loss(model, codes)[0].item() == pytest.approx(math.log(7), rel=1e-6)
-    nll = tg.sequence_nll(model, codes)
+    nll = tg.sequence_nll(model, codes).sum(1)
     assert tg.bits(nll, 12, 100)["bits_per_token"] == pytest.approx(math.log2(7), rel=1e-6)
     assert "codebook" not in dict(model.named_parameters()) and "codebook" in model.state_dict()
 
 
 def test_bits_and_nll_by_hand():
-    """sequence_nll sums the per-code NLL of each grid (nats); bits per token = mean NLL / (ln 2 N),
-    bits per dim = mean NLL / (ln 2 T C H W)."""
+    """sequence_nll is the NLL of each code of each grid (nats); bits per token = mean NLL of a grid
+    / (ln 2 N), bits per dim = mean NLL of a grid / (ln 2 T C H W)."""
     model = tiny_model()
     codes = torch.randint(7, (3, 12), generator=torch.Generator().manual_seed(7))
     nll = tg.sequence_nll(model, codes, batch=2)
     with torch.no_grad():
         logp = torch.log_softmax(model(codes).double(), -1)
-    want = [-sum(logp[b, n, codes[b, n]] for n in range(12)) for b in range(3)]
-    assert torch.allclose(nll, torch.stack(want), atol=1e-6)
+    want = [[-logp[b, n, codes[b, n]] for n in range(12)] for b in range(3)]
+    assert torch.allclose(nll, torch.tensor(want, dtype=torch.float64), atol=1e-6)
     b = tg.bits(torch.tensor([2.0, 4.0], dtype=torch.float64), 12, 300)
     assert b["bits_per_token"] == pytest.approx(3 / math.log(2) / 12)
     assert b["bits_per_dim"] == pytest.approx(3 / math.log(2) / 300)
+
+
+def test_bits_by_latent_frame_by_hand():
+    """likelihood's bits per code of each latent frame: the mean -log2 p of the codes of that frame
+    (grid (2, 2, 3): codes 0-5 are frame 0, 6-11 frame 1), over every grid."""
+    model = tiny_model()
+    codes = torch.randint(7, (3, 12), generator=torch.Generator().manual_seed(8))
+    ours, _ = tg.likelihood(model, codes, torch.ones(7), 100, nullcontext())
+    with torch.no_grad():
+        logp = torch.log_softmax(model(codes).double(), -1) / math.log(2)
+    want = [
+        -sum(logp[b, n, codes[b, n]] for b in range(3) for n in range(6 * t, 6 * t + 6)) / 18
+        for t in range(2)
+    ]
+    assert ours["bits_per_token_by_latent_frame"] == pytest.approx([float(w) for w in want])
+    assert sum(want) / 2 == pytest.approx(ours["bits_per_token"])
 
 
 def test_unigram_baseline_with_add_one_smoothing():
@@ -355,7 +372,11 @@ def test_tiny_run_writes_outputs(tiny):
     m = json.loads((tiny / "metrics.json").read_text())
     assert m["script"] == "train_videogpt.py" and m["step"] == 4
     ev, base = m["eval"], m["baselines"]
-    assert ev["likelihood"].keys() == base["likelihood"]["unigram"].keys()
+    assert (
+        ev["likelihood"].keys() - {"bits_per_token_by_latent_frame"}
+        == base["likelihood"]["unigram"].keys()
+    )
+    assert len(ev["likelihood"]["bits_per_token_by_latent_frame"]) == 2  # grid (2, 2, 2)
     assert base["likelihood"]["uniform"]["bits_per_token"] == pytest.approx(3.0)  # log2 8
     assert base["likelihood"]["uniform"]["bits_per_dim"] == pytest.approx(3.0 * 8 / (4 * 3 * 256))
     pred, base_pred = ev["prediction"], base["prediction"]

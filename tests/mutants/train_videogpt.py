@@ -125,8 +125,8 @@ MUTANTS = [
     {
         "name": "nll_mean_not_sum",
         "invariant": "a grid's NLL sums its codes' terms",
-        "old": "out.append(ce.view(len(c), -1).double().sum(1).cpu())",
-        "new": "out.append(ce.view(len(c), -1).double().mean(1).cpu())",
+        "old": "ours = bits(nll.sum(1), n, dims)",
+        "new": "ours = bits(nll.mean(1), n, dims)",
     },
     {
         "name": "codes_farthest",
@@ -151,5 +151,11 @@ MUTANTS = [
         "invariant": "the uniform model costs log2 K bits per code, N log2 K / (T C H W) per dim",
         "old": '"uniform": {"bits_per_token": uniform, "bits_per_dim": uniform * n / dims},',
         "new": '"uniform": {"bits_per_token": uniform, "bits_per_dim": uniform / dims},',
+    },
+    {
+        "name": "bits_by_frame_interleaved",
+        "invariant": "a latent frame's bits are the mean over its own h x w codes (raster order)",
+        "old": "by_frame = nll.view(len(codes), model.grid[0], -1).mean((0, 2)) / math.log(2)",
+        "new": "by_frame = nll.view(len(codes), -1, model.grid[0]).mean((0, 1)) / math.log(2)",
     },
 ]
