@@ -17,7 +17,7 @@ attention weights, as the paper's BAIR prior), a zero-initialised output head (t
 ln K), the mean cross-entropy over every code, Adam with gradient clipping at 1, ancestral sampling
 at temperature 1. Deviations: dense causal attention over the 512 codes (the released models use
 sparse, strided-block attention for their longer sequences); small widths and a short schedule for
-a CPU (2000 steps of 8 clips at lr 2e-3, no dropout; the paper: 3e-4 over 100k+ steps); a linear
+a CPU (4000 steps of 8 clips at lr 2e-3, no dropout; the paper: 3e-4 over 100k+ steps); a linear
 warm-up and a cosine to lr/10 (the paper: cosine to 0, no warm-up); the Moving MNIST frames at
 32 px on a CPU; the conditioning frames enter as the codes of their own latent frames, a prefix the
 prior continues (the paper encodes them with a separate ResNet and attends to them by
@@ -27,9 +27,9 @@ conditioning; optional top-k.
 
     python train_vqvae.py --data moving_mnist --resolution 32 --temporal-downsample 2 \\
         --spatial-downsample 4 --width 32 --latent-channels 8 --codebook-size 64 \\
-        --recon-loss mse --batch-size 8 --train-clips 512 --steps 1200 --lr 2e-3 \\
-        --out-dir runs/train_vqvae_3d               # the first stage (CPU: ~5 min)
-    python train_videogpt.py                        # CPU: ~11 min on one core, Moving MNIST
+        --recon-loss mse --batch-size 8 --train-clips 512 --steps 2400 --lr 2e-3 \\
+        --out-dir runs/train_vqvae_3d               # the first stage (2-core CPU: ~5 min)
+    python train_videogpt.py                        # 2-core CPU: ~12 min, Moving MNIST
     python train_videogpt.py --resolution 64 --vqvae runs/train_vqvae_3d_64 --width 576 \\
         --layers 8 --batch-size 32 --steps 50000 --lr 3e-4 --dropout 0.1
                         # GPU: 8 x 16 x 16 codes, after the first stage above at --resolution 64
@@ -79,7 +79,7 @@ import viz
 @dataclass
 class Args:
     # run
-    steps: int = 2000
+    steps: int = 4000
     """training steps (one batch per process each)"""
     seed: int = 0
     """random seed: model init, data sets, batch order and sampling"""
@@ -356,7 +356,7 @@ def bits(nll, n_tokens, dims):
 # --------------------------------------------------------------------------- first stage and data
 FIRST_STAGE_FLAGS = (  # train_vqvae.py's spatio-temporal first stage, as the docstring makes it
     "--temporal-downsample 2 --spatial-downsample 4 --width 32 --latent-channels 8 "
-    "--codebook-size 64 --recon-loss mse --batch-size 8 --train-clips 512 --steps 1200 --lr 2e-3"
+    "--codebook-size 64 --recon-loss mse --batch-size 8 --train-clips 512 --steps 2400 --lr 2e-3"
 )
 
 

@@ -30,7 +30,7 @@ loss is not divided by the data variance.
     python train_vqvae.py --eval-only                       # re-evaluate runs/train_vqvae/ckpt.pt
     python train_vqvae.py --temporal-downsample 2 --spatial-downsample 4 --resolution 32 \\
         --data moving_mnist --width 32 --latent-channels 8 --codebook-size 64 --recon-loss mse \\
-        --batch-size 8 --train-clips 512 --steps 1200 --lr 2e-3 --out-dir runs/train_vqvae_3d
+        --batch-size 8 --train-clips 512 --steps 2400 --lr 2e-3 --out-dir runs/train_vqvae_3d
                                                             # VideoGPT's first stage, ~5 min
     OMP_NUM_THREADS=1 python train_vqvae.py                 # busy CPU: far faster than 2 threads
 
