@@ -1,12 +1,14 @@
 """VideoGPT: a GPT over the codes of a spatio-temporal VQ-VAE, on Moving MNIST.
 
-The frozen first stage (`train_vqvae.py --temporal-downsample 2 --spatial-downsample 4`; VideoGPT's
-Moving MNIST setting shrinks time by 4, which blurred the digits here) turns a clip of 16 frames of
-32x32 (64x64 on a GPU) into an 8 x 8 x 8 (8 x 16 x 16) grid of codes of 64. A causal transformer
-learns the grid flattened in raster order (time, then rows, then columns): each code is predicted
-from every code before it. Sampling draws one code at a time with a KV cache (temperature, top-k)
-and the first stage decodes the grid. Frame-conditional generation encodes the first --context
-frames and continues their codes.
+The frozen first stage (`train_vqvae.py --temporal-downsample 2 --spatial-downsample 4
+--local-codes`; VideoGPT's Moving MNIST setting shrinks time by 4, which blurred the digits here)
+turns a clip of 16 frames of 32x32 (64x64 on a GPU) into an 8 x 8 x 8 (8 x 16 x 16) grid of codes
+of 64, each code from its own cell of 2 x 4 x 4 pixels (so every black cell takes one code, and the
+prior's bits go to the digits; VideoGPT's own encoder spreads the black cells over most codes, see
+docs/results/train_videogpt.md). A causal transformer learns the grid flattened in raster order
+(time, then rows, then columns): each code is predicted from every code before it. Sampling draws
+one code at a time with a KV cache (temperature, top-k) and the first stage decodes the grid.
+Frame-conditional generation encodes the first --context frames and continues their codes.
 
 Paper: Yan, Zhang, Abbeel, Srinivas, "VideoGPT: Video Generation using VQ-VAE and Transformers"
 (2021). Faithful: the frozen codebook vectors as inputs (a linear map to the width), a learned
@@ -17,7 +19,7 @@ attention weights, as the paper's BAIR prior), a zero-initialised output head (t
 ln K), the mean cross-entropy over every code, Adam with gradient clipping at 1, ancestral sampling
 at temperature 1. Deviations: dense causal attention over the 512 codes (the released models use
 sparse, strided-block attention for their longer sequences); small widths and a short schedule for
-a CPU (4000 steps of 8 clips at lr 2e-3, no dropout; the paper: 3e-4 over 100k+ steps); a linear
+a CPU (3000 steps of 8 clips at lr 2e-3, no dropout; the paper: 3e-4 over 100k+ steps); a linear
 warm-up and a cosine to lr/10 (the paper: cosine to 0, no warm-up); the Moving MNIST frames at
 32 px on a CPU; the conditioning frames enter as the codes of their own latent frames, a prefix the
 prior continues (the paper encodes them with a separate ResNet and attends to them by
@@ -26,10 +28,10 @@ the first k * dt frames depend on those frames alone), so one prior samples with
 conditioning; optional top-k.
 
     python train_vqvae.py --data moving_mnist --resolution 32 --temporal-downsample 2 \\
-        --spatial-downsample 4 --width 32 --latent-channels 8 --codebook-size 64 \\
+        --spatial-downsample 4 --local-codes --width 32 --latent-channels 8 --codebook-size 64 \\
         --recon-loss mse --batch-size 8 --train-clips 512 --steps 2400 --lr 2e-3 \\
         --out-dir runs/train_vqvae_3d               # the first stage (2-core CPU: ~5 min)
-    python train_videogpt.py                        # 2-core CPU: ~12 min, Moving MNIST
+    python train_videogpt.py                        # 2-core CPU: ~10-15 min, Moving MNIST
     python train_videogpt.py --resolution 64 --vqvae runs/train_vqvae_3d_64 --width 576 \\
         --layers 8 --batch-size 32 --steps 50000 --lr 3e-4 --dropout 0.1
                         # GPU: 8 x 16 x 16 codes, after the first stage above at --resolution 64
@@ -79,7 +81,7 @@ import viz
 @dataclass
 class Args:
     # run
-    steps: int = 4000
+    steps: int = 3000
     """training steps (one batch per process each)"""
     seed: int = 0
     """random seed: model init, data sets, batch order and sampling"""
@@ -355,7 +357,7 @@ def bits(nll, n_tokens, dims):
 
 # --------------------------------------------------------------------------- first stage and data
 FIRST_STAGE_FLAGS = (  # train_vqvae.py's spatio-temporal first stage, as the docstring makes it
-    "--temporal-downsample 2 --spatial-downsample 4 --width 32 --latent-channels 8 "
+    "--temporal-downsample 2 --spatial-downsample 4 --local-codes --width 32 --latent-channels 8 "
     "--codebook-size 64 --recon-loss mse --batch-size 8 --train-clips 512 --steps 2400 --lr 2e-3"
 )
 

@@ -21,16 +21,20 @@ summed) to a (T/N, H/S, W/S) grid of codes, S = --spatial-downsample, and back t
 codes of the first k*N frames depend on those frames alone and frame-conditional generation can
 keep them; a 1x3x3 residual unit after every strided level (narrow layers need the drawing
 capacity); channels double per level from --width instead of a constant 240; the reconstruction
-loss is not divided by the data variance.
+loss is not divided by the data variance. --local-codes (train_videogpt.py's default first stage)
+replaces the encoder by a per-cell MLP, so a code depends on its own N x S x S pixels alone: with
+VideoGPT's encoder the black background of Moving MNIST takes most of the codebook, with this one
+a single code, and a prior on the codes learns digits far sooner (docs/results/train_videogpt.md).
 
     python train_vqvae.py                                   # CPU: ~5-8 min on 2 cores, smoke data
     python train_vqvae.py --data moving_mnist --steps 3000  # any toy_data kind, 1 or 3 channels
     python train_vqvae.py --width 64 --batch-size 128 --steps 20000 --gan-weight 0.1  # GPU
     torchrun --standalone --nproc_per_node=2 train_vqvae.py # DDP (nccl on CUDA, gloo on CPU)
     python train_vqvae.py --eval-only                       # re-evaluate runs/train_vqvae/ckpt.pt
-    python train_vqvae.py --temporal-downsample 2 --spatial-downsample 4 --resolution 32 \\
-        --data moving_mnist --width 32 --latent-channels 8 --codebook-size 64 --recon-loss mse \\
-        --batch-size 8 --train-clips 512 --steps 2400 --lr 2e-3 --out-dir runs/train_vqvae_3d
+    python train_vqvae.py --temporal-downsample 2 --spatial-downsample 4 --local-codes \\
+        --resolution 32 --data moving_mnist --width 32 --latent-channels 8 --codebook-size 64 \\
+        --recon-loss mse --batch-size 8 --train-clips 512 --steps 2400 --lr 2e-3 \\
+        --out-dir runs/train_vqvae_3d
                                                             # VideoGPT's first stage, ~5 min
     OMP_NUM_THREADS=1 python train_vqvae.py                 # busy CPU: far faster than 2 threads
 
@@ -152,6 +156,11 @@ class Args:
     spatial_downsample: int = 8
     """with --temporal-downsample > 1: how much the 3D VQ-VAE shrinks each side of a frame (a power
     of 2; VideoGPT's Moving MNIST setting is 4); the per-frame VQ-VAE always uses 8"""
+    local_codes: bool = False
+    """with --temporal-downsample > 1: each code sees its own cell of N x S x S pixels alone (one
+    strided convolution and two 1x1x1 layers instead of VideoGPT's encoder stack), so equal cells
+    get equal codes: every black cell of Moving MNIST takes one code, and a prior on the codes
+    spends its bits on the digits; the decoder is VideoGPT's either way"""
     # optim
     batch_size: int = 16
     """frames per batch per process (clips with --temporal-downsample > 1)"""
@@ -294,6 +303,18 @@ class VQVAE(nn.Module):
 
 
 # ----------------------------------------------------------------------------- model, 3D (VideoGPT)
+def cell_encoder(channels, width, latent_channels, cell):
+    """z_e of each (dt, ds, ds) cell from that cell's pixels alone: a convolution with stride equal
+    to its kernel, then a per-cell MLP."""
+    return nn.Sequential(
+        nn.Conv3d(channels, width, cell, cell),
+        nn.ReLU(),
+        nn.Conv3d(width, width, 1),
+        nn.ReLU(),
+        nn.Conv3d(width, latent_channels, 1),
+    )
+
+
 def conv_strides(downsample):
     """(dt, ds, ds) -> per-level strides: max(log2) stride-2 levels, each axis halved while it still
     has to shrink (VideoGPT's order: time and space together first)."""
@@ -390,11 +411,29 @@ class FrameResBlock(nn.Module):
         return x + self.body(x)
 
 
+def videogpt_encoder(channels, widths, strides, latent_channels, attention, res_blocks=2):
+    """VideoGPT's encoder, causal in time: a strided 4x4x4 conv and a residual unit per level, a
+    3x3x3 conv, axial-attention residual units, a 1x1x1 conv to the latent channels."""
+    down = []
+    for cin, cout, s in zip([channels, *widths], widths, strides):
+        down += [CausalConv3d(cin, cout, 4, s), FrameResBlock(cout), nn.ReLU()]
+    top = widths[-1]
+    return nn.Sequential(
+        *down,
+        CausalConv3d(top, top, 3),
+        *(AxialResBlock(top, attention, causal=True) for _ in range(res_blocks)),
+        FrameNorm(math.gcd(8, top), top),
+        nn.ReLU(),
+        nn.Conv3d(top, latent_channels, 1),
+    )
+
+
 class VQVAE3D(nn.Module):
     """VideoGPT's first stage: clips (B, T, C, H, W) -> codes on a (T/dt, H/ds, W/ds) grid -> clips.
     Strided 4x4x4 convs (ReLU), a 3x3x3 conv and axial-attention residual units; the decoder mirrors
     it with transposed convs. The encoder is causal in time (a deviation, see the docstring), so
-    the codes of the first k*dt frames are the first k latent frames of any longer clip."""
+    the codes of the first k*dt frames are the first k latent frames of any longer clip;
+    local_codes: the cell encoder instead, whose codes see their own cells alone."""
 
     def __init__(
         self,
@@ -406,22 +445,19 @@ class VQVAE3D(nn.Module):
         temporal_downsample=4,
         spatial_downsample=8,
         res_blocks=2,
+        local_codes=False,
     ):
         super().__init__()
-        strides = conv_strides((temporal_downsample, spatial_downsample, spatial_downsample))
+        cell = (temporal_downsample, spatial_downsample, spatial_downsample)
+        strides = conv_strides(cell)
         widths = [width * 2**i for i in range(len(strides))]
         top = widths[-1]
-        down = []
-        for cin, cout, s in zip([channels, *widths], widths, strides):
-            down += [CausalConv3d(cin, cout, 4, s), FrameResBlock(cout), nn.ReLU()]
-        self.encoder = nn.Sequential(
-            *down,
-            CausalConv3d(top, top, 3),
-            *(AxialResBlock(top, attention, causal=True) for _ in range(res_blocks)),
-            FrameNorm(math.gcd(8, top), top),
-            nn.ReLU(),
-            nn.Conv3d(top, latent_channels, 1),
-        )
+        if local_codes:
+            self.encoder = cell_encoder(channels, top, latent_channels, cell)
+        else:
+            self.encoder = videogpt_encoder(
+                channels, widths, strides, latent_channels, attention, res_blocks
+            )
         up = []
         for cin, cout, s in reversed(list(zip([channels, *widths], widths, strides))):
             kernel = tuple(2 + si for si in s)  # 4 where it doubles, 3 where it keeps the size
@@ -914,6 +950,7 @@ def spatio_temporal(args):
     return {
         "temporal_downsample": args.temporal_downsample,
         "spatial_downsample": args.spatial_downsample,
+        "local_codes": args.local_codes,
     }
 
 
@@ -953,6 +990,11 @@ def check_temporal(args):
         raise SystemExit(
             f"error: --spatial-downsample {ds} must be a power of 2 that divides --resolution "
             f"{args.resolution}, and 8 without --temporal-downsample (the per-frame VQ-VAE)"
+        )
+    if args.local_codes and dt == 1:
+        raise SystemExit(
+            "error: --local-codes is an encoder of the spatio-temporal VQ-VAE; add e.g. "
+            "--temporal-downsample 2 --spatial-downsample 4"
         )
 
 

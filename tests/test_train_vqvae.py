@@ -814,7 +814,34 @@ def test_3d_encoder_is_causal_in_time():
         short = model.encode(x[:, :4])  # a 4-frame clip: exactly the first two latent frames
     assert torch.equal(a[:, :, :2], b[:, :, :2])
     assert not torch.allclose(a[:, :, 2], b[:, :, 2])
-    assert torch.allclose(short, a[:, :, :2], atol=1e-6)
+    # another clip length may sum in another order: 7e-6 apart on an AMD EPYC, fp32
+    assert torch.allclose(short, a[:, :, :2], atol=1e-5)
+
+
+def test_local_codes_see_their_own_cell_only():
+    """--local-codes: z_e of a cell is an MLP of that cell's 2 x 4 x 4 pixels (computed here with
+    the cells cut out by reshaping and the layers as matrices); two black cells get the same z_e,
+    and changing one cell changes its own z_e alone."""
+    torch.manual_seed(0)
+    model = tv.VQVAE3D(1, 4, 3, 8, True, 2, 4, local_codes=True).eval()
+    x = torch.rand(2, 4, 1, 8, 8)
+    x[0, :2, :, :4, :4] = 0  # clip 0, latent cell (0, 0, 0)
+    x[1, 2:, :, 4:, 4:] = 0  # clip 1, latent cell (1, 1, 1)
+    cells = (x * 2 - 1).view(2, 2, 2, 1, 2, 4, 2, 4)  # B, t, dt, C, h, ds, w, ds
+    cells = cells.permute(0, 1, 4, 6, 3, 2, 5, 7).flatten(4)  # B, t, h, w, (C dt ds ds)
+    first, _, second, _, out = model.encoder
+    h = F.relu(cells @ first.weight.flatten(1).T + first.bias)
+    h = F.relu(h @ second.weight.flatten(1).T + second.bias)
+    want = (h @ out.weight.flatten(1).T + out.bias).permute(0, 4, 1, 2, 3)
+    y = x.clone()
+    y[0, 2:, :, :4, 4:] = torch.rand(2, 1, 4, 4)  # clip 0, latent cell (1, 0, 1)
+    with torch.no_grad():
+        z, z_y = model.encode(x), model.encode(y)
+    assert torch.allclose(z, want, atol=1e-5)
+    assert torch.equal(z[0, :, 0, 0, 0], z[1, :, 1, 1, 1])
+    changed = torch.zeros(2, 2, 2, 2, dtype=torch.bool)
+    changed[0, 1, 0, 1] = True
+    assert torch.equal((z_y != z).any(1), changed)
 
 
 def test_causal_conv_pads_time_in_front_and_space_around():
@@ -930,6 +957,7 @@ def test_3d_tiny_run_and_export(tmp_path, attention):
         (["--temporal-downsample", "8"], "error: --temporal-downsample 8 .* --frames 4"),
         (["--spatial-downsample", "4"], "error: --spatial-downsample 4 .* and 8 without"),
         (["--temporal-downsample", "2", "--spatial-downsample", "3"], "--spatial-downsample 3"),
+        (["--local-codes"], "error: --local-codes is an encoder of the spatio-temporal"),
     ],
 )
 def test_3d_bad_input_one_line(tmp_path, extra, message):
