@@ -918,22 +918,31 @@ def test_resize_baseline_3d_hand_case():
     assert tv.resize_baseline(flat, 2, 4)["mse"] < 1e-12
 
 
-@pytest.mark.parametrize("attention", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_3d_tiny_run_and_export(tmp_path, attention):
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--no-attention"],
+        ["--no-attention", "--local-codes"],
+        pytest.param(["--attention"], marks=pytest.mark.slow),
+    ],
+)
+def test_3d_tiny_run_and_export(tmp_path, flags):
     """--temporal-downsample 2 --spatial-downsample 4: clips of 4 frames of 16 px -> 2 x 4 x 4
     codes, trained on whole clips; then the export: first_stage.json has the grid and the
     codebook, the programs take clips and match the model (exporting axial attention takes
-    several seconds: slow)."""
-    run(tmp_path, *TINY_3D[len(TINY) :], "--attention" if attention else "--no-attention")
+    several seconds: slow). The checkpoint records the encoder: the other one refuses it."""
+    run(tmp_path, *TINY_3D[len(TINY) :], *flags)
     ck = load(tmp_path / "ckpt.pt")
     assert ck["arch"]["temporal_downsample"] == 2 and ck["arch"]["spatial_downsample"] == 4
+    local = "--local-codes" in flags
+    assert ck["arch"]["local_codes"] is local
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["data"]["n_eval"] == 8 and 0 < m["eval"]["codebook_usage"] <= 1
     assert len(m["eval"]["latent_std"]) == 4 and m["baselines"]["resize_to_latent_grid"]["mse"] > 0
     model = tv.build_model(ck["arch"])
     model.load_state_dict(ck["model"])
     model.eval()
-    args = tyro.cli(tv.Args, args=[*TINY_3D, "--attention" if attention else "--no-attention"])
+    args = tyro.cli(tv.Args, args=[*TINY_3D, *flags])
     stats = {k: m["eval"][k] for k in ("latent_mean", "latent_std")}
     meta = tv.first_stage_meta(args, 3, 4, m["eval"], stats, model.codebook)
     tv.export_first_stage(model, str(tmp_path), meta)
@@ -948,6 +957,9 @@ def test_3d_tiny_run_and_export(tmp_path, attention):
         z = model.encode(x)
         assert torch.allclose(enc(x), z, atol=1e-5)
         assert torch.allclose(dec(z), model.decode(z), atol=1e-5)
+    other = [f for f in flags if f != "--local-codes"] + ["--local-codes"] * (not local)
+    with pytest.raises(SystemExit, match=f"local_codes={local} \\(now {not local}\\)"):
+        run(tmp_path, *TINY_3D[len(TINY) :], *other)
 
 
 @pytest.mark.parametrize(

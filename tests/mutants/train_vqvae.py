@@ -173,6 +173,30 @@ MUTANTS = [
         "new": "return [tuple(2 if i >= max(levels) - n else 1 for n in levels) for i in range(max(levels))]",
     },
     {
+        "name": "local_codes_overlap_cells",
+        "invariant": "the cell encoder's first convolution strides by its kernel: a code sees its own cell",
+        "old": "        nn.Conv3d(channels, width, cell, cell),",
+        "new": "        nn.Conv3d(channels, width, cell, 1, padding=(1, 2, 2)),",
+    },
+    {
+        "name": "local_codes_mix_neighbours",
+        "invariant": "after the cell convolution the layers are per cell (1x1x1)",
+        "old": "        nn.Conv3d(width, width, 1),",
+        "new": "        nn.Conv3d(width, width, 3, padding=1),",
+    },
+    {
+        "name": "local_codes_ignored",
+        "invariant": "--local-codes builds the cell encoder",
+        "old": "        if local_codes:",
+        "new": "        if False:",
+    },
+    {
+        "name": "local_codes_not_in_arch",
+        "invariant": "a checkpoint's architecture records which encoder it has",
+        "old": '        "local_codes": args.local_codes,',
+        "new": "",
+    },
+    {
         "name": "latent_statistics_of_val_clips",
         "invariant": "the exported latent statistics come from training clips",
         "old": '    scores = evaluate(raw, load_clips(args, args.eval_clips, "train"), args, rt)[0]',
