@@ -31,7 +31,7 @@ conditioning; optional top-k.
         --spatial-downsample 4 --local-codes --width 32 --latent-channels 8 --codebook-size 64 \\
         --recon-loss mse --batch-size 8 --train-clips 512 --steps 2400 --lr 2e-3 \\
         --out-dir runs/train_vqvae_3d               # the first stage (2-core CPU: ~5 min)
-    python train_videogpt.py                        # 2-core CPU: ~16 min, Moving MNIST
+    python train_videogpt.py                        # 2-core CPU: ~17 min, Moving MNIST
     python train_videogpt.py --resolution 64 --vqvae runs/train_vqvae_3d_64 --width 576 \\
         --layers 8 --batch-size 32 --steps 50000 --lr 3e-4 --dropout 0.1
                         # GPU: 8 x 16 x 16 codes, after the first stage above at --resolution 64
