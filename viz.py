@@ -440,7 +440,9 @@ def _read_events(run_dir) -> dict:
 
 def plot_training_curves(run_dir_or_dict, path, smoothing=0.6, ncols=3) -> dict:
     """One panel per scalar (raw faint, smoothed bold) from a run folder's TensorBoard
-    events or a dict name -> (steps, values). Returns the curves it plotted."""
+    events or a dict name -> (steps, values). Scalars logged at a single step (final scores,
+    speeds: metrics.json holds them) get no panel unless nothing else was logged. Returns the
+    curves it plotted."""
     p = _out_path(path, (".png", ".pdf", ".svg"))
     curves = (
         dict(run_dir_or_dict)
@@ -454,6 +456,8 @@ def plot_training_curves(run_dir_or_dict, path, smoothing=0.6, ncols=3) -> dict:
     }
     if not curves:
         raise ValueError("no scalars to plot: log some values first")
+    # a point is not a curve, and a panel each made a multi-stage run's figure metres tall
+    curves = {k: c for k, c in curves.items() if len(c[0]) > 1} or curves
     from matplotlib.figure import (
         Figure,
     )  # a bare Figure draws with Agg, outside pyplot: no global state to close

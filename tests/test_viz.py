@@ -195,6 +195,7 @@ def test_plot_training_curves_reads_event_files(tmp_path):
         for step in range(0, 50, 10):
             w.add_scalar("train/loss", 1.0 / (step + 1), step)
             w.add_scalar("eval/psnr", 20.0 + step, step)
+        w.add_scalar("perf/speed", 3.0, 40)  # logged once: a value, not a curve
     curves = viz.plot_training_curves(tmp_path / "run", tmp_path / "run" / "plots" / "c.png")
     assert sorted(curves) == ["eval/psnr", "train/loss"]
     assert list(curves["eval/psnr"][0]) == [0, 10, 20, 30, 40]
@@ -249,6 +250,12 @@ def test_bad_input_one_line_value_error(tmp_path, call):
     with pytest.raises(ValueError) as e:
         call(tmp_path)
     assert "\n" not in str(e.value) and len(str(e.value)) > 10
+
+
+def test_single_values_are_plotted_when_nothing_else_was_logged(tmp_path):
+    plotter = viz.TrainingPlotter()
+    plotter.log(0, psnr=20.0, loss=0.5)
+    assert sorted(plotter.save(tmp_path / "c.png")) == ["loss", "psnr"]
 
 
 def test_missing_run_dir_is_file_not_found(tmp_path):
