@@ -1301,7 +1301,7 @@ def summary(args, trained, minutes=0.0):
         files = f"ckpt_<stage>.pt, {files}, TensorBoard events (tensorboard --logdir {out})"
     done = f"done in {minutes:.1f} min; " if trained else ""
     return (
-        f"{done}held-out prompts, prompt alignment / fd_probe / fd_window at 2x: {table}; "
+        f"{done}held-out prompts, prompt alignment and fd_probe at 1x / fd_window at 2x: {table}; "
         f"in {out}: {files}"
     )
 
