@@ -98,6 +98,7 @@ def short_probe(tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def probe_env(short_probe):
+    """Every in-process run of this module scores with the short probe."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOWORLD_PROBE", str(short_probe))
         yield
