@@ -664,20 +664,28 @@ class WorldModel(nn.Module):
         rollout of any length repeats one computation; 0 carries the state throughout.
         reencode: each prediction is replaced by reencoded(prediction), the latent of its frame."""
         at = (lambda t: None) if actions is None else (lambda t: actions[:, t])
-        fed_back = self.reencoded if reencode else (lambda z: z)
         T = z_context.shape[1]
         zs = [*z_context.unbind(1)]
+        acts = [at(t) for t in range(T - 1)]
         state = None
-        for t in range(T):
-            z, state = self.step(zs[t].contiguous(), state, at(t))
-        zs.append(fed_back(z))
-        for t in range(T, T + steps - 1):  # t: the frame of the newest latent
-            if window:
-                z = self.window_step(zs[-window:], [at(i) for i in range(t + 1 - window, t + 1)])
-            else:
-                z, state = self.step(zs[-1], state, at(t))
-            zs.append(fed_back(z))
+        for t in range(T - 1):
+            _, state = self.step(zs[t].contiguous(), state, acts[t])
+        for t in range(T - 1, T + steps - 1):  # t: the frame of the newest latent
+            acts.append(at(t))
+            z, state = self.next_latent(zs, acts, state, window, t == T - 1, reencode)
+            zs.append(z)
         return torch.stack(zs[T:], 1)
+
+    def next_latent(self, latents, actions, state, window, first, reencode):
+        """The step rule past the observed frames, for rollout() and play: the first prediction
+        carries the state read over them; later ones, with window > 0, rebuild it from zero over the
+        last `window` latents and their actions (lists, newest last), else carry it on. reencode:
+        the latent of the predicted frame is fed back. -> (latent, state)"""
+        if window and not first:
+            z = self.window_step(latents[-window:], actions[-window:])
+        else:
+            z, state = self.step(latents[-1].contiguous(), state, actions[-1])
+        return (self.reencoded(z) if reencode else z), state
 
     def forward(self, context, steps, actions=None, window=0, reencode=False):
         """context frames (B, T, C, H, W) -> their reconstructions (B, T, ...), `steps` predicted
@@ -1472,8 +1480,9 @@ def parse_play_actions(text):
 def play_reset(model, args, device, clip=0):
     """A game from test clip `clip`: its --context frames encoded, the dynamics run to the last
     one (which waits for the first action), and on agent data the simulator's room at that
-    frame. -> game dict: latent z, state, room, the last context frame, for --rollout-window the
-    latents and actions so far, and how to feed back (--rollout-window, --reencode)."""
+    frame. -> game dict: state, room, the last context frame, the latents and actions so far
+    (for --rollout-window; the newest latent is where the game stands), and how to feed back
+    (--rollout-window, --reencode)."""
     ds = toy_data.make_dataset(
         args.data, clip + 1, args.resolution, args.context, args.seed, "test", args.data_dir
     )
@@ -1490,7 +1499,6 @@ def play_reset(model, args, device, clip=0):
         room, _ = ds.room(clip)
         ds.replay(room, item["actions"][: c - 1])
     return {
-        "z": z[:, -1].contiguous(),
         "state": state,
         "room": room,
         "frame": x[-1],
@@ -1505,21 +1513,17 @@ def play_reset(model, args, device, clip=0):
 @torch.no_grad()
 def play_step(model, game, action, resolution):
     """One action in the model and the simulator (if any) -> their next frames (C, H, W). The
-    model steps as in rollout(): the first step carries the context's state, later ones rebuild
-    it over the last --rollout-window latents if that is set; --reencode feeds the frame back."""
-    a = torch.tensor([action], device=game["z"].device)
+    model takes rollout()'s step (next_latent)."""
     latents, actions, window = game["latents"], game["actions"], game["window"]
-    actions.append(a)
-    if window and game["played"]:
-        game["z"] = model.window_step(latents[-window:], actions[-window:])
-    else:
-        game["z"], game["state"] = model.step(game["z"], game["state"], a)
-    if game["reencode"]:
-        game["z"] = model.reencoded(game["z"])
-    latents.append(game["z"])
+    actions.append(torch.tensor([action], device=latents[-1].device))
+    first = not game["played"]
+    z, game["state"] = model.next_latent(
+        latents, actions, game["state"], window, first, game["reencode"]
+    )
+    latents.append(z)
     del latents[: -max(window, 1)], actions[: -max(window, 1)]  # a long game keeps only the window
     game["played"] += 1
-    frame = model.decode(game["z"])[0].float().clamp(0, 1).cpu()
+    frame = model.decode(z)[0].float().clamp(0, 1).cpu()
     sim = None
     if game["room"] is not None:
         game["room"].step(action)

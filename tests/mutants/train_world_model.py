@@ -12,14 +12,14 @@ MUTANTS = [
     {
         "name": "rollout_teacher_forced",
         "invariant": "the rollout feeds its own predicted latent back, not an encoded frame",
-        "old": "                z, state = self.step(zs[-1], state, at(t))",
-        "new": "                z, state = self.step(z_context[:, -1], state, at(t))",
+        "old": "            z, state = self.next_latent(zs, acts, state, window, t == T - 1, reencode)",
+        "new": "            z, state = self.next_latent(zs[:T], acts, state, window, t == T - 1, reencode)",
     },
     {
         "name": "rollout_state_dropped",
         "invariant": "the recurrent state is carried across the context steps",
-        "old": "            z, state = self.step(zs[t].contiguous(), state, at(t))",
-        "new": "            z, state = self.step(zs[t].contiguous(), None, at(t))",
+        "old": "            _, state = self.step(zs[t].contiguous(), state, acts[t])",
+        "new": "            _, state = self.step(zs[t].contiguous(), None, acts[t])",
     },
     {
         "name": "pred_term_off_by_one",
@@ -135,8 +135,8 @@ MUTANTS = [
     {
         "name": "rollout_detached",
         "invariant": "the loss backpropagates through the fed-back predicted latents",
-        "old": "                z, state = self.step(zs[-1], state, at(t))",
-        "new": "                z, state = self.step(zs[-1].detach(), state, at(t))",
+        "old": "            z, state = self.step(latents[-1].contiguous(), state, actions[-1])",
+        "new": "            z, state = self.step(latents[-1].detach(), state, actions[-1])",
     },
     {
         "name": "alibi_sign_flipped",
@@ -417,26 +417,26 @@ MUTANTS = [
     {
         "name": "window_step_off_by_one",
         "invariant": "a window step reads the latents with their own actions",
-        "old": "                z = self.window_step(zs[-window:], [at(i) for i in range(t + 1 - window, t + 1)])",
-        "new": "                z = self.window_step(zs[-window:], [at(i) for i in range(t - window, t)])",
+        "old": "            z = self.window_step(latents[-window:], actions[-window:])",
+        "new": "            z = self.window_step(latents[-window:], actions[-window - 1 : -1])",
     },
     {
         "name": "window_ignored_in_rollout",
         "invariant": "--rollout-window rebuilds the state at every step after the first",
-        "old": "            if window:\n                z = self.window_step(",
-        "new": "            if False:\n                z = self.window_step(",
+        "old": "        if window and not first:",
+        "new": "        if False:",
     },
     {
         "name": "window_play_carries_state",
         "invariant": "play steps as rollout() with the same window",
-        "old": '    if window and game["played"]:',
-        "new": "    if False:",
+        "old": '    first = not game["played"]',
+        "new": "    first = True",
     },
     {
         "name": "window_play_first_step_windowed",
         "invariant": "play's first step carries the context's state, as rollout's",
-        "old": '    if window and game["played"]:',
-        "new": "    if window:",
+        "old": '    first = not game["played"]',
+        "new": "    first = False",
     },
     {
         "name": "window_not_in_training",
@@ -465,20 +465,14 @@ MUTANTS = [
     {
         "name": "reencode_first_prediction_kept",
         "invariant": "--reencode feeds back the first prediction's frame too",
-        "old": "        zs.append(fed_back(z))\n        for t in range(T, T + steps - 1):",
-        "new": "        zs.append(z)\n        for t in range(T, T + steps - 1):",
+        "old": "            z, state = self.next_latent(zs, acts, state, window, t == T - 1, reencode)",
+        "new": "            z, state = self.next_latent(zs, acts, state, window, t == T - 1, reencode and t >= T)",
     },
     {
         "name": "reencode_later_predictions_kept",
         "invariant": "--reencode feeds back every later prediction's frame",
-        "old": "            zs.append(fed_back(z))",
-        "new": "            zs.append(z)",
-    },
-    {
-        "name": "reencode_carried_state_reads_the_latent",
-        "invariant": "with the state carried, the next step reads the fed-back latent",
-        "old": "                z, state = self.step(zs[-1], state, at(t))",
-        "new": "                z, state = self.step(z, state, at(t))",
+        "old": "            z, state = self.next_latent(zs, acts, state, window, t == T - 1, reencode)",
+        "new": "            z, state = self.next_latent(zs, acts, state, window, t == T - 1, reencode and t == T - 1)",
     },
     {
         "name": "reencode_unclamped",
