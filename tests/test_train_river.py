@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import tyro
-from conftest import assert_flop_rate
+from conftest import assert_flop_rate, torchrun
 
 import train_river as tr
 
@@ -580,12 +580,7 @@ def test_bench_warm_start_and_video(tiny, first_stage, tmp_path):
 
 @pytest.mark.slow  # fresh processes: the world model's torchrun test covers the shared DDP code fast
 def test_torchrun_two_cpu_processes(first_stage, tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+    args = [
         "train_river.py",
         *TINY,
         "--vqvae",
@@ -597,7 +592,7 @@ def test_torchrun_two_cpu_processes(first_stage, tmp_path):
         "--sample-every",
         "100",
     ]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = torchrun(args, ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = load(tmp_path / "run" / "ckpt.pt")
     assert ck["step"] == 4 and len(ck["rng"]["data"]) == 2

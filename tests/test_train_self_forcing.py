@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import tyro
+from conftest import torchrun
 
 import train_self_forcing as sf
 
@@ -1119,12 +1120,7 @@ def test_torchrun_two_cpu_processes(tiny, tmp_path):
         "ode",
     ):  # the DMD stage: exit steps broadcast, gradients averaged by hand
         shutil.copy(tiny / f"ckpt_{stage}.pt", tmp_path)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+    args = [
         "train_self_forcing.py",
         *TINY,
         "--out-dir",
@@ -1132,7 +1128,7 @@ def test_torchrun_two_cpu_processes(tiny, tmp_path):
         "--stage",
         "self_forcing",
     ]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = torchrun(args, ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = load(tmp_path / "ckpt_self_forcing.pt")
     assert ck["step"] == 2 and len(ck["rng"]["data"]) == 2

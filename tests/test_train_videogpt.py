@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import tyro
+from conftest import torchrun
 
 import train_videogpt as tg
 import train_vqvae as tv  # the tests make a first stage with it; the script itself never imports it
@@ -450,12 +451,7 @@ def test_eval_only_reproduces_eval(tiny, first_stage, tmp_path, capsys):
 
 @pytest.mark.slow  # two fresh processes that each load the first stage: ~15 s
 def test_torchrun_two_cpu_processes(first_stage, tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+    args = [
         "train_videogpt.py",
         *TINY,
         "--vqvae",
@@ -467,7 +463,7 @@ def test_torchrun_two_cpu_processes(first_stage, tmp_path):
         "--sample-every",
         "100",
     ]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = torchrun(args, ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = load(tmp_path / "run" / "ckpt.pt")
     assert ck["step"] == 4 and len(ck["rng"]["data"]) == 2

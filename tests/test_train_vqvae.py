@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import tyro
-from conftest import assert_flop_rate
+from conftest import assert_flop_rate, torchrun
 
 import toy_data
 import train_vqvae as tv
@@ -381,12 +381,7 @@ tv.main(tyro.cli(tv.Args, args=sys.argv[1:]))
 def test_torchrun_two_cpu_processes(tmp_path):
     script = tmp_path / "ddp_check.py"
     script.write_text(DDP_SCRIPT.format(root=str(ROOT)))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
+    args = [
         str(script),
         *TINY,
         "--out-dir",
@@ -397,7 +392,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
         "100",
         "--no-export",
     ]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = torchrun(args, ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = load(tmp_path / "run" / "ckpt.pt")
     assert ck["step"] == 4 and len(ck["rng"]["data"]) == 2
