@@ -1020,7 +1020,7 @@ def test_stop_in_the_last_step_skips_the_evaluation_until_resumed(tiny, tmp_path
     assert digest(tmp_path / "ckpt_self_forcing.pt") == saved  # not trained again
     a = json.loads((tiny / "metrics.json").read_text())["eval"]
     b = json.loads((tmp_path / "metrics.json").read_text())["eval"]
-    assert b["step"] == 2 and b["fd_window_2x"] == a["fd_window_2x"]
+    assert b["step"] == 2 and b["fd_window_2x"] == pytest.approx(a["fd_window_2x"], rel=1e-6)
 
 
 def test_resume_with_flags_that_shape_the_stage_is_refused(tiny, tmp_path):
@@ -1064,7 +1064,8 @@ def test_eval_only_reproduces_eval(tiny, tmp_path):
         "fd_probe",
         "rotation",
     ):
-        assert b[k] == a[k], k
+        # not bitwise: with MKL's AVX2 kernels the same weights score apart in the 9th digit
+        assert b[k] == pytest.approx(a[k], rel=1e-6), k
     assert digest(tiny / "ckpt_self_forcing.pt") == before and not list(tmp_path.glob("ckpt_*.pt"))
     assert (tmp_path / "samples" / "denoising_self_forcing.png").exists()
 
