@@ -1,4 +1,5 @@
-"""Shared pytest set-up: the repo root on sys.path and a `slow` marker that runs only on request."""
+"""Shared pytest set-up: the repo root on sys.path, a `slow` marker that runs only on request,
+and the runner of the torchrun tests."""
 
 import os
 import signal
@@ -83,7 +84,7 @@ def torchrun_once(cmd, env, timeout):
 def torchrun(args, env, timeout=150):
     """`python -m torch.distributed.run --standalone --nproc_per_node=2 *args` in the repo root.
     Gloo on CPU rarely aborts at process exit ("terminate called without an active exception")
-    or hangs, in full-suite runs only: then once more, from scratch (--no-resume)."""
+    or hangs, seen among many tests, never alone: then once more, from scratch (--no-resume)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     env = {**env, "PYTHONFAULTHANDLER": "1"}
     r, hung = torchrun_once([*cmd, *args], env, timeout)
