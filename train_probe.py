@@ -24,7 +24,7 @@ CPU thread by default. The same seed and steps give the same weights, run after 
     python train_probe.py --steps 300 --out /tmp/probe.pt  # a quick probe somewhere else
     NANOWORLD_PROBE=/tmp/probe.pt python train_river.py    # the metrics then read that one
     python train_probe.py --eval-only                      # held-out accuracy of the cached probe
-    python metrics.py fd-check                             # fd_probe: real/real vs real/shuffled
+    python metrics.py fd-check                             # fd_probe: real first, controls after
 
 Outputs: the probe at --out (default $NANOWORLD_PROBE, else ~/.cache/nanoworld/probe.pt), in the
 format metrics.load_probe reads, and metrics.json beside it (held-out accuracies, speed). The

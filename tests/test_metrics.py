@@ -3,6 +3,7 @@ The probe's training is tested in test_train_probe.py."""
 
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+sys.path.insert(0, ROOT)
 import metrics as M  # noqa: E402
 
 
@@ -322,6 +324,33 @@ def test_shuffle_frames_permutes_each_video():
     for i in range(2):
         assert sorted(y[i, :, 0, 0, 0].tolist()) == x[i, :, 0, 0, 0].tolist()
     assert not torch.equal(x, y)
+
+
+def test_control_videos_are_black_frozen_shuffled_and_noise():
+    x = torch.rand(3, 8, 3, 4, 4) * 0.5 + 0.25
+    c = M.control_videos(x, torch.Generator().manual_seed(0))
+    assert list(c) == list(M.CONTROLS) and all(v.shape == x.shape for v in c.values())
+    assert not c["black"].any()
+    assert torch.equal(c["frozen"], x[:, :1].repeat(1, 8, 1, 1, 1))
+    for i in range(3):  # each video's own frames, in another order
+        rows = sorted(c["shuffled"][i].flatten(1).tolist())
+        assert rows == sorted(x[i].flatten(1).tolist())
+    assert not torch.equal(c["shuffled"], x)
+    noise = c["noise"]
+    assert 0 <= noise.min() and noise.max() <= 1 and (noise < 0.25).float().mean() > 0.15
+
+
+@pytest.mark.slow  # the default probe (cached, or trained here: 1-2 min) and 7 x 128 videos
+def test_fd_probe_ranks_real_videos_before_their_controls_on_every_data_kind(tmp_path):
+    """The check behind every fd_probe figure: `val` against `test` videos of each kind scores
+    lower than `val` against black, frozen, shuffled and noise videos made from the `test` ones."""
+    probe = M.default_probe_path()
+    if not os.path.isfile(probe):
+        probe = str(tmp_path / "probe.pt")
+        cmd = [sys.executable, "train_probe.py", "--out", probe]
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=1200)
+    for kind, fd in M.fd_check(probe, n=64).items():
+        assert fd["real"] < min(fd[c] for c in M.CONTROLS), (kind, fd)
 
 
 # --------------------------------------------------------------- compute_all_metrics

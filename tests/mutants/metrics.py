@@ -239,4 +239,23 @@ MUTANTS = [
         "old": "    starts = range(0, t - window + 1, stride)",
         "new": "    starts = range(0, t - window + 1, window)",
     },
+    # ---- control_videos (fd_check's controls)
+    {
+        "name": "frozen_holds_the_last_frame",
+        "invariant": "the frozen control repeats each video's first frame",
+        "old": '        "frozen": videos[:, :1].expand_as(videos),',
+        "new": '        "frozen": videos[:, -1:].expand_as(videos),',
+    },
+    {
+        "name": "shuffled_control_not_shuffled",
+        "invariant": "the shuffled control reorders each video's frames",
+        "old": '        "shuffled": shuffle_frames(videos, gen),',
+        "new": '        "shuffled": videos.clone(),',
+    },
+    {
+        "name": "noise_control_is_grey",
+        "invariant": "the noise control is uniform noise in [0, 1]",
+        "old": '        "noise": torch.rand(videos.shape, generator=gen),',
+        "new": '        "noise": torch.full(videos.shape, 0.5),',
+    },
 ]
