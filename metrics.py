@@ -584,6 +584,20 @@ def shuffle_frames(x: torch.Tensor, gen: torch.Generator, dim: int = 1) -> torch
     return x.gather(dim, perm.view(shape).expand_as(x))
 
 
+CONTROLS = ("black", "frozen", "shuffled", "noise")
+
+
+def control_videos(videos: torch.Tensor, gen: torch.Generator) -> dict:
+    """The videos a score of real ones must rank below them, made from real videos (B, T, C, H,
+    W) in [0, 1]: black, frozen (the first frame repeated), shuffled in time, uniform noise."""
+    return {
+        "black": torch.zeros_like(videos),
+        "frozen": videos[:, :1].expand_as(videos),
+        "shuffled": shuffle_frames(videos, gen),
+        "noise": torch.rand(videos.shape, generator=gen),
+    }
+
+
 def toy_probe_videos(kind: str, n: int, split: str, seed: int, chunk: int = 64):
     """n toy videos of a kind as probe input (uint8, saves 4x memory) and their attrs."""
     import toy_data as td
@@ -794,20 +808,6 @@ def compute_all_metrics(videos, prompts=None, references=None, probe=None) -> di
 
 
 # -------------------------------------------------------------------------------- CLI
-
-
-CONTROLS = ("black", "frozen", "shuffled", "noise")
-
-
-def control_videos(videos: torch.Tensor, gen: torch.Generator) -> dict:
-    """The videos a score of real ones must rank below them, made from real videos (B, T, C, H,
-    W) in [0, 1]: black, frozen (the first frame repeated), shuffled in time, uniform noise."""
-    return {
-        "black": torch.zeros_like(videos),
-        "frozen": videos[:, :1].expand_as(videos),
-        "shuffled": shuffle_frames(videos, gen),
-        "noise": torch.rand(videos.shape, generator=gen),
-    }
 
 
 def fd_check(probe=None, n: int = 64, seed: int = 0, kinds=PROBE_KINDS) -> dict:

@@ -816,15 +816,8 @@ def score(videos, ev, tag=""):
 def controls(ev):
     """The long-video score's check: the real clips against black, frozen (the first frame
     repeated), time-shuffled and noise videos, at 1x and 2x; real clips must score best."""
-    gen = torch.Generator().manual_seed(0)
     real = ev["videos"]
-    bad = {
-        "real": real,
-        "black": torch.zeros_like(real),
-        "frozen": real[:, :1].expand_as(real).clone(),
-        "shuffled": metrics.shuffle_frames(real, gen),
-        "noise": torch.rand(real.shape, generator=gen),
-    }
+    bad = {"real": real, **metrics.control_videos(real, torch.Generator().manual_seed(0))}
     out = {}
     for name, v in bad.items():
         row = {**score(v[:, : ev["frames"]], ev), **score(v, ev, "_2x")}

@@ -597,10 +597,7 @@ def unconditional(model, fs, held, args, grid, amp, gen):
     references = {
         "real": other,
         "first_stage": decode_codes(fs, held["val"][1], grid),
-        "black": torch.zeros_like(other),
-        "frozen": other[:, :1].expand_as(other),
-        "shuffled": metrics.shuffle_frames(other, g),
-        "noise": torch.rand(other.shape, generator=g),
+        **metrics.control_videos(other, g),
     }
     fd, why = fd_probe_or_none(real, videos)
     scores = {"fd_probe": fd} | ({"fd_probe_unavailable": why} if why else {})

@@ -231,10 +231,10 @@ MUTANTS = [
         "new": "    start = 0",
     },
     {
-        "name": "controls_frozen_is_the_real_video",
-        "invariant": "the frozen control repeats the first frame",
-        "old": '        "frozen": real[:, :1].expand_as(real).clone(),',
-        "new": '        "frozen": real.clone(),',
+        "name": "controls_real_row_is_black",
+        "invariant": "the controls' real row scores the real clips",
+        "old": '    bad = {"real": real, **metrics.control_videos(real, torch.Generator().manual_seed(0))}',
+        "new": '    bad = {"real": 0 * real, **metrics.control_videos(real, torch.Generator().manual_seed(0))}',
     },
     {
         "name": "rotation_share_counts_any_rate",
