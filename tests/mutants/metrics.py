@@ -258,4 +258,11 @@ MUTANTS = [
         "old": '        "noise": torch.rand(videos.shape, generator=gen),',
         "new": '        "noise": torch.full(videos.shape, 0.5),',
     },
+    # ---- rotation_rate
+    {
+        "name": "rotation_rate_reads_the_ground",
+        "invariant": "only the shape's pixels weigh the k-fold moment, not a faint ground",
+        "old": "    v = v * (v > 0.5 * v.amax((-1, -2), keepdim=True))  # the shape, not the ground",
+        "new": "    v = v * (v > 0.0 * v.amax((-1, -2), keepdim=True))  # the shape, not the ground",
+    },
 ]
